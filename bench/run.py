@@ -1,0 +1,853 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of muxproxy against HAProxy, nginx, Caddy and nghttpx.
+
+Usage (Linux, run from anywhere; root is expected, as for `user root;` in the nginx configs)::
+
+    python3 bench/run.py                            # all proxies, 10 s cells, 64 and 512 clients
+    python3 bench/run.py --duration 3               # quick end-to-end check
+    python3 bench/run.py --only muxproxy,haproxy    # a subset (HAProxy is the ratio baseline)
+    python3 bench/run.py --connections 64,256,512 --paths /small --warmup 2
+
+Every proxy in one run sends its traffic to the SAME nginx backend (one worker, h2c with
+prior knowledge, `/small` = 100 B and `/16k` = 16 KiB bodies). For each selected proxy in
+turn the harness renders `bench/conf/<proxy>.tmpl` into a temporary directory, starts the
+proxy with one worker/thread pinned to `--proxy-cpu` (default 0), smoke-tests both paths, and
+for every (path, connections) cell runs a wrk warm-up followed by the measured
+`wrk -t1 -c<N> -d<S>s --latency` pinned to `--load-cpu` (default 1, shared with the backend
+and this script). A proxy that does not start, or fails the smoke test, gets a single
+"failed to start" row and the run goes on.
+
+Per cell it reports requests/s, p50/p99 latency, errors (socket errors + responses >= 400, as
+wrk counts them), the proxy's CPU use (utime+stime+cutime+cstime of its whole process tree
+from /proc/<pid>/stat, before vs. after the measured window), requests per proxy CPU-second
+and its ratio to HAProxy's in the same cell, and, sampled every 200 ms, the peak number of
+ESTABLISHED TCP connections to the backend port and the peak RSS of the proxy's tree.
+
+Machine facts and a Markdown table go to stdout (progress to stderr); the same Markdown and a
+JSON file are written to bench/results/ (gitignored). All started processes run in their own
+process groups and are killed on exit, failure, Ctrl-C or SIGTERM. Only 127.0.0.1 is used.
+
+Proxy set-ups (see bench/README.md): muxproxy `python -m muxproxy run -c <toml> --loop uvloop`
+(ready when it prints a line starting with "ready"); HAProxy `proto h2`, `nbthread 1`; nginx
+HTTP/1.1 keep-alive upstream (nginx 1.22 cannot proxy over HTTP/2, so it uses the backend's
+extra HTTP/1.1 listener); Caddy `transport http { versions h2c }` with GOMAXPROCS=1; nghttpx
+cleartext HTTP/1 frontend, `proto=h2` backend, one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+CONF_DIR = BENCH_DIR / "conf"
+RESULTS_DIR = BENCH_DIR / "results"
+WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
+
+BODY_SIZES = {"/small": 100, "/16k": 16 * 1024}
+BASELINE = "haproxy"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SAMPLE_INTERVAL_S = 0.2
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+WRK_TIMEOUT = "2s"  # per-request timeout; slower responses count as socket errors
+PORT_RANGE = (20000, 32000)  # below the kernel's ephemeral range, so no clash with clients
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def render(template: str, dest: Path, values: Mapping[str, object]) -> Path:
+    """Fill the `{{name}}` placeholders of bench/conf/<template> and write it to dest."""
+    text = (CONF_DIR / template).read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    leftover = re.search(r"\{\{\w+\}\}", text)
+    if leftover:
+        raise ValueError(f"{template}: no value for {leftover.group(0)}")
+    dest.write_text(text)
+    return dest
+
+
+_used_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A currently bindable 127.0.0.1 port, distinct from the ones handed out before."""
+    while True:
+        port = random.randrange(*PORT_RANGE)
+        if port in _used_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --------------------------------------------------------------------------- /proc sampling
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (after the parenthesised command name), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (by scanning every process's parent pid)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, ()))
+    return pids
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of the tree: utime+stime of live processes, plus cutime+cstime (reaped ones)."""
+    ticks = 0
+    for pid in tree_pids(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / CLK_TCK
+
+
+def tree_rss_bytes(root: int) -> int:
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            total += int(match.group(1)) * 1024
+    return total
+
+
+def established_to(port: int) -> int:
+    """Number of ESTABLISHED TCP sockets whose remote port is `port` (i.e. client sides)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+class Sampler(threading.Thread):
+    """Tracks peak backend connections and peak proxy-tree RSS until stopped."""
+
+    def __init__(self, root: int, backend_port: int) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.root = root
+        self.backend_port = backend_port
+        self.peak_backend_conns = 0
+        self.peak_rss_bytes = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.peak_backend_conns = max(
+                self.peak_backend_conns, established_to(self.backend_port)
+            )
+            self.peak_rss_bytes = max(self.peak_rss_bytes, tree_rss_bytes(self.root))
+            if self._done.wait(SAMPLE_INTERVAL_S):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+@contextlib.contextmanager
+def sampling(root: int, backend_port: int) -> Iterator[Sampler]:
+    sampler = Sampler(root, backend_port)
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Service:
+    """A long-running process in its own process group, output (stdout+stderr) to a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        cpu: int,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                ["taskset", "-c", str(cpu), *argv],  # taskset execs: proc.pid is the service
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env},
+                cwd=cwd,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def wait_ready(self, port: int, ready_prefix: str | None, timeout: float) -> str | None:
+        """Wait for a log line starting with ready_prefix, or else for the port to accept.
+
+        Returns None once ready, otherwise why not.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return f"exited with status {self.proc.returncode}"
+            if ready_prefix is None:
+                if port_open(port):
+                    return None
+            elif any(line.startswith(ready_prefix) for line in self.log_lines()):
+                return None
+            time.sleep(0.05)
+        what = f"no {ready_prefix!r} line" if ready_prefix else f"port {port} not accepting"
+        return f"{what} after {timeout:.0f} s"
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    socket_errors: int
+    status_errors: int
+    p50_ms: float
+    p99_ms: float
+
+
+def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
+    """One bounded wrk run (stops by itself after `seconds`; killed if it overruns)."""
+    argv = [
+        "taskset",
+        "-c",
+        str(cpu),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        WRK_TIMEOUT,
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=seconds + 30)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    match = re.search(r"^WRKJSON (.*)$", output, re.MULTILINE)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed (status {proc.returncode}): {output.strip()[-300:]}")
+    data = json.loads(match.group(1))
+    return WrkResult(
+        requests=data["requests"],
+        duration_s=data["duration_us"] / 1e6,
+        socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
+        status_errors=data["status"],
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+    )
+
+
+def smoke_test(port: int, paths: Sequence[str]) -> str | None:
+    """GET every path once through the proxy; None if all are 200 with the right body size."""
+    for path in paths:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return f"GET {path}: {exc!r}"
+        finally:
+            conn.close()
+        if response.status != 200 or len(body) != BODY_SIZES[path]:
+            return f"GET {path}: status {response.status}, {len(body)}-byte body"
+    return None
+
+
+def command_output(argv: Sequence[str]) -> str:
+    """First non-empty output line of a short command (stdout or stderr), or an error note."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc.__class__.__name__})"
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines()]
+    return next((line for line in lines if line), "?")
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    name: str
+    label: str
+    template: str  # in bench/conf/
+    command: Callable[[Path, Path], list[str]]  # (rendered config, work dir) -> argv
+    version: Callable[[], str]
+    env: Callable[[Path], dict[str, str]] = lambda workdir: {}
+    cwd: Path | None = None
+    ready_prefix: str | None = None  # wait for this log line instead of polling the port
+    http1_backend: bool = False  # talks HTTP/1.1 to the backend's second listener
+
+
+def muxproxy_version(python: str) -> str:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    version = pyproject.get("project", {}).get("version", "?")
+    rev = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    runtime = command_output(
+        [
+            python,
+            "-c",
+            "import platform, uvloop; "
+            "print('Python', platform.python_version(), 'uvloop', uvloop.__version__)",
+        ]
+    )
+    return f"muxproxy {version} ({rev or 'no commit'}), {runtime}"
+
+
+def proxy_specs(python: str) -> list[ProxySpec]:
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return [
+        ProxySpec(
+            name="haproxy",
+            label="HAProxy",
+            template="haproxy.cfg.tmpl",
+            command=lambda conf, _: ["haproxy", "-db", "-f", str(conf)],
+            version=lambda: command_output(["haproxy", "-v"]),
+        ),
+        ProxySpec(
+            name="muxproxy",
+            label="muxproxy",
+            template="muxproxy.toml.tmpl",
+            command=lambda conf, _: [
+                python,
+                "-m",
+                "muxproxy",
+                "run",
+                "-c",
+                str(conf),
+                "--loop",
+                "uvloop",
+            ],
+            version=lambda: muxproxy_version(python),
+            env=lambda _: {"PYTHONPATH": pythonpath},
+            cwd=REPO_ROOT,
+            ready_prefix="ready",
+        ),
+        ProxySpec(
+            name="nginx",
+            label="nginx (h1 upstream)",
+            template="nginx-proxy.conf.tmpl",
+            command=lambda conf, workdir: [
+                "nginx",
+                "-p",
+                f"{workdir}/",
+                "-c",
+                str(conf),
+                "-e",
+                "stderr",
+            ],
+            version=lambda: command_output(["nginx", "-v"]),
+            http1_backend=True,
+        ),
+        ProxySpec(
+            name="caddy",
+            label="Caddy",
+            template="Caddyfile.tmpl",
+            command=lambda conf, _: [
+                "caddy",
+                "run",
+                "--config",
+                str(conf),
+                "--adapter",
+                "caddyfile",
+            ],
+            version=lambda: "caddy " + command_output(["caddy", "version"]),
+            env=lambda workdir: {
+                "GOMAXPROCS": "1",
+                "HOME": str(workdir),
+                "XDG_CONFIG_HOME": str(workdir / "config"),
+                "XDG_DATA_HOME": str(workdir / "data"),
+            },
+        ),
+        ProxySpec(
+            name="nghttpx",
+            label="nghttpx",
+            template="nghttpx.conf.tmpl",
+            command=lambda conf, _: ["nghttpx", f"--conf={conf}"],
+            version=lambda: command_output(["nghttpx", "--version"]),
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Row:
+    proxy: str
+    path: str | None = None
+    connections: int | None = None
+    note: str = ""
+    requests: int | None = None
+    duration_s: float | None = None
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    socket_errors: int | None = None
+    status_errors: int | None = None
+    proxy_cpu_s: float | None = None
+    proxy_cpu_util: float | None = None  # proxy CPU seconds per wall-clock second
+    req_per_cpu_s: float | None = None
+    ratio_vs_baseline: float | None = None
+    peak_backend_conns: int | None = None
+    peak_rss_mib: float | None = None
+    backend_cpu_util: float | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int
+    warmup: int
+    connections: list[int]
+    paths: list[str]
+    proxy_cpu: int
+    load_cpu: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    service: Service
+    h2_port: int
+    h1_port: int
+
+
+def start_backend(workdir: Path, settings: Settings, stack: contextlib.ExitStack) -> Backend:
+    www = workdir / "www"
+    www.mkdir()
+    for path, size in BODY_SIZES.items():
+        (www / path.lstrip("/")).write_bytes(b"x" * size)
+    h2_port, h1_port = free_port(), free_port()
+    conf = render(
+        "backend-nginx.conf.tmpl",
+        workdir / "backend-nginx.conf",
+        {"dir": workdir, "h2_port": h2_port, "h1_port": h1_port},
+    )
+    argv = ["nginx", "-p", f"{workdir}/", "-c", str(conf), "-e", "stderr"]
+    service = Service("backend", argv, workdir / "backend.log", cpu=settings.load_cpu)
+    stack.callback(service.stop)
+    problem = service.wait_ready(h2_port, None, START_TIMEOUT_S)
+    if problem is None and not port_open(h1_port):
+        problem = f"port {h1_port} not accepting"
+    if problem is None:
+        problem = smoke_test(h1_port, list(BODY_SIZES))
+    if problem is not None:
+        raise RuntimeError(f"backend nginx failed: {problem}\n" + "\n".join(service.log_lines()))
+    return Backend(service, h2_port, h1_port)
+
+
+def wait_backend_idle(backend: Backend, timeout: float = 5.0) -> None:
+    """Let the previous proxy's backend connections go away before starting the next one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if established_to(backend.h2_port) + established_to(backend.h1_port) == 0:
+            return
+        time.sleep(0.1)
+
+
+def measure_cell(
+    spec: ProxySpec,
+    proxy: Service,
+    port: int,
+    backend: Backend,
+    path: str,
+    connections: int,
+    settings: Settings,
+) -> Row:
+    row = Row(proxy=spec.name, path=path, connections=connections)
+    url = f"http://127.0.0.1:{port}{path}"
+    backend_port = backend.h1_port if spec.http1_backend else backend.h2_port
+    try:
+        if settings.warmup > 0:
+            run_wrk(url, connections, settings.warmup, settings.load_cpu)
+        cpu_before = tree_cpu_seconds(proxy.pid)
+        backend_before = tree_cpu_seconds(backend.service.pid)
+        started = time.monotonic()
+        with sampling(proxy.pid, backend_port) as sampler:
+            result = run_wrk(url, connections, settings.duration, settings.load_cpu)
+        wall = time.monotonic() - started
+        cpu = tree_cpu_seconds(proxy.pid) - cpu_before
+        backend_cpu = tree_cpu_seconds(backend.service.pid) - backend_before
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        row.note = str(exc).splitlines()[0][:200]
+        return row
+    row.requests = result.requests
+    row.duration_s = result.duration_s
+    row.rps = result.requests / result.duration_s if result.duration_s else 0.0
+    row.p50_ms = result.p50_ms
+    row.p99_ms = result.p99_ms
+    row.socket_errors = result.socket_errors
+    row.status_errors = result.status_errors
+    row.errors = result.socket_errors + result.status_errors
+    row.proxy_cpu_s = cpu
+    row.proxy_cpu_util = cpu / wall
+    row.req_per_cpu_s = result.requests / cpu if cpu > 0 else None
+    row.peak_backend_conns = sampler.peak_backend_conns
+    row.peak_rss_mib = sampler.peak_rss_bytes / 2**20
+    row.backend_cpu_util = backend_cpu / wall
+    if not proxy.alive():
+        row.note = f"proxy exited (status {proxy.proc.returncode})"
+    return row
+
+
+def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path) -> list[Row]:
+    proxy_dir = workdir / spec.name
+    proxy_dir.mkdir()
+    port = free_port()
+    backend_port = backend.h1_port if spec.http1_backend else backend.h2_port
+    conf = render(
+        spec.template,
+        proxy_dir / spec.template.removesuffix(".tmpl"),
+        {"dir": proxy_dir, "port": port, "backend_port": backend_port},
+    )
+    argv = spec.command(conf, proxy_dir)
+    if shutil.which(argv[0]) is None:
+        return [Row(proxy=spec.name, note=f"failed to start ({argv[0]} not installed)")]
+    log(f"[{spec.name}] starting on 127.0.0.1:{port} -> backend port {backend_port}")
+    with contextlib.ExitStack() as stack:
+        proxy = Service(
+            spec.name,
+            argv,
+            proxy_dir / "proxy.log",
+            cpu=settings.proxy_cpu,
+            env=spec.env(proxy_dir),
+            cwd=spec.cwd,
+        )
+        stack.callback(wait_backend_idle, backend)
+        stack.callback(proxy.stop)
+        problem = proxy.wait_ready(port, spec.ready_prefix, START_TIMEOUT_S)
+        if problem is None:
+            smoke = smoke_test(port, settings.paths)
+            problem = None if smoke is None else f"smoke test: {smoke}"
+        if problem is not None:
+            log(f"[{spec.name}] failed to start: {problem}; last log lines:")
+            for line in proxy.log_lines()[-8:]:
+                log(f"    {line}")
+            return [Row(proxy=spec.name, note=f"failed to start ({problem})"[:200])]
+        rows: list[Row] = []
+        for path in settings.paths:
+            for connections in settings.connections:
+                log(f"[{spec.name}] {path} c={connections}: {settings.duration} s")
+                rows.append(measure_cell(spec, proxy, port, backend, path, connections, settings))
+                if not proxy.alive():
+                    log(f"[{spec.name}] exited; skipping its remaining cells")
+                    return rows
+        return rows
+
+
+def add_ratios(rows: Sequence[Row]) -> None:
+    baseline = {
+        (row.path, row.connections): row.req_per_cpu_s for row in rows if row.proxy == BASELINE
+    }
+    for row in rows:
+        base = baseline.get((row.path, row.connections))
+        if base and row.req_per_cpu_s is not None:
+            row.ratio_vs_baseline = row.req_per_cpu_s / base
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: Sequence[Row], labels: Mapping[str, str]) -> str:
+    header = [
+        "Proxy",
+        "Path",
+        "Conns",
+        "Req/s",
+        "p50 ms",
+        "p99 ms",
+        "Errors",
+        "Proxy CPU",
+        "Req/CPU-s",
+        "vs HAProxy",
+        "Peak backend conns",
+        "Peak RSS MiB",
+        "Note",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            labels.get(row.proxy, row.proxy),
+            row.path or "-",
+            _fmt(row.connections, "d"),
+            _fmt(row.rps, ",.0f"),
+            _fmt(row.p50_ms, ".2f"),
+            _fmt(row.p99_ms, ".2f"),
+            _fmt(row.errors, ",d"),
+            _fmt(None if row.proxy_cpu_util is None else row.proxy_cpu_util * 100, ".0f", "%"),
+            _fmt(row.req_per_cpu_s, ",.0f"),
+            _fmt(row.ratio_vs_baseline, ".2f", "x"),
+            _fmt(row.peak_backend_conns, "d"),
+            _fmt(row.peak_rss_mib, ".1f"),
+            row.note.replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_facts(specs: Sequence[ProxySpec], settings: Settings) -> dict[str, object]:
+    cpu_model = "?"
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+        cpu_model = match.group(1) if match else "?"
+    versions = {
+        "backend": command_output(["nginx", "-v"]),
+        "wrk": command_output(["wrk", "-v"]),
+        **{spec.name: spec.version() for spec in specs},
+    }
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "python": platform.python_version(),
+        "versions": versions,
+        "settings": asdict(settings),
+    }
+
+
+def facts_markdown(facts: Mapping[str, object], settings: Settings) -> str:
+    versions = facts["versions"]
+    assert isinstance(versions, dict)
+    loadavg = facts["loadavg_at_start"]
+    assert isinstance(loadavg, list)
+    lines = [
+        f"## muxproxy benchmark, {facts['date']}",
+        "",
+        f"- machine: nproc={facts['nproc']}, {facts['cpu_model']}, {facts['kernel']}, "
+        f"load average at start {' '.join(loadavg)}",
+        f"- pinning: proxy on CPU {settings.proxy_cpu}; backend nginx, wrk and this harness "
+        f"on CPU {settings.load_cpu}",
+        f"- load: `wrk -t1 -c{{{','.join(map(str, settings.connections))}}} "
+        f"-d{settings.duration}s --latency` on {', '.join(settings.paths)}, "
+        f"after a {settings.warmup} s warm-up per cell",
+    ]
+    lines += [f"- {name}: {version}" for name, version in versions.items()]
+    return "\n".join(lines)
+
+
+def write_results(facts: Mapping[str, object], rows: Sequence[Row], markdown: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = RESULTS_DIR / f"bench-{stamp}.json"
+    payload = {"facts": facts, "rows": [asdict(row) for row in rows]}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS_DIR / f"bench-{stamp}.md").write_text(markdown + "\n")
+    return json_path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark muxproxy against HAProxy, nginx, Caddy and nghttpx on loopback.",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per cell (10)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds per cell (1)")
+    parser.add_argument(
+        "--connections", type=_csv, default=["64", "512"], help="client connections (64,512)"
+    )
+    parser.add_argument("--paths", type=_csv, default=list(BODY_SIZES), help="/small,/16k")
+    parser.add_argument("--only", type=_csv, default=list(names), help=",".join(names))
+    parser.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (0)")
+    parser.add_argument("--load-cpu", type=int, default=1, help="CPU for backend and wrk (1)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
+    if unknown:
+        parser.error(f"unknown proxy or path: {', '.join(unknown)}")
+    if not all(c.isdigit() and int(c) > 0 for c in args.connections):
+        parser.error("--connections takes positive integers, e.g. 64,512")
+    if args.duration < 1 or args.warmup < 0:
+        parser.error("--duration must be >= 1 and --warmup >= 0")
+    cpus = os.sched_getaffinity(0)
+    if not {args.proxy_cpu, args.load_cpu} <= cpus:
+        parser.error(f"--proxy-cpu/--load-cpu must be among the usable CPUs {sorted(cpus)}")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    all_specs = proxy_specs(sys.executable)
+    args = parse_args(argv, [spec.name for spec in all_specs])
+    specs = [spec for spec in proxy_specs(args.python) if spec.name in args.only]
+    settings = Settings(
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=[int(c) for c in args.connections],
+        paths=args.paths,
+        proxy_cpu=args.proxy_cpu,
+        load_cpu=args.load_cpu,
+    )
+    missing = [tool for tool in ("nginx", "wrk", "taskset") if shutil.which(tool) is None]
+    if missing:
+        log(f"missing required tools: {', '.join(missing)}")
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    os.sched_setaffinity(0, {settings.load_cpu})  # keep the harness off the proxy's CPU
+
+    facts = machine_facts(specs, settings)
+    header = facts_markdown(facts, settings)
+    print(header + "\n", flush=True)
+
+    rows: list[Row] = []
+    interrupted = False
+    workdir = Path(tempfile.mkdtemp(prefix="muxproxy-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            backend = start_backend(workdir, settings, stack)
+            log(f"[backend] nginx h2c on {backend.h2_port}, HTTP/1.1 on {backend.h1_port}")
+            for spec in specs:
+                rows.extend(bench_proxy(spec, backend, settings, workdir))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; all started processes were stopped")
+    except RuntimeError as exc:  # the backend did not start: nothing to measure
+        log(str(exc))
+        return 1
+    finally:
+        if args.keep_tmp:
+            log(f"configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    add_ratios(rows)
+    labels = {spec.name: spec.label for spec in specs}
+    table = markdown_table(rows, labels)
+    if interrupted:
+        table += "\n\n(interrupted: partial results)"
+    print(table, flush=True)
+    json_path = write_results(facts, rows, header + "\n\n" + table)
+    log(f"results written to {json_path} (and .md)")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

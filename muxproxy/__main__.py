@@ -1,0 +1,6 @@
+"""``python -m muxproxy``: the command line."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

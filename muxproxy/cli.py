@@ -1,0 +1,172 @@
+"""Command line: ``muxproxy run | check | demo``, ``--version``.
+
+This is, with ``__main__``, the only place that picks the event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from . import __version__
+from .config import Address, Config, ConfigError, load
+from .io.server import Proxy
+
+log = logging.getLogger("muxproxy")
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "demo.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="muxproxy", description=__doc__)
+    p.add_argument("--version", action="version", version=f"muxproxy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run the proxy"), ("check", "validate a config file")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
+        if name == "run":
+            sp.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
+            sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    d = sub.add_parser("demo", help="in-process HTTP/2 backend + proxy, and a burst of clients")
+    d.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG)
+    d.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
+    d.add_argument("--clients", type=int, default=500, help="concurrent client connections")
+    d.add_argument("--requests", type=int, default=4, help="requests per client connection")
+    d.add_argument("--once", action="store_true", help="exit after the burst")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("hpack", "h2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"muxproxy: {args.config}: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        _print_routes(cfg)
+        return 0
+    loop = args.loop or cfg.proxy.loop
+    if cfg.proxy.workers != 1:
+        print("muxproxy: proxy.workers: only 1 worker is implemented so far", file=sys.stderr)
+        return 1
+    if args.command == "run":
+        return _run_loop(loop, _serve, cfg)
+    return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
+
+
+def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
+    try:
+        if loop == "trio":
+            return anyio.run(fn, *args, backend="trio")
+        return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_routes(cfg: Config) -> None:
+    print(f"{cfg.source}: OK")
+    for lst in cfg.listeners:
+        print(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
+    for c in cfg.clusters:
+        cap = f", up to {c.max_connections}" if c.max_connections else ""
+        print(
+            f"cluster {c.name}: {c.protocol} → {', '.join(map(str, c.backends))} "
+            f"({c.connections} connections per backend{cap}, {c.balance})"
+        )
+    for i, r in enumerate(cfg.routes):
+        ws = " +websocket" if r.websocket else ""
+        print(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
+
+
+async def _with_signals(proxy: Proxy, on_ready: Callable[[dict[str, Address]], Awaitable[None]]) -> None:
+    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    if proxy.draining:
+                        tg.cancel_scope.cancel()
+                    proxy.shutdown()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[dict[str, Address]]) -> None:
+            await proxy.serve(task_status=task_status)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        bound = await tg.start(serve)
+        await on_ready(bound)
+
+
+def _ready_line(bound: dict[str, Address]) -> str:
+    return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
+
+
+async def _serve(cfg: Config) -> int:
+    proxy = Proxy(cfg)
+
+    async def ready(bound: dict[str, Address]) -> None:
+        print(_ready_line(bound), file=sys.stderr, flush=True)
+
+    await _with_signals(proxy, ready)
+    return 0
+
+
+async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
+    from .io.h1client import H1Client
+    from .io.h2server import H2Origin, hello_handler
+
+    origin = H2Origin(hello_handler, max_concurrent_streams=1000)
+    backend = cfg.clusters[0].backends[0]
+    proxy = Proxy(cfg)
+    async with anyio.create_task_group() as tg:
+        await tg.start(origin.serve, backend.host, backend.port)
+
+        async def ready(bound: dict[str, Address]) -> None:
+            print(_ready_line(bound), file=sys.stderr, flush=True)
+            addr = next(iter(bound.values()))
+            ok = 0
+
+            async def one_client() -> None:
+                nonlocal ok
+                c = await H1Client.connect(addr.host, addr.port)
+                try:
+                    for i in range(requests):
+                        r = await c.request("GET", f"/demo/{i}")
+                        ok += r.status == 200
+                finally:
+                    await c.aclose()
+
+            async with anyio.create_task_group() as burst:
+                for _ in range(clients):
+                    burst.start_soon(one_client)
+            print(
+                f"demo: {clients} client connections sent {clients * requests} requests, "
+                f"{ok} answered 200, over {origin.connections_accepted} backend TCP connection(s)"
+                f" to {backend}",
+                flush=True,
+            )
+            if once:
+                proxy.shutdown()
+            else:
+                print(f"try: curl -i http://{addr}/hello   (Ctrl-C to stop)", flush=True)
+
+        await _with_signals(proxy, ready)
+        tg.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,372 @@
+"""TOML configuration → frozen, typed, validated objects.
+
+The file is parsed by ``tomllib`` and decoded by ``msgspec`` into frozen Structs that forbid
+unknown keys, so every error comes with the path of the key at fault.  Values with units
+(durations, sizes, addresses) are decoded by :func:`_dec_hook`, whose errors msgspec also
+decorates with the key path.  Cross-references (a route naming a cluster, unique names) are
+checked afterwards in :func:`_check`.  Whatever goes wrong surfaces as one :class:`ConfigError`
+whose message is a single line: ``"routes[2].cluster: no cluster named 'api'"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = [
+    "Address",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "Duration",
+    "ListenerConfig",
+    "Limits",
+    "ProxyConfig",
+    "RouteConfig",
+    "Size",
+    "load",
+    "loads",
+]
+
+
+class Duration(float):
+    """Seconds, written in TOML as ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"`` (or a number of s)."""
+
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        if isinstance(value, bool):
+            raise ValueError("expected a duration such as \"5s\"")
+        if isinstance(value, int | float):
+            if value < 0:
+                raise ValueError("a duration cannot be negative")
+            return cls(value)
+        if isinstance(value, str):
+            m = cls._RE.match(value)
+            if m:
+                return cls(float(m.group(1)) * cls._UNITS[m.group(2)])
+        raise ValueError(f"bad duration {value!r} (use a number with ms, s, m or h)")
+
+
+class Size(int):
+    """Bytes, written in TOML as ``"64KiB"``, ``"1GiB"``, ``"512B"`` (or a number of bytes)."""
+
+    _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+    _RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)\s*$")
+
+    @classmethod
+    def parse(cls, value: object) -> Size:
+        if isinstance(value, bool):
+            raise ValueError("expected a size such as \"64KiB\"")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("a size cannot be negative")
+            return cls(value)
+        if isinstance(value, str):
+            m = cls._RE.match(value)
+            if m:
+                return cls(int(m.group(1)) * cls._UNITS[m.group(2)])
+        raise ValueError(f"bad size {value!r} (use a whole number with B, KiB, MiB or GiB)")
+
+
+class Address:
+    """``host:port`` or ``[v6]:port``.  (A plain class: msgspec hands it to ``_dec_hook``.)"""
+
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Address) and (self.host, self.port) == (other.host, other.port)
+
+    def __hash__(self) -> int:
+        return hash((self.host, self.port))
+
+    def __repr__(self) -> str:
+        return f"Address({self.host!r}, {self.port})"
+
+    @classmethod
+    def parse(cls, value: object) -> Address:
+        if not isinstance(value, str):
+            raise ValueError("expected an address string \"host:port\"")
+        m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(
+            r"^([A-Za-z0-9.\-_]+):(\d+)$", value
+        )
+        if not m:
+            raise ValueError(f"bad address {value!r} (use host:port or [v6]:port)")
+        host, port = m.group(1), int(m.group(2))
+        if value.startswith("["):
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"bad IPv6 address {host!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} out of range")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Network:
+    """An IP network from ``trusted_proxies`` (``"10.0.0.0/8"`` or a single address)."""
+
+    __slots__ = ("net",)
+
+    def __init__(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        self.net = net
+
+    @classmethod
+    def parse(cls, value: object) -> Network:
+        if not isinstance(value, str):
+            raise ValueError("expected a network string such as \"10.0.0.0/8\"")
+        try:
+            return cls(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"bad network {value!r}") from None
+
+
+_PARSERS: dict[type, Any] = {
+    Duration: Duration.parse,
+    Size: Size.parse,
+    Address: Address.parse,
+    Network: Network.parse,
+}
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    parse = _PARSERS.get(typ)
+    if parse is None:
+        raise NotImplementedError(typ)
+    return parse(obj)
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ProxyConfig(_Section):
+    workers: int = 1
+    loop: Literal["asyncio", "uvloop", "trio"] = "asyncio"
+    grace_period: Duration = Duration(10.0)  # SIGTERM: longest wait for in-flight work
+
+
+class AdminConfig(_Section):
+    listen: Address
+
+
+class ListenerTLS(_Section):
+    cert: str
+    key: str
+
+
+class Limits(_Section):
+    max_header_bytes: Size = Size(64 * 1024)
+    max_headers: int = 100
+    max_uri_bytes: Size = Size(8 * 1024)
+    max_body: Size = Size(1024**3)
+    header_timeout: Duration = Duration(10.0)
+    idle_timeout: Duration = Duration(60.0)
+    body_timeout: Duration = Duration(30.0)  # no request-body progress for this long → 408
+    send_timeout: Duration = Duration(60.0)  # a client that reads nothing for this long is dropped
+    max_connections: int = 100_000
+
+
+class ListenerConfig(_Section):
+    name: str
+    listen: Address
+    tls: ListenerTLS | None = None
+    trusted_proxies: tuple[Network, ...] = ()
+    limits: Limits = Limits()
+
+
+class ClusterTLS(_Section):
+    verify: bool = True
+    ca: str | None = None
+    server_name: str | None = None
+
+
+class HealthConfig(_Section):
+    path: str = "/healthz"
+    interval: Duration = Duration(5.0)
+    timeout: Duration = Duration(2.0)
+
+
+class ClusterConfig(_Section):
+    name: str
+    backends: tuple[Address, ...]
+    protocol: Literal["h2c", "h2", "h3", "http1"] = "h2c"
+    connections: int = 4
+    max_connections: int | None = None
+    balance: Literal["round_robin", "least_streams", "hash"] = "least_streams"
+    max_pending: int = 10_000
+    pending_timeout: Duration = Duration(5.0)
+    connect_timeout: Duration = Duration(2.0)
+    request_timeout: Duration = Duration(30.0)
+    tunnel_idle_timeout: Duration = Duration(3600.0)
+    stream_window: Size = Size(256 * 1024)  # per-stream receive window W (DESIGN.md §3)
+    max_streams_per_connection: int = 1000  # our own cap, below the backend's if it is lower
+    max_replays: int = 2
+    replay_buffer: Size = Size(64 * 1024)
+    tls: ClusterTLS = ClusterTLS()
+    health: HealthConfig | None = None
+
+    @property
+    def connection_cap(self) -> int:
+        return self.connections if self.max_connections is None else self.max_connections
+
+
+class RouteConfig(_Section):
+    cluster: str
+    host: str = "*"
+    path_prefix: str = "/"
+    websocket: bool = False
+    websocket_fallback_http1: bool = False
+
+
+class Config(_Section):
+    listeners: tuple[ListenerConfig, ...]
+    clusters: tuple[ClusterConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    proxy: ProxyConfig = ProxyConfig()
+    admin: AdminConfig | None = None
+    source: str = "<string>"  # where the config came from, for messages
+
+    def cluster(self, name: str) -> ClusterConfig:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+_HOST_RE = re.compile(r"^(\*|\*\.[a-z0-9.\-]+|[a-z0-9.\-]+|\[[0-9a-f:.]+\])$")
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field rules that a type cannot express; raise ConfigError naming the key."""
+
+    def fail(path: str, msg: str) -> None:
+        raise ConfigError(f"{path}: {msg}")
+
+    if not cfg.listeners:
+        fail("listeners", "at least one [[listeners]] is required")
+    if not cfg.clusters:
+        fail("clusters", "at least one [[clusters]] is required")
+    if not cfg.routes:
+        fail("routes", "at least one [[routes]] is required")
+    if cfg.proxy.workers < 1:
+        fail("proxy.workers", "must be at least 1")
+    seen: set[str] = set()
+    for i, lst in enumerate(cfg.listeners):
+        if lst.name in seen:
+            fail(f"listeners[{i}].name", f"duplicate listener name {lst.name!r}")
+        seen.add(lst.name)
+        lim = lst.limits
+        for key in ("max_header_bytes", "max_headers", "max_uri_bytes", "max_connections"):
+            if getattr(lim, key) < 1:
+                fail(f"listeners[{i}].limits.{key}", "must be at least 1")
+        for key in ("header_timeout", "idle_timeout", "body_timeout", "send_timeout"):
+            if getattr(lim, key) <= 0:
+                fail(f"listeners[{i}].limits.{key}", "must be more than 0")
+    names: set[str] = set()
+    for i, c in enumerate(cfg.clusters):
+        p = f"clusters[{i}]"
+        if c.name in names:
+            fail(f"{p}.name", f"duplicate cluster name {c.name!r}")
+        names.add(c.name)
+        if not c.backends:
+            fail(f"{p}.backends", "at least one backend is required")
+        if c.protocol not in ("h2c", "h2"):
+            fail(f"{p}.protocol", f"{c.protocol!r} is not implemented yet (use h2c or h2)")
+        if c.balance == "hash":
+            fail(f"{p}.balance", "'hash' is not implemented yet (use round_robin or least_streams)")
+        if c.connections < 1:
+            fail(f"{p}.connections", "must be at least 1")
+        if c.max_connections is not None and c.max_connections < c.connections:
+            fail(f"{p}.max_connections", f"must be at least connections ({c.connections})")
+        if c.max_pending < 0:
+            fail(f"{p}.max_pending", "cannot be negative")
+        if not 1 <= c.max_streams_per_connection <= 2**31 - 1:
+            fail(f"{p}.max_streams_per_connection", "must be between 1 and 2^31-1")
+        if not 65535 <= c.stream_window <= 2**31 - 1:
+            fail(f"{p}.stream_window", "must be between 64KiB-1 and 2GiB-1")
+        if c.max_replays < 0:
+            fail(f"{p}.max_replays", "cannot be negative")
+        for key in ("connect_timeout", "request_timeout", "pending_timeout"):
+            if getattr(c, key) <= 0:
+                fail(f"{p}.{key}", "must be more than 0")
+    for i, r in enumerate(cfg.routes):
+        p = f"routes[{i}]"
+        if r.cluster not in names:
+            fail(f"{p}.cluster", f"no cluster named {r.cluster!r}")
+        if not _HOST_RE.match(r.host.lower()):
+            fail(f"{p}.host", f"bad host pattern {r.host!r} (exact, '*.suffix' or '*')")
+        if not r.path_prefix.startswith("/"):
+            fail(f"{p}.path_prefix", "must start with '/'")
+
+
+def _path(msgspec_path: str) -> str:
+    """``$.routes[2].cluster`` → ``routes[2].cluster``."""
+    return msgspec_path.removeprefix("$").removeprefix(".")
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Parse and validate a TOML document.
+
+    Raises:
+        ConfigError: with a one-line message naming the key path at fault.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}") from None
+    raw["source"] = source
+    try:
+        cfg = msgspec.convert(raw, type=Config, dec_hook=_dec_hook, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_format_validation(str(exc))) from None
+    _check(cfg)
+    return cfg
+
+
+def _format_validation(msg: str) -> str:
+    # msgspec: "Object contains unknown field `foo` - at `$.routes[0]`"
+    m = re.match(r"^(.*?)(?: - at `([^`]*)`)?$", msg, re.S)
+    assert m is not None
+    what, where = m.group(1), _path(m.group(2) or "$")
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", what)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{key}: unknown key"
+    missing = re.match(r"Object missing required field `([^`]*)`", what)
+    if missing:
+        key = f"{where}.{missing.group(1)}" if where else missing.group(1)
+        return f"{key}: required key is missing"
+    return f"{where or '(top level)'}: {what}"
+
+
+def load(path: str | Path) -> Config:
+    """Read, parse and validate a TOML file.
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; the message names the key path.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    return loads(text, source=str(p))

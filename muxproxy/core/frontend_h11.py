@@ -1,0 +1,341 @@
+"""One client connection speaking HTTP/1.1, on top of h11, hardened for the edge.
+
+Theory of operation
+-------------------
+h11 parses and frames; this module decides what an edge proxy accepts.  h11 ≥ 0.16 lets
+through heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare LF,
+control characters in values, a whole head over the limit when it comes in one read, ...), so
+the raw bytes of every request head are checked here *before* h11 sees them:
+
+* While a head is expected, received bytes wait in ``_buf``; nothing reaches h11 until the
+  blank line ending the head is found and the raw head has passed :func:`check_raw_head`.
+* Then the head, and everything after it, is fed to h11, which frames the body.
+* When the exchange is over and keep-alive allows, the bytes h11 holds beyond the request
+  (``trailing_data``: pipelined requests) move back into ``_buf`` and a fresh h11 connection
+  starts the next cycle, so every head, pipelined or not, passes the same raw check.
+
+Requests are answered strictly in order: the next head is not even parsed until the current
+response has been sent in full.
+
+Errors are :class:`~muxproxy.errors.ClientError` with the status to answer; after one, the
+connection must be closed (``error_response`` says ``connection: close``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import h11
+
+from ..errors import REASONS, ClientError
+from .headers import Header
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_uri_bytes: int = 8 * 1024
+    max_body: int = 1024**3
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+CLOSED: Final = _Sentinel("CLOSED")  # the client closed cleanly between requests
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes  # origin-form path (absolute-form already reduced), or b"*"
+    authority: bytes  # from Host (or the absolute-form target)
+    headers: list[Header]  # lower-case names, in order, as received
+    http_version: bytes
+    has_body: bool
+    content_length: int | None  # None: chunked (or no body)
+
+
+@dataclass(slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfRequest:
+    trailers: list[Header]
+
+
+Event = RequestHead | Body | EndOfRequest | _Sentinel
+
+# Control characters anywhere in a head except CR and LF (checked as pairs) and HTAB.
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
+_ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
+_FRAMING_TRAILERS = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"content-type", b"connection", b"te",
+     b"trailer", b"expect", b"upgrade", b"authorization", b"cookie"}
+)
+
+
+def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
+    """Refuse what h11 would accept but a proxy must not (RFC 9112 §2.2, §5, §6).
+
+    ``raw`` is one complete head ending in CRLF CRLF.  Raises ClientError.
+    """
+    if len(raw) > limits.max_header_bytes:
+        raise ClientError("request head too large", 431)
+    if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
+        raise ClientError("bare CR or LF in request head")
+    if b"\r\n " in raw or b"\r\n\t" in raw:
+        raise ClientError("obsolete line folding in request head")
+    if _CTL.search(raw) is not None:
+        raise ClientError("control character in request head")
+    line_end = raw.index(b"\r\n")
+    m = _REQUEST_LINE.match(raw[:line_end])
+    if m is None:
+        raise ClientError("malformed request line")
+    major, minor = m.group(3), m.group(4)
+    if major != b"1" or minor not in (b"0", b"1"):
+        raise ClientError("only HTTP/1.0 and HTTP/1.1 are served here", 505)
+    if len(m.group(2)) > limits.max_uri_bytes:
+        raise ClientError("request target too long", 414)
+    if raw.count(b"\r\n") - 2 > limits.max_headers:
+        raise ClientError("too many header fields", 431)
+
+
+def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
+    """Checks on the parsed head that h11 does not make; builds our RequestHead."""
+    headers: list[Header] = list(req.headers)
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    host: bytes | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            cl.append(value)
+        elif name == b"transfer-encoding":
+            te.append(value)
+        elif name == b"host":
+            host = value
+        elif b"_" in name:
+            raise ClientError("underscore in header field name")
+    if te:
+        if cl:
+            raise ClientError("both Content-Length and Transfer-Encoding")
+        if req.http_version == b"1.0":
+            raise ClientError("Transfer-Encoding on an HTTP/1.0 request")
+        if len(te) != 1 or te[0].lower() != b"chunked":
+            raise ClientError("unsupported Transfer-Encoding", 501)
+    if len(cl) > 1 or (cl and not cl[0].isdigit()):
+        raise ClientError("duplicate or malformed Content-Length")
+    content_length = int(cl[0]) if cl else None
+    if content_length is not None and content_length > limits.max_body:
+        raise ClientError("request body too large", 413)
+
+    method, target = req.method, req.target
+    if method == b"CONNECT":
+        raise ClientError("CONNECT is not served here", 501)
+    if b"#" in target:
+        raise ClientError("fragment in request target")
+    if target[:1] == b"/":
+        pass
+    elif target == b"*":
+        if method != b"OPTIONS":
+            raise ClientError("'*' target is only for OPTIONS")
+    else:
+        m = _ABSOLUTE.match(target)
+        if m is None:
+            raise ClientError("malformed request target")
+        if host is not None and m.group(1).lower() != host.lower():
+            raise ClientError("absolute-form target does not match Host")
+        host = m.group(1)
+        target = m.group(2) or b"/"
+        if target[:1] != b"/":
+            target = b"/" + target
+    return RequestHead(
+        method=method,
+        target=target,
+        authority=host or b"",
+        headers=headers,
+        http_version=req.http_version,
+        has_body=bool(te) or bool(content_length),
+        content_length=content_length,
+    )
+
+
+def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
+    """A complete ``connection: close`` error response with a short plain-text reason."""
+    body = reason.encode("utf-8", "replace") + b"\n"
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+        f"content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode("ascii")
+    return head if head_only else head + body
+
+
+class ClientSession:
+    """Sans-IO server side of one HTTP/1.1 client connection."""
+
+    def __init__(self, limits: HeadLimits = HeadLimits()) -> None:
+        self.limits = limits
+        self._h11 = self._new_h11()
+        self._buf = bytearray()
+        self._eof = False
+        self._in_head = True
+        self._body_bytes = 0
+        self.request: RequestHead | None = None
+        self.response_started = False
+        self._must_close = False
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+
+    # --- input -------------------------------------------------------------------------
+
+    @property
+    def head_started(self) -> bool:
+        """Some bytes of the next request head have arrived (header_timeout runs from here)."""
+        return self._in_head and bool(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the client; ``b""`` means the client closed its side."""
+        if self._in_head:
+            if data:
+                self._buf += data
+            else:
+                self._eof = True
+        else:
+            self._h11.receive_data(data)
+
+    def next_event(self) -> Event:
+        """The next request event, NEED_DATA, or CLOSED.  Raises ClientError."""
+        if self._in_head:
+            return self._next_head()
+        try:
+            ev = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(f"malformed request body: {exc}", exc.error_status_hint) from None
+        if type(ev) is h11.Data:
+            self._body_bytes += len(ev.data)
+            if self._body_bytes > self.limits.max_body:
+                raise ClientError("request body too large", 413)
+            return Body(ev.data)
+        if type(ev) is h11.EndOfMessage:
+            trailers = [(n, v) for n, v in ev.headers if n not in _FRAMING_TRAILERS]
+            return EndOfRequest(trailers)
+        if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            return NEED_DATA
+        if type(ev) is h11.ConnectionClosed:
+            raise ClientError("client closed the connection mid-request")
+        raise ClientError(f"unexpected {type(ev).__name__}")  # pragma: no cover
+
+    def _next_head(self) -> Event:
+        buf = self._buf
+        while buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore at least one empty line
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.limits.max_header_bytes:
+                raise ClientError("request head too large", 431)
+            nl = buf.find(b"\n")
+            if nl >= 0 and (nl == 0 or buf[nl - 1] != 0x0D):
+                raise ClientError("bare LF in request head")
+            first_line = buf.find(b"\r\n")
+            if (first_line < 0 and len(buf) > self.limits.max_uri_bytes + 64) or (
+                first_line > self.limits.max_uri_bytes + 64
+            ):
+                raise ClientError("request target too long", 414)
+            if self._eof:
+                if buf:
+                    raise ClientError("client closed the connection mid-head")
+                return CLOSED
+            return NEED_DATA
+        raw = bytes(buf[: end + 4])
+        rest = bytes(buf[end + 4 :])
+        buf.clear()
+        check_raw_head(raw, self.limits)
+        self._h11.receive_data(raw)
+        try:
+            ev = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(f"malformed request: {exc}", exc.error_status_hint) from None
+        if type(ev) is not h11.Request:  # pragma: no cover - a full head always parses
+            raise ClientError("malformed request")
+        head = _request_head(ev, self.limits)
+        self._in_head = False
+        self._body_bytes = 0
+        if rest:
+            self._h11.receive_data(rest)
+        if self._eof:
+            self._h11.receive_data(b"")
+        self.request = head
+        return head
+
+    # --- output ------------------------------------------------------------------------
+
+    @property
+    def request_complete(self) -> bool:
+        return not self._in_head and self._h11.their_state is h11.DONE
+
+    def continue_bytes(self) -> bytes:
+        """``100 Continue`` if the client waits for it before sending its body, else b""."""
+        if not self._in_head and self._h11.they_are_waiting_for_100_continue:
+            return self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+        return b""
+
+    def response_head(self, status: int, headers: list[Header]) -> bytes:
+        self.response_started = True
+        return self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
+
+    def response_body(self, data: bytes) -> bytes:
+        return self._h11.send(h11.Data(data=data)) or b""
+
+    def response_end(self, trailers: list[Header] | None = None) -> bytes:
+        return self._h11.send(h11.EndOfMessage(headers=trailers or [])) or b""
+
+    def error_response(self, status: int, reason: str) -> bytes:
+        """A proxy-generated error.  Keeps the connection when it is safe (whole request read,
+        nothing of the response sent), otherwise the bytes say ``connection: close``."""
+        head_only = self.request is not None and self.request.method == b"HEAD"
+        if self.response_started:
+            return b""
+        if self.request_complete and self._h11.our_state is h11.SEND_RESPONSE:
+            body = reason.encode("utf-8", "replace") + b"\n"
+            out = self.response_head(
+                status,
+                [(b"content-type", b"text/plain; charset=utf-8"),
+                 (b"content-length", str(len(body)).encode())],
+            )
+            if not head_only:
+                out += self.response_body(body)
+            return out + self.response_end()
+        self.response_started = True
+        self._h11 = self._new_h11()
+        self._must_close = True
+        return error_bytes(status, reason, head_only=head_only)
+
+    def start_next_cycle(self) -> bool:
+        """After a response: True when the connection may serve another request."""
+        if self._must_close:
+            return False
+        h = self._h11
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return False
+        data, closed = h.trailing_data
+        self._h11 = self._new_h11()
+        self._buf = bytearray(data)
+        self._eof = closed
+        self._in_head = True
+        self.request = None
+        self.response_started = False
+        return True

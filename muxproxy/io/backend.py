@@ -1,0 +1,268 @@
+"""One pooled HTTP/2 backend connection: a reader task, a batching writer task.
+
+The reader never awaits anything but the socket: it feeds bytes to the sans-IO core and wakes
+the exchanges whose streams changed (a ``Signal.set()``, which never blocks).  Exchanges queue
+frames on the core and call :meth:`BackendConnection.schedule_flush`; the writer wakes once per
+loop turn and writes everything queued in one ``send`` — one syscall for many streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from itertools import count
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSAttribute
+
+from ..config import Address, ClusterConfig
+from ..core.backend_h2 import H2Backend, StreamState
+from ..errors import BackendUnavailable
+
+log = logging.getLogger("muxproxy.backend")
+
+_serial = count(1)
+
+# What a dead socket looks like, whichever loop runs it.
+NETWORK_ERRORS = (
+    OSError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    ssl.SSLError,
+)
+
+
+class Signal:
+    """A level-triggered wake-up for one waiting task: ``set()`` never blocks."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+def client_tls_context(cfg: ClusterConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.tls.ca)
+    if not cfg.tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+class BackendConnection:
+    """A persistent HTTP/2 connection to one backend, shared by many exchanges."""
+
+    def __init__(
+        self,
+        address: Address,
+        cfg: ClusterConfig,
+        *,
+        tls: ssl.SSLContext | None,
+        on_capacity: Callable[[BackendConnection], None],
+    ) -> None:
+        self.id = next(_serial)
+        self.address = address
+        self.cfg = cfg
+        self.tls = tls
+        self.core = H2Backend(
+            stream_window=cfg.stream_window, max_streams=cfg.max_streams_per_connection
+        )
+        self.on_capacity = on_capacity
+        self.news: dict[int, Signal] = {}  # stream id → the exchange waiting on it
+        self.blocked: dict[int, Signal] = {}  # stream id → exchange waiting for send window
+        self.retired = anyio.Event()  # no new streams: draining or dead
+        self.closed = anyio.Event()  # socket closed, every stream failed or finished
+        self._stream: anyio.abc.ByteStream | None = None
+        self._flush = anyio.Event()
+        self.streams_opened = 0
+
+    def __repr__(self) -> str:
+        return f"<conn #{self.id} {self.address} streams={len(self.core.streams)}>"
+
+    # --- setup -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the socket and exchange SETTINGS, within ``connect_timeout``.
+
+        Raises BackendUnavailable with the reason.
+        """
+        addr = self.address
+        try:
+            with anyio.fail_after(self.cfg.connect_timeout):
+                if self.tls is not None:
+                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                        addr.host,
+                        addr.port,
+                        ssl_context=self.tls,
+                        tls_hostname=self.cfg.tls.server_name or addr.host,
+                        tls_standard_compatible=False,
+                    )
+                    if stream.extra(TLSAttribute.alpn_protocol, None) != "h2":
+                        await stream.aclose()
+                        raise BackendUnavailable(f"backend {addr} did not negotiate h2 (ALPN)")
+                else:
+                    stream = await anyio.connect_tcp(addr.host, addr.port)
+                self._stream = stream
+                self.core.initiate()
+                await stream.send(self.core.data_to_send())
+                while not self.core.settings_received:
+                    data = await stream.receive(65536)
+                    up = self.core.receive_data(data)
+                    if up.closed:
+                        raise BackendUnavailable(f"backend {addr}: {self.core.close_reason}")
+                    out = self.core.data_to_send()
+                    if out:
+                        await stream.send(out)
+        except TimeoutError:
+            await self._abort()
+            raise BackendUnavailable(f"backend {addr} connect timed out") from None
+        except NETWORK_ERRORS as exc:
+            await self._abort()
+            raise BackendUnavailable(f"backend {addr} unreachable: {_describe(exc)}") from None
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def _abort(self) -> None:
+        if self._stream is not None:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    # --- running -----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until the connection is closed; every stream is finished or failed then."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer)
+                await self._reader()
+                tg.cancel_scope.cancel()
+        finally:
+            self.retired.set()
+            self._fail_all()
+            if self._stream is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._stream.aclose()
+            self.closed.set()
+            self.on_capacity(self)
+
+    async def _reader(self) -> None:
+        assert self._stream is not None
+        receive = self._stream.receive
+        core = self.core
+        while True:
+            try:
+                data = await receive(65536)
+            except NETWORK_ERRORS:
+                data = b""
+            up = core.receive_data(data)
+            news = self.news
+            for st in up.streams:
+                sig = news.get(st.stream_id)
+                if sig is not None:
+                    sig.set()
+                sig = self.blocked.get(st.stream_id)
+                if sig is not None:
+                    sig.set()
+            if up.window_opened and self.blocked:
+                for sig in self.blocked.values():
+                    sig.set()
+            self.schedule_flush()
+            if up.goaway or up.closed:
+                if not self.retired.is_set():
+                    log.info("%r retiring: %s", self, core.close_reason or "GOAWAY received")
+                self.retired.set()
+            if up.capacity_changed:
+                self.on_capacity(self)
+            if core.closed or (core.draining and not core.streams):
+                await self._close_gracefully()
+                return
+
+    async def _writer(self) -> None:
+        assert self._stream is not None
+        send = self._stream.send
+        core = self.core
+        while True:
+            await self._flush.wait()
+            self._flush = anyio.Event()
+            data = core.data_to_send()
+            if data:
+                try:
+                    await send(data)
+                except NETWORK_ERRORS:
+                    core.receive_data(b"")  # fail every stream: the socket is gone
+                    self.retired.set()
+                    self._wake_all()
+                    return
+            if core.closed:
+                # Our GOAWAY is out (or the peer is gone): closing the socket ends the reader.
+                await self._stream.aclose()
+                return
+
+    async def _close_gracefully(self) -> None:
+        """Streams are done (or failed): say GOAWAY and flush, shielded and bounded."""
+        assert self._stream is not None
+        if not self.core.closed:
+            self.core.close()
+        data = self.core.data_to_send()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            if data:
+                try:
+                    await self._stream.send(data)
+                except NETWORK_ERRORS:
+                    pass
+
+    def _fail_all(self) -> None:
+        if not self.core.closed:
+            self.core.receive_data(b"")
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for sig in self.news.values():
+            sig.set()
+        for sig in self.blocked.values():
+            sig.set()
+
+    # --- used by exchanges ---------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        """Write whatever the core queued, once, at the writer's next turn."""
+        self._flush.set()
+
+    def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> StreamState:
+        st = self.core.open_stream(headers, end_stream)
+        self.streams_opened += 1
+        self.schedule_flush()
+        return st
+
+    def release(self, st: StreamState) -> None:
+        """The exchange is done with the stream: reset it if still open, return its credit."""
+        sid = st.stream_id
+        self.news.pop(sid, None)
+        self.blocked.pop(sid, None)
+        if sid in self.core.streams:
+            self.core.reset_stream(sid)
+        else:
+            self.core.discard(st)
+        if self.core.draining and not self.core.streams and not self.core.closed:
+            self.core.close()  # drained: GOAWAY; the writer closes the socket after it
+        self.schedule_flush()
+        self.on_capacity(self)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,238 @@
+"""One client request relayed over one backend stream: the only code that knows both sides.
+
+Flow control runs end to end through here:
+
+* request body: a chunk is read from the client only after the previous one fitted the
+  stream's send window, so at most one read (64 KiB) waits beyond the window;
+* response body: DATA is acknowledged to the backend (WINDOW_UPDATE) only after it was written
+  to the client, so a slow client holds at most the stream window W in the proxy and the
+  backend sends no faster than the client reads; other streams are unaffected because the
+  connection window is ``max_streams × W``.
+
+A stream the backend provably never processed (REFUSED_STREAM, or above GOAWAY's
+last-stream-id) is replayed on another connection, at most ``max_replays`` times, body included
+while it fits ``replay_buffer``.  Any other failure is a 502/504 and never a silent resend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import anyio
+import h11
+
+from ..config import RouteConfig
+from ..core.backend_h2 import StreamState
+from ..core.frontend_h11 import Body, RequestHead
+from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
+from ..errors import BackendError, BackendTimeout, ClientError, ProxyError
+from .backend import BackendConnection, Signal
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pool import ClusterPool
+
+
+class ClientGone(Exception):
+    """The client vanished (reset, EOF mid-request, or stopped reading past send_timeout)."""
+
+
+class _Replay(Exception):
+    """The stream was never processed by the backend: try again on another connection."""
+
+
+class BodySource:
+    """The request body, read from the client on demand, remembered for replays while small."""
+
+    def __init__(self, client: ClientConnection, replay_limit: int) -> None:
+        self.client = client
+        self.limit = replay_limit
+        self.kept: list[bytes] | None = []  # None once the body outgrew the replay buffer
+        self.kept_size = 0
+        self.complete = False
+        self.trailers: list[Header] = []
+
+    @property
+    def replayable(self) -> bool:
+        return self.kept is not None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.kept is None:
+            raise BackendError("request body too large to replay after the backend refused it")
+        for chunk in list(self.kept):
+            yield chunk
+        while not self.complete:
+            ev = await self.client.read_body()
+            if type(ev) is Body:
+                if self.kept is not None:
+                    self.kept_size += len(ev.data)
+                    if self.kept_size <= self.limit:
+                        self.kept.append(ev.data)
+                    else:
+                        self.kept = None
+                yield ev.data
+            else:
+                self.complete = True
+                self.trailers = ev.trailers  # type: ignore[union-attr]
+
+
+class Exchange:
+    def __init__(
+        self, client: ClientConnection, head: RequestHead, route: RouteConfig, pool: ClusterPool
+    ) -> None:
+        self.client = client
+        self.head = head
+        self.route = route
+        self.pool = pool
+        self.cfg = pool.cfg
+        self.failure: BaseException | None = None  # set by the upload task
+
+    async def run(self) -> None:
+        """Relay the request and its response.  Errors become responses; a failure after the
+        response head was sent closes the client connection (``client.must_close``)."""
+        client, head = self.client, self.head
+        h2head = request_to_h2(
+            head.method, head.target, head.authority, head.headers, client.fwd, head.http_version
+        )
+        body = BodySource(client, self.cfg.replay_buffer) if head.has_body else None
+        replays = 0
+        try:
+            while True:
+                conn, st = await self.pool.open_stream(h2head, end_stream=body is None)
+                try:
+                    await self._attempt(conn, st, body)
+                    return
+                except _Replay:
+                    if replays >= self.cfg.max_replays or (body is not None and not body.replayable):
+                        raise BackendError(st.error or "backend refused the stream") from None
+                    replays += 1
+                    self.pool.counters["replays"] += 1
+        except ClientGone:
+            client.must_close = True
+        except ProxyError as exc:
+            await client.send_error(exc)
+
+    async def _attempt(
+        self, conn: BackendConnection, st: StreamState, body: BodySource | None
+    ) -> None:
+        news = Signal()
+        conn.news[st.stream_id] = news
+        try:
+            if body is None:
+                await self._download(conn, st, news)
+            else:
+                # Upload and download run side by side: a backend may answer early.  Errors are
+                # carried out of the task group by hand, which would wrap them in a group.
+                failed: BaseException | None = None
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._upload, conn, st, body, news)
+                    try:
+                        await self._download(conn, st, news)
+                    except (ProxyError, ClientGone, _Replay) as exc:
+                        failed = exc
+                    tg.cancel_scope.cancel()
+                if failed is not None:
+                    raise failed
+        finally:
+            conn.release(st)
+
+    async def _upload(
+        self, conn: BackendConnection, st: StreamState, body: BodySource, news: Signal
+    ) -> None:
+        sid = st.stream_id
+        core = conn.core
+        window = Signal()
+        try:
+            cont = self.client.session.continue_bytes()
+            if cont:
+                await self.client.send(cont)
+            async for chunk in body.chunks():
+                view = memoryview(chunk)
+                while view:
+                    if sid not in core.streams:
+                        return  # reset or failed: the download side reports it
+                    n = core.send_window(sid)
+                    if n <= 0:
+                        conn.blocked[sid] = window
+                        await window.wait()
+                        continue
+                    core.send_data(sid, bytes(view[:n]))
+                    view = view[n:]
+                    conn.schedule_flush()
+            if sid in core.streams:
+                core.end_stream(sid, body.trailers or None)
+                conn.schedule_flush()
+        except (ProxyError, ClientGone) as exc:
+            self.failure = exc
+            news.set()
+        finally:
+            conn.blocked.pop(sid, None)
+
+    async def _download(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
+        client = self.client
+        session = client.session
+        with anyio.move_on_after(self.cfg.request_timeout) as scope:
+            while st.headers is None and st.reset_code is None and self.failure is None:
+                await news.wait()
+        if self.failure is not None:
+            raise self.failure
+        if st.headers is None:
+            if st.reset_code is not None:
+                if st.refused:
+                    raise _Replay
+                raise BackendError(st.error or "backend failed the stream")
+            assert scope.cancelled_caught
+            raise BackendTimeout("backend did not answer within request_timeout")
+        status, headers = response_from_h2(st.headers)
+        is_head = self.head.method == b"HEAD"
+        chunked_ok = self.head.http_version == b"1.1" and not any(
+            n == b"content-length" for n, _ in headers
+        )
+        try:
+            out = [session.response_head(status, headers)]
+        except h11.LocalProtocolError as exc:
+            raise BackendError(f"backend response cannot be relayed: {exc}") from None
+        sid = st.stream_id
+        core = conn.core
+        chunks = st.chunks
+        while True:
+            credit = 0
+            try:
+                while chunks:
+                    data, n = chunks.popleft()
+                    credit += n
+                    if not is_head and data:
+                        out.append(session.response_body(data))
+                if st.ended:
+                    trailers = trailers_from_h2(st.trailers) if st.trailers and chunked_ok else None
+                    out.append(session.response_end(trailers))
+            except h11.LocalProtocolError:
+                # Body longer or shorter than its Content-Length: never relay it as complete.
+                await self._send(out)
+                client.must_close = True
+                return
+            await self._send(out)
+            out = []
+            if credit:
+                core.consumed(sid, credit)
+                conn.schedule_flush()
+            if st.ended:
+                return
+            if st.reset_code is not None or self.failure is not None:
+                client.must_close = True  # truncated: the client must not see a clean end
+                return
+            with anyio.move_on_after(self.cfg.request_timeout) as stall:
+                while not chunks and not st.ended and st.reset_code is None and self.failure is None:
+                    await news.wait()
+            if stall.cancelled_caught:
+                client.must_close = True
+                return
+
+    async def _send(self, parts: list[bytes]) -> None:
+        data = b"".join(parts) if len(parts) != 1 else parts[0]
+        if data:
+            await self.client.send(data)
+
+
+__all__ = ["BodySource", "ClientError", "ClientGone", "Exchange"]

@@ -1,0 +1,268 @@
+"""A cluster's fixed pool of persistent HTTP/2 connections, and its bounded FIFO queue.
+
+Each backend gets ``connections`` slots; a maintainer task keeps each slot filled: it connects
+(with backoff and jitter after failures), runs the connection, and opens the replacement the
+moment the connection retires (GOAWAY, stream ids running out, or death) while the old one
+drains.  Requests take a stream on the connection the scheduler picks; when every connection
+is full they wait in a FIFO bounded by ``max_pending`` for at most ``pending_timeout`` (then
+503).  The pool grows past ``connections`` only if ``max_connections`` allows it, only while
+every connection is full, one connection at a time, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import h2.exceptions
+
+from ..config import Address, ClusterConfig
+from ..core.backend_h2 import StreamState
+from ..core.scheduler import ConnView, Scheduler, should_grow
+from ..errors import BackendUnavailable
+from .backend import BackendConnection, Signal, client_tls_context
+
+log = logging.getLogger("muxproxy.pool")
+
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 5.0
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class _Backend:
+    address: Address
+    conns: list[BackendConnection] = field(default_factory=list)  # usable (not retired)
+    draining: set[BackendConnection] = field(default_factory=set)
+    connecting: int = 0
+    failures: int = 0  # consecutive connect failures
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class _Pending:
+    headers: Headers
+    end_stream: bool
+    signal: Signal = field(default_factory=Signal)
+    result: tuple[BackendConnection, StreamState] | None = None
+    error: str | None = None
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    cluster: str
+    connections: int  # usable now
+    draining: int
+    connecting: int
+    streams_open: int
+    pending: int
+    counters: dict[str, int]
+
+
+class ClusterPool:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.tls = client_tls_context(cfg) if cfg.protocol == "h2" else None
+        self.backends = [_Backend(a) for a in cfg.backends]
+        self.scheduler = Scheduler(cfg.balance)
+        self._pending: deque[_Pending] = deque()
+        self._pending_live = 0
+        self.counters: Counter[str] = Counter()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect every slot and keep it connected until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for b in self.backends:
+                for _ in range(self.cfg.connections):
+                    b.connecting += 1  # counted now: a request may arrive before the task runs
+                    tg.start_soon(self._maintain, b, True)
+            task_status.started()
+
+    async def _maintain(self, b: _Backend, permanent: bool) -> None:
+        """Keep one connection slot filled (``permanent``), or fill it once (growth).
+        The caller has already counted this slot in ``b.connecting``."""
+        backoff = BACKOFF_MIN
+        first = True
+        while True:
+            conn = BackendConnection(b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity)
+            if not first:
+                b.connecting += 1
+            first = False
+            try:
+                await conn.connect()
+            except BackendUnavailable as exc:
+                b.failures += 1
+                b.last_error = exc.reason
+                self.counters["connect_failures"] += 1
+                if b.failures == 1:
+                    log.warning("cluster %s: %s", self.cfg.name, exc.reason)
+                b.connecting -= 1
+                self._fail_pending_if_unreachable()
+                if not permanent:
+                    return
+                await anyio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            b.connecting -= 1
+            if b.failures:
+                log.info("cluster %s: backend %s reachable again", self.cfg.name, b.address)
+            b.failures = 0
+            backoff = BACKOFF_MIN
+            b.conns.append(conn)
+            self.counters["connections_opened"] += 1
+            assert self._tg is not None
+            self._tg.start_soon(self._run_conn, b, conn)
+            self._on_capacity(conn)
+            await conn.retired.wait()
+            if conn in b.conns:
+                b.conns.remove(conn)
+            if not conn.closed.is_set():
+                b.draining.add(conn)
+            if conn.core.goaway_last_stream_id is not None:
+                self.counters["goaway_received"] += 1
+            if not permanent:
+                return
+            if conn.core.closed and conn.core.goaway_last_stream_id is None:
+                # Died rather than drained: do not hammer a sick backend.
+                await anyio.sleep(BACKOFF_MIN * (0.5 + random.random()))
+
+    async def _run_conn(self, b: _Backend, conn: BackendConnection) -> None:
+        try:
+            await conn.serve()
+        finally:
+            if conn in b.conns:
+                b.conns.remove(conn)
+            b.draining.discard(conn)
+
+    # --- stream admission --------------------------------------------------------------
+
+    def _pick(self) -> BackendConnection | None:
+        views = [
+            [ConnView(c.core.free_streams(), len(c.core.streams)) for c in b.conns]
+            for b in self.backends
+        ]
+        choice = self.scheduler.pick(views)
+        if choice is None:
+            return None
+        return self.backends[choice[0]].conns[choice[1]]
+
+    def _try_open(self, headers: Headers, end_stream: bool) -> tuple[BackendConnection, StreamState] | None:
+        while True:
+            conn = self._pick()
+            if conn is None:
+                return None
+            try:
+                return conn, conn.open_stream(headers, end_stream)
+            except h2.exceptions.TooManyStreamsError:
+                continue  # our estimate was stale; free_streams() now asks h2 exactly
+
+    async def open_stream(
+        self, headers: Headers, end_stream: bool
+    ) -> tuple[BackendConnection, StreamState]:
+        """Open a stream carrying the request head, waiting in the FIFO if every connection is
+        full.  Raises BackendUnavailable (503) when the queue is full, the wait exceeds
+        ``pending_timeout``, or no backend can be reached."""
+        if not self._pending_live:
+            got = self._try_open(headers, end_stream)
+            if got is not None:
+                return got
+        if self._unreachable():
+            raise BackendUnavailable(f"no backend reachable ({self._last_error()})")
+        if self._pending_live >= self.cfg.max_pending:
+            self.counters["pending_overflow"] += 1
+            raise BackendUnavailable("too many requests waiting for a backend stream")
+        self._maybe_grow()
+        w = _Pending(headers, end_stream)
+        self._pending.append(w)
+        self._pending_live += 1
+        self.counters["queued"] += 1
+        try:
+            with anyio.move_on_after(self.cfg.pending_timeout):
+                while w.result is None and w.error is None:
+                    await w.signal.wait()
+        except BaseException:
+            self._forget(w)
+            if w.result is not None:
+                w.result[0].release(w.result[1])
+            raise
+        self._forget(w)
+        if w.result is not None:
+            return w.result
+        self.counters["pending_timeout"] += 1
+        raise BackendUnavailable(w.error or "no backend stream became free within pending_timeout")
+
+    def _forget(self, w: _Pending) -> None:
+        if not w.done:
+            w.done = True
+            self._pending_live -= 1
+
+    def _on_capacity(self, conn: BackendConnection) -> None:
+        """A stream closed, a connection came up, or SETTINGS changed: serve the queue."""
+        pending = self._pending
+        while pending:
+            w = pending[0]
+            if w.done:
+                pending.popleft()
+                continue
+            got = self._try_open(w.headers, w.end_stream)
+            if got is None:
+                return
+            pending.popleft()
+            w.result = got
+            self._forget(w)
+            w.signal.set()
+
+    def _maybe_grow(self) -> None:
+        cap = self.cfg.connection_cap
+        if cap <= self.cfg.connections or self._tg is None:
+            return
+        for b in self.backends:
+            if should_grow(len(b.conns), b.connecting, cap, all_full=True) and b.conns:
+                log.warning(
+                    "cluster %s: all %d connections to %s are full; opening one more (cap %d)",
+                    self.cfg.name, len(b.conns), b.address, cap,
+                )
+                self.counters["grown"] += 1
+                b.connecting += 1
+                self._tg.start_soon(self._maintain, b, False)
+                return
+
+    def _unreachable(self) -> bool:
+        return all(not b.conns and not b.connecting for b in self.backends)
+
+    def _last_error(self) -> str:
+        return "; ".join(b.last_error for b in self.backends if b.last_error) or "not connected"
+
+    def _fail_pending_if_unreachable(self) -> None:
+        if not self._unreachable():
+            return
+        reason = f"no backend reachable ({self._last_error()})"
+        while self._pending:
+            w = self._pending.popleft()
+            if not w.done:
+                w.error = reason
+                self._forget(w)
+                w.signal.set()
+
+    # --- observation -------------------------------------------------------------------
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            cluster=self.cfg.name,
+            connections=sum(len(b.conns) for b in self.backends),
+            draining=sum(len(b.draining) for b in self.backends),
+            connecting=sum(b.connecting for b in self.backends),
+            streams_open=sum(len(c.core.streams) for b in self.backends for c in b.conns),
+            pending=self._pending_live,
+            counters=dict(self.counters),
+        )

@@ -1,0 +1,156 @@
+"""Listeners, pools and graceful shutdown: the proxy as one structured-concurrency tree.
+
+    Proxy.serve ── pools (one per cluster) ── maintainers ── connections ── reader/writer
+               └── listeners ── one task per client connection ── exchanges
+
+Shutdown (:meth:`Proxy.shutdown`, wired to SIGTERM/SIGINT by the CLI): stop accepting, close
+idle keep-alive connections, let in-flight exchanges finish within ``grace_period``, then
+cancel whatever is left and close the pools.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSListener
+
+from ..config import Address, Config, ListenerConfig
+from ..router import Router
+from .backend import NETWORK_ERRORS
+from .client import ClientConnection
+from .pool import ClusterPool, PoolStatistics
+
+log = logging.getLogger("muxproxy")
+
+
+class Proxy:
+    """The whole proxy for one :class:`~muxproxy.config.Config`.
+
+    ``await proxy.serve(task_status=...)`` binds every listener, reports the bound addresses
+    through ``task_status.started({name: Address})`` and serves until :meth:`shutdown`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.pools = {c.name: ClusterPool(c) for c in config.clusters}
+        self.draining = False
+        self.clients: set[ClientConnection] = set()
+        self._stop = anyio.Event()
+        self._no_clients = anyio.Event()
+        self._trusted = {
+            lst.name: tuple(n.net for n in lst.trusted_proxies) for lst in config.listeners
+        }
+        self.refused_connections = 0
+
+    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool:
+        nets = self._trusted.get(listener.name)
+        if not nets:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in nets)
+
+    def statistics(self) -> dict[str, PoolStatistics]:
+        return {name: pool.statistics() for name, pool in self.pools.items()}
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent, never blocks)."""
+        if not self.draining:
+            log.info("shutting down: draining %d client connections", len(self.clients))
+            self.draining = True
+            for c in self.clients:
+                if c.idle_scope is not None:
+                    c.idle_scope.cancel()
+            self._stop.set()
+
+    async def serve(
+        self,
+        *,
+        task_status: anyio.abc.TaskStatus[dict[str, Address]] = anyio.TASK_STATUS_IGNORED,
+        reuse_port: bool = False,
+    ) -> None:
+        async with anyio.create_task_group() as pools_tg:
+            for pool in self.pools.values():
+                await pools_tg.start(pool.run)
+            bound: dict[str, Address] = {}
+            async with anyio.create_task_group() as clients_tg:
+                listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
+                async with anyio.create_task_group() as accept_tg:
+                    for lc in self.config.listeners:
+                        listener, addr = await self._bind(lc, reuse_port)
+                        listeners.append(listener)
+                        bound[lc.name] = addr
+                        accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
+                    task_status.started(bound)
+                    await self._stop.wait()
+                    accept_tg.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                with anyio.move_on_after(self.config.proxy.grace_period):
+                    if self.clients:
+                        await self._no_clients.wait()
+                clients_tg.cancel_scope.cancel()
+            pools_tg.cancel_scope.cancel()
+
+    async def _bind(
+        self, lc: ListenerConfig, reuse_port: bool
+    ) -> tuple[anyio.abc.Listener[anyio.abc.ByteStream], Address]:
+        tcp = await anyio.create_tcp_listener(
+            local_host=lc.listen.host, local_port=lc.listen.port, reuse_port=reuse_port,
+            backlog=4096,
+        )
+        sock = tcp.extra(anyio.abc.SocketAttribute.raw_socket)
+        host, port = sock.getsockname()[:2]
+        listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
+        if lc.tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
+            ctx.set_alpn_protocols(["http/1.1"])
+            listener = TLSListener(
+                tcp, ctx, standard_compatible=False, handshake_timeout=lc.limits.header_timeout
+            )
+        return listener, Address(host, port)
+
+    async def _accept_loop(
+        self,
+        listener: anyio.abc.Listener[anyio.abc.ByteStream],
+        lc: ListenerConfig,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        await listener.serve(self._handler(lc), task_group=tg)
+
+    def _handler(self, lc: ListenerConfig) -> Callable[[anyio.abc.ByteStream], object]:
+        cap = lc.limits.max_connections
+
+        async def handle(stream: anyio.abc.ByteStream) -> None:
+            if len(self.clients) >= cap or self.draining:
+                self.refused_connections += 1
+                await stream.aclose()
+                return
+            try:
+                peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
+                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+                if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except NETWORK_ERRORS:
+                await stream.aclose()
+                return
+            client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
+            self.clients.add(client)
+            try:
+                await client.run()
+            finally:
+                self.clients.discard(client)
+                if self.draining and not self.clients:
+                    self._no_clients.set()
+
+        return handle
