@@ -601,9 +601,15 @@ def measure_cell(
     return row
 
 
-def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path) -> list[Row]:
-    proxy_dir = workdir / spec.name
-    proxy_dir.mkdir()
+class StartError(Exception):
+    """The proxy did not come up (or failed the smoke test)."""
+
+
+@contextlib.contextmanager
+def running_proxy(
+    spec: ProxySpec, backend: Backend, settings: Settings, proxy_dir: Path, tag: str
+) -> Iterator[tuple[Service, int]]:
+    """Start a fresh proxy instance, wait until it serves both paths, stop it afterwards."""
     port = free_port()
     backend_port = backend.h1_port if spec.http1_backend else backend.h2_port
     conf = render(
@@ -613,19 +619,17 @@ def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: 
     )
     argv = spec.command(conf, proxy_dir)
     if shutil.which(argv[0]) is None:
-        return [Row(proxy=spec.name, note=f"failed to start ({argv[0]} not installed)")]
-    log(f"[{spec.name}] starting on 127.0.0.1:{port} -> backend port {backend_port}")
-    with contextlib.ExitStack() as stack:
-        proxy = Service(
-            spec.name,
-            argv,
-            proxy_dir / "proxy.log",
-            cpu=settings.proxy_cpu,
-            env=spec.env(proxy_dir),
-            cwd=spec.cwd,
-        )
-        stack.callback(wait_backend_idle, backend)
-        stack.callback(proxy.stop)
+        raise StartError(f"{argv[0]} not installed")
+    log(f"[{spec.name}] {tag}: starting on 127.0.0.1:{port} -> backend port {backend_port}")
+    proxy = Service(
+        spec.name,
+        argv,
+        proxy_dir / f"{tag}.log",
+        cpu=settings.proxy_cpu,
+        env=spec.env(proxy_dir),
+        cwd=spec.cwd,
+    )
+    try:
         problem = proxy.wait_ready(port, spec.ready_prefix, START_TIMEOUT_S)
         if problem is None:
             smoke = smoke_test(port, settings.paths)
@@ -634,16 +638,33 @@ def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: 
             log(f"[{spec.name}] failed to start: {problem}; last log lines:")
             for line in proxy.log_lines()[-8:]:
                 log(f"    {line}")
-            return [Row(proxy=spec.name, note=f"failed to start ({problem})"[:200])]
-        rows: list[Row] = []
-        for path in settings.paths:
-            for connections in settings.connections:
-                log(f"[{spec.name}] {path} c={connections}: {settings.duration} s")
-                rows.append(measure_cell(spec, proxy, port, backend, path, connections, settings))
-                if not proxy.alive():
-                    log(f"[{spec.name}] exited; skipping its remaining cells")
-                    return rows
-        return rows
+            raise StartError(problem)
+        yield proxy, port
+    finally:
+        proxy.stop()
+        wait_backend_idle(backend)
+
+
+def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path) -> list[Row]:
+    """All cells of one proxy; every cell gets a freshly started proxy instance."""
+    proxy_dir = workdir / spec.name
+    proxy_dir.mkdir()
+    rows: list[Row] = []
+    for path in settings.paths:
+        for connections in settings.connections:
+            tag = f"{path.strip('/')}-c{connections}"
+            try:
+                with running_proxy(spec, backend, settings, proxy_dir, tag) as (proxy, port):
+                    log(f"[{spec.name}] {tag}: {settings.warmup} s warm-up, {settings.duration} s")
+                    rows.append(
+                        measure_cell(spec, proxy, port, backend, path, connections, settings)
+                    )
+            except StartError as exc:
+                note = f"failed to start ({exc})"[:200]
+                if not rows:  # not runnable at all: one row for the whole proxy
+                    return [Row(proxy=spec.name, note=note)]
+                rows.append(Row(proxy=spec.name, path=path, connections=connections, note=note))
+    return rows
 
 
 def add_ratios(rows: Sequence[Row]) -> None:

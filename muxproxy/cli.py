@@ -74,7 +74,9 @@ def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
     try:
         if loop == "trio":
             return anyio.run(fn, *args, backend="trio")
-        return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
+        return anyio.run(
+            fn, *args, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"}
+        )
     except KeyboardInterrupt:
         return 130
 
@@ -94,7 +96,9 @@ def _print_routes(cfg: Config) -> None:
         print(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
 
 
-async def _with_signals(proxy: Proxy, on_ready: Callable[[dict[str, Address]], Awaitable[None]]) -> None:
+async def _with_signals(
+    proxy: Proxy, on_ready: Callable[[dict[str, Address]], Awaitable[None]]
+) -> None:
     """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once."""
     async with anyio.create_task_group() as tg:
 

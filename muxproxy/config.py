@@ -26,8 +26,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "Duration",
-    "ListenerConfig",
     "Limits",
+    "ListenerConfig",
     "ProxyConfig",
     "RouteConfig",
     "Size",
@@ -45,7 +45,7 @@ class Duration(float):
     @classmethod
     def parse(cls, value: object) -> Duration:
         if isinstance(value, bool):
-            raise ValueError("expected a duration such as \"5s\"")
+            raise ValueError('expected a duration such as "5s"')
         if isinstance(value, int | float):
             if value < 0:
                 raise ValueError("a duration cannot be negative")
@@ -66,7 +66,7 @@ class Size(int):
     @classmethod
     def parse(cls, value: object) -> Size:
         if isinstance(value, bool):
-            raise ValueError("expected a size such as \"64KiB\"")
+            raise ValueError('expected a size such as "64KiB"')
         if isinstance(value, int):
             if value < 0:
                 raise ValueError("a size cannot be negative")
@@ -99,7 +99,7 @@ class Address:
     @classmethod
     def parse(cls, value: object) -> Address:
         if not isinstance(value, str):
-            raise ValueError("expected an address string \"host:port\"")
+            raise ValueError('expected an address string "host:port"')
         m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(
             r"^([A-Za-z0-9.\-_]+):(\d+)$", value
         )
@@ -130,7 +130,7 @@ class Network:
     @classmethod
     def parse(cls, value: object) -> Network:
         if not isinstance(value, str):
-            raise ValueError("expected a network string such as \"10.0.0.0/8\"")
+            raise ValueError('expected a network string such as "10.0.0.0/8"')
         try:
             return cls(ipaddress.ip_network(value, strict=False))
         except ValueError:
@@ -156,22 +156,22 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ProxyConfig(_Section):
+class ProxyConfig(_Section, frozen=True):
     workers: int = 1
     loop: Literal["asyncio", "uvloop", "trio"] = "asyncio"
     grace_period: Duration = Duration(10.0)  # SIGTERM: longest wait for in-flight work
 
 
-class AdminConfig(_Section):
+class AdminConfig(_Section, frozen=True):
     listen: Address
 
 
-class ListenerTLS(_Section):
+class ListenerTLS(_Section, frozen=True):
     cert: str
     key: str
 
 
-class Limits(_Section):
+class Limits(_Section, frozen=True):
     max_header_bytes: Size = Size(64 * 1024)
     max_headers: int = 100
     max_uri_bytes: Size = Size(8 * 1024)
@@ -183,7 +183,7 @@ class Limits(_Section):
     max_connections: int = 100_000
 
 
-class ListenerConfig(_Section):
+class ListenerConfig(_Section, frozen=True):
     name: str
     listen: Address
     tls: ListenerTLS | None = None
@@ -191,19 +191,19 @@ class ListenerConfig(_Section):
     limits: Limits = Limits()
 
 
-class ClusterTLS(_Section):
+class ClusterTLS(_Section, frozen=True):
     verify: bool = True
     ca: str | None = None
     server_name: str | None = None
 
 
-class HealthConfig(_Section):
+class HealthConfig(_Section, frozen=True):
     path: str = "/healthz"
     interval: Duration = Duration(5.0)
     timeout: Duration = Duration(2.0)
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(_Section, frozen=True):
     name: str
     backends: tuple[Address, ...]
     protocol: Literal["h2c", "h2", "h3", "http1"] = "h2c"
@@ -227,7 +227,7 @@ class ClusterConfig(_Section):
         return self.connections if self.max_connections is None else self.max_connections
 
 
-class RouteConfig(_Section):
+class RouteConfig(_Section, frozen=True):
     cluster: str
     host: str = "*"
     path_prefix: str = "/"
@@ -235,7 +235,7 @@ class RouteConfig(_Section):
     websocket_fallback_http1: bool = False
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     listeners: tuple[ListenerConfig, ...]
     clusters: tuple[ClusterConfig, ...]
     routes: tuple[RouteConfig, ...]

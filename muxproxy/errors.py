@@ -9,13 +9,13 @@ turns anyio/OS exceptions into them once, at its boundary.
 from __future__ import annotations
 
 __all__ = [
+    "RETRYABLE_NEVER_PROCESSED",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
     "ClientError",
     "ConfigError",
     "ProxyError",
-    "RETRYABLE_NEVER_PROCESSED",
 ]
 
 

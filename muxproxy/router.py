@@ -25,9 +25,7 @@ def host_only(authority: bytes) -> bytes:
 class Router:
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         self.routes = tuple(routes)
-        self._compiled = [
-            (r.host.lower().encode(), r.path_prefix.encode(), r) for r in self.routes
-        ]
+        self._compiled = [(r.host.lower().encode(), r.path_prefix.encode(), r) for r in self.routes]
 
     def match(self, authority: bytes, path: bytes) -> RouteConfig | None:
         host = host_only(authority)

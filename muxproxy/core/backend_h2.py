@@ -170,7 +170,9 @@ class H2Backend:
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on the stream now (stream and connection windows)."""
         try:
-            return min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+            return min(
+                self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
+            )
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return 0
 
@@ -247,33 +249,32 @@ class H2Backend:
             return up
         streams = self.streams
         for ev in events:
-            t = type(ev)
-            if t is h2.events.DataReceived:
+            if isinstance(ev, h2.events.DataReceived):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.chunks.append((ev.data, ev.flow_controlled_length))
                     up.streams.append(st)
                 elif ev.flow_controlled_length:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif t is h2.events.ResponseReceived:
+            elif isinstance(ev, h2.events.ResponseReceived):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.headers = ev.headers
                     up.streams.append(st)
-            elif t is h2.events.StreamEnded:
+            elif isinstance(ev, h2.events.StreamEnded):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.ended = True
                     up.streams.append(st)
                     self._maybe_forget(ev.stream_id)
                     up.capacity_changed = True
-            elif t is h2.events.WindowUpdated:
+            elif isinstance(ev, h2.events.WindowUpdated):
                 up.window_opened = True
-            elif t is h2.events.TrailersReceived:
+            elif isinstance(ev, h2.events.TrailersReceived):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.trailers = ev.headers
-            elif t is h2.events.StreamReset:
+            elif isinstance(ev, h2.events.StreamReset):
                 st = streams.pop(ev.stream_id, None)
                 if st is not None:
                     st.reset_code = ev.error_code
@@ -281,13 +282,13 @@ class H2Backend:
                     st.error = f"backend reset the stream ({_code_name(ev.error_code)})"
                     up.streams.append(st)
                     up.capacity_changed = True
-            elif t is h2.events.RemoteSettingsChanged:
+            elif isinstance(ev, h2.events.RemoteSettingsChanged):
                 self.settings_received = True
                 up.capacity_changed = True
                 up.window_opened = True
-            elif t is h2.events.PingAckReceived:
+            elif isinstance(ev, h2.events.PingAckReceived):
                 up.ping_acked = True
-            elif t is h2.events.ConnectionTerminated:
+            elif isinstance(ev, h2.events.ConnectionTerminated):
                 self._goaway(ev, up)
             # InformationalResponseReceived (1xx), SettingsAcknowledged, PriorityUpdated,
             # UnknownFrameReceived: nothing to relay.

@@ -81,8 +81,19 @@ _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
 _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
 _FRAMING_TRAILERS = frozenset(
-    {b"content-length", b"transfer-encoding", b"host", b"content-type", b"connection", b"te",
-     b"trailer", b"expect", b"upgrade", b"authorization", b"cookie"}
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"content-type",
+        b"connection",
+        b"te",
+        b"trailer",
+        b"expect",
+        b"upgrade",
+        b"authorization",
+        b"cookie",
+    }
 )
 
 
@@ -313,8 +324,10 @@ class ClientSession:
             body = reason.encode("utf-8", "replace") + b"\n"
             out = self.response_head(
                 status,
-                [(b"content-type", b"text/plain; charset=utf-8"),
-                 (b"content-length", str(len(body)).encode())],
+                [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             )
             if not head_only:
                 out += self.response_body(body)

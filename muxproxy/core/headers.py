@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import BackendError, ClientError
+from ..errors import BackendError
 
 Header = tuple[bytes, bytes]
 
@@ -142,7 +142,9 @@ def request_to_h2(
     return out
 
 
-def response_from_h2(headers: Sequence[Header], *, allow_101: bool = False) -> tuple[int, list[Header]]:
+def response_from_h2(
+    headers: Sequence[Header], *, allow_101: bool = False
+) -> tuple[int, list[Header]]:
     """Split an HTTP/2 response head into ``(status, fields)`` fit for HTTP/1.1.
 
     Raises BackendError (502) for a bad ``:status`` or a value that could inject a line.

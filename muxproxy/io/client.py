@@ -160,9 +160,15 @@ class ClientConnection:
         if isinstance(exc, ClientError):
             self.must_close = True
         if exc.status_hint >= 500:
-            log.info("%s %s → %d %s", self.session.request.method.decode() if self.session.request
-                     else "-", self.session.request.target.decode("latin-1")[:200]
-                     if self.session.request else "-", exc.status_hint, exc.reason)
+            log.info(
+                "%s %s → %d %s",
+                self.session.request.method.decode() if self.session.request else "-",
+                self.session.request.target.decode("latin-1")[:200]
+                if self.session.request
+                else "-",
+                exc.status_hint,
+                exc.reason,
+            )
         data = self.session.error_response(exc.status_hint, exc.reason)
         if not self.session.request_complete:
             self.must_close = True

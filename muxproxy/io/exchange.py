@@ -104,7 +104,9 @@ class Exchange:
                     await self._attempt(conn, st, body)
                     return
                 except _Replay:
-                    if replays >= self.cfg.max_replays or (body is not None and not body.replayable):
+                    if replays >= self.cfg.max_replays or (
+                        body is not None and not body.replayable
+                    ):
                         raise BackendError(st.error or "backend refused the stream") from None
                     replays += 1
                     self.pool.counters["replays"] += 1
@@ -198,13 +200,15 @@ class Exchange:
         chunks = st.chunks
         while True:
             credit = 0
+            # Decide from one snapshot: the reader may add chunks or the end during the send.
+            finished = st.ended
             try:
                 while chunks:
                     data, n = chunks.popleft()
                     credit += n
                     if not is_head and data:
                         out.append(session.response_body(data))
-                if st.ended:
+                if finished:
                     trailers = trailers_from_h2(st.trailers) if st.trailers and chunked_ok else None
                     out.append(session.response_end(trailers))
             except h11.LocalProtocolError:
@@ -217,7 +221,7 @@ class Exchange:
             if credit:
                 core.consumed(sid, credit)
                 conn.schedule_flush()
-            if st.ended:
+            if finished:
                 return
             if st.reset_code is not None or self.failure is not None:
                 client.must_close = True  # truncated: the client must not see a clean end

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -43,6 +44,7 @@ class OriginRequest:
         self._chunks: deque[bytes] = deque()
         self.body_complete = False
         self.reset_by_peer: int | None = None
+        self.flow_blocked = anyio.Event()  # set the first time a send waits for credit
         self._news = anyio.Event()
 
     def header(self, name: bytes) -> bytes | None:
@@ -132,7 +134,9 @@ class OriginConnection:
             return
         self.server.spawn(self.flush)
 
-    async def send_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+    async def send_headers(
+        self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
         self.h2.send_headers(sid, headers, end_stream=end_stream)
         await self.flush()
 
@@ -140,10 +144,12 @@ class OriginConnection:
         view = memoryview(data)
         while True:
             req = self.requests.get(sid)
-            if req is not None and req.reset_by_peer is not None or self.closed:
+            if (req is not None and req.reset_by_peer is not None) or self.closed:
                 return
             window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if view and window <= 0:
+                if req is not None:
+                    req.flow_blocked.set()
                 event = self._window
                 await event.wait()
                 continue
@@ -201,23 +207,23 @@ class OriginConnection:
                 req.body_complete = True
             self.server.spawn(self._run_handler, req)
         elif isinstance(ev, h2.events.DataReceived):
-            req = self.requests.get(ev.stream_id)
-            if req is not None:
-                req._chunks.append(ev.data)
-                req._wake()
+            got = self.requests.get(ev.stream_id)
+            if got is not None:
+                got._chunks.append(ev.data)
+                got._wake()
             padding = ev.flow_controlled_length - len(ev.data)
             if padding:
                 self.h2.acknowledge_received_data(padding, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
-            req = self.requests.get(ev.stream_id)
-            if req is not None:
-                req.body_complete = True
-                req._wake()
+            ended = self.requests.get(ev.stream_id)
+            if ended is not None:
+                ended.body_complete = True
+                ended._wake()
         elif isinstance(ev, h2.events.StreamReset):
-            req = self.requests.get(ev.stream_id)
-            if req is not None:
-                req.reset_by_peer = ev.error_code
-                req._wake()
+            reset = self.requests.get(ev.stream_id)
+            if reset is not None:
+                reset.reset_by_peer = ev.error_code
+                reset._wake()
             self.server.resets_received += 1
             self._wake_senders()
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -262,7 +268,7 @@ class H2Origin:
         self.connections: set[OriginConnection] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
-    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
         assert self._tg is not None
         self._tg.start_soon(fn, *args)
 

@@ -78,7 +78,9 @@ class ClusterPool:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Connect every slot and keep it connected until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -94,7 +96,9 @@ class ClusterPool:
         backoff = BACKOFF_MIN
         first = True
         while True:
-            conn = BackendConnection(b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity)
+            conn = BackendConnection(
+                b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity
+            )
             if not first:
                 b.connecting += 1
             first = False
@@ -156,7 +160,9 @@ class ClusterPool:
             return None
         return self.backends[choice[0]].conns[choice[1]]
 
-    def _try_open(self, headers: Headers, end_stream: bool) -> tuple[BackendConnection, StreamState] | None:
+    def _try_open(
+        self, headers: Headers, end_stream: bool
+    ) -> tuple[BackendConnection, StreamState] | None:
         while True:
             conn = self._pick()
             if conn is None:
@@ -230,7 +236,10 @@ class ClusterPool:
             if should_grow(len(b.conns), b.connecting, cap, all_full=True) and b.conns:
                 log.warning(
                     "cluster %s: all %d connections to %s are full; opening one more (cap %d)",
-                    self.cfg.name, len(b.conns), b.address, cap,
+                    self.cfg.name,
+                    len(b.conns),
+                    b.address,
+                    cap,
                 )
                 self.counters["grown"] += 1
                 b.connecting += 1

@@ -105,7 +105,9 @@ class Proxy:
         self, lc: ListenerConfig, reuse_port: bool
     ) -> tuple[anyio.abc.Listener[anyio.abc.ByteStream], Address]:
         tcp = await anyio.create_tcp_listener(
-            local_host=lc.listen.host, local_port=lc.listen.port, reuse_port=reuse_port,
+            local_host=lc.listen.host,
+            local_port=lc.listen.port,
+            reuse_port=reuse_port,
             backlog=4096,
         )
         sock = tcp.extra(anyio.abc.SocketAttribute.raw_socket)
