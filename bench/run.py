@@ -73,6 +73,7 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "2s"  # per-request timeout; slower responses count as socket errors
 PORT_RANGE = (20000, 32000)  # below the kernel's ephemeral range, so no clash with clients
+NOISE_THRESHOLD = 0.05  # flag cells where other processes used this much of the proxy CPU
 
 
 def log(message: str) -> None:
@@ -170,8 +171,12 @@ def tree_rss_bytes(root: int) -> int:
 
 
 def established_to(port: int) -> int:
-    """Number of ESTABLISHED TCP sockets whose remote port is `port` (i.e. client sides)."""
-    count = 0
+    """Number of ESTABLISHED TCP sockets whose remote port is `port` (i.e. client sides).
+
+    /proc/net/tcp is not a consistent snapshot (it is read in chunks while sockets come and
+    go), so sockets are de-duplicated by their local address instead of merely counted.
+    """
+    local_addresses: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -180,8 +185,22 @@ def established_to(port: int) -> int:
         for line in lines:
             fields = line.split()
             if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+                local_addresses.add(fields[1])
+    return len(local_addresses)
+
+
+def core_jiffies(cpu: int) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            values = [int(v) for v in line.split()[1:9]]  # user nice system idle ... steal
+            return sum(values) - values[3] - values[4], sum(values)  # minus idle, iowait
+    raise ValueError(f"cpu{cpu} not in /proc/stat")
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
 
 
 class Sampler(threading.Thread):
@@ -503,7 +522,9 @@ class Row:
     ratio_vs_baseline: float | None = None
     peak_backend_conns: int | None = None
     peak_rss_mib: float | None = None
-    backend_cpu_util: float | None = None
+    backend_cpu_util: float | None = None  # backend nginx CPU seconds per wall second
+    load_core_busy: float | None = None  # busy fraction of the load CPU (backend + wrk + rest)
+    proxy_core_busy: float | None = None  # busy fraction of the proxy CPU (proxy + intruders)
 
 
 @dataclass(frozen=True)
@@ -556,6 +577,27 @@ def wait_backend_idle(backend: Backend, timeout: float = 5.0) -> None:
         time.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Cumulative counters at one instant; two of them bracket the measured window."""
+
+    wall: float
+    proxy_cpu: float
+    backend_cpu: float
+    proxy_core: tuple[int, int]
+    load_core: tuple[int, int]
+
+    @classmethod
+    def take(cls, proxy_pid: int, backend_pid: int, settings: Settings) -> Snapshot:
+        return cls(
+            wall=time.monotonic(),
+            proxy_cpu=tree_cpu_seconds(proxy_pid),
+            backend_cpu=tree_cpu_seconds(backend_pid),
+            proxy_core=core_jiffies(settings.proxy_cpu),
+            load_core=core_jiffies(settings.load_cpu),
+        )
+
+
 def measure_cell(
     spec: ProxySpec,
     proxy: Service,
@@ -571,14 +613,10 @@ def measure_cell(
     try:
         if settings.warmup > 0:
             run_wrk(url, connections, settings.warmup, settings.load_cpu)
-        cpu_before = tree_cpu_seconds(proxy.pid)
-        backend_before = tree_cpu_seconds(backend.service.pid)
-        started = time.monotonic()
+        before = Snapshot.take(proxy.pid, backend.service.pid, settings)
         with sampling(proxy.pid, backend_port) as sampler:
             result = run_wrk(url, connections, settings.duration, settings.load_cpu)
-        wall = time.monotonic() - started
-        cpu = tree_cpu_seconds(proxy.pid) - cpu_before
-        backend_cpu = tree_cpu_seconds(backend.service.pid) - backend_before
+        after = Snapshot.take(proxy.pid, backend.service.pid, settings)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         row.note = str(exc).splitlines()[0][:200]
         return row
@@ -590,14 +628,23 @@ def measure_cell(
     row.socket_errors = result.socket_errors
     row.status_errors = result.status_errors
     row.errors = result.socket_errors + result.status_errors
+    wall = after.wall - before.wall
+    cpu = after.proxy_cpu - before.proxy_cpu
     row.proxy_cpu_s = cpu
     row.proxy_cpu_util = cpu / wall
     row.req_per_cpu_s = result.requests / cpu if cpu > 0 else None
     row.peak_backend_conns = sampler.peak_backend_conns
     row.peak_rss_mib = sampler.peak_rss_bytes / 2**20
-    row.backend_cpu_util = backend_cpu / wall
+    row.backend_cpu_util = (after.backend_cpu - before.backend_cpu) / wall
+    row.load_core_busy = busy_fraction(before.load_core, after.load_core)
+    row.proxy_core_busy = busy_fraction(before.proxy_core, after.proxy_core)
+    others = row.proxy_core_busy - row.proxy_cpu_util
+    notes = []
+    if others > NOISE_THRESHOLD:
+        notes.append(f"{others:.0%} of CPU {settings.proxy_cpu} used by other processes")
     if not proxy.alive():
-        row.note = f"proxy exited (status {proxy.proc.returncode})"
+        notes.append(f"proxy exited (status {proxy.proc.returncode})")
+    row.note = "; ".join(notes)
     return row
 
 
@@ -680,44 +727,36 @@ def add_ratios(rows: Sequence[Row]) -> None:
 # --------------------------------------------------------------------------- reporting
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _pct(value: float | None) -> str:
+    return _num(None if value is None else value * 100, ".0f", "%")
+
+
 def markdown_table(rows: Sequence[Row], labels: Mapping[str, str]) -> str:
-    header = [
-        "Proxy",
-        "Path",
-        "Conns",
-        "Req/s",
-        "p50 ms",
-        "p99 ms",
-        "Errors",
-        "Proxy CPU",
-        "Req/CPU-s",
-        "vs HAProxy",
-        "Peak backend conns",
-        "Peak RSS MiB",
-        "Note",
+    columns: list[tuple[str, Callable[[Row], str]]] = [
+        ("Proxy", lambda row: labels.get(row.proxy, row.proxy)),
+        ("Path", lambda row: row.path or "-"),
+        ("Conns", lambda row: _num(row.connections, "d")),
+        ("Req/s", lambda row: _num(row.rps, ",.0f")),
+        ("p50 ms", lambda row: _num(row.p50_ms, ".2f")),
+        ("p99 ms", lambda row: _num(row.p99_ms, ".2f")),
+        ("Errors", lambda row: _num(row.errors, ",d")),
+        ("Proxy CPU", lambda row: _pct(row.proxy_cpu_util)),
+        ("Req/CPU-s", lambda row: _num(row.req_per_cpu_s, ",.0f")),
+        ("vs HAProxy", lambda row: _num(row.ratio_vs_baseline, ".2f", "x")),
+        ("Peak backend conns", lambda row: _num(row.peak_backend_conns, "d")),
+        ("Peak RSS MiB", lambda row: _num(row.peak_rss_mib, ".1f")),
+        ("Load CPU", lambda row: _pct(row.load_core_busy)),
+        ("Note", lambda row: row.note.replace("|", "/")),
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            labels.get(row.proxy, row.proxy),
-            row.path or "-",
-            _fmt(row.connections, "d"),
-            _fmt(row.rps, ",.0f"),
-            _fmt(row.p50_ms, ".2f"),
-            _fmt(row.p99_ms, ".2f"),
-            _fmt(row.errors, ",d"),
-            _fmt(None if row.proxy_cpu_util is None else row.proxy_cpu_util * 100, ".0f", "%"),
-            _fmt(row.req_per_cpu_s, ",.0f"),
-            _fmt(row.ratio_vs_baseline, ".2f", "x"),
-            _fmt(row.peak_backend_conns, "d"),
-            _fmt(row.peak_rss_mib, ".1f"),
-            row.note.replace("|", "/"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -29,6 +29,19 @@ log = logging.getLogger("muxproxy.h2server")
 Handler = Callable[["OriginRequest"], Awaitable[None]]
 
 
+class _GracefulServerStateMachine(h2.connection.H2ConnectionStateMachine):
+    """Like nginx: after sending GOAWAY, keep serving the streams at or below last_stream_id
+    (h2 alone would refuse every further frame)."""
+
+    _transitions = {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        (h2.connection.ConnectionState.SERVER_OPEN, h2.connection.ConnectionInputs.SEND_GOAWAY): (
+            None,
+            h2.connection.ConnectionState.SERVER_OPEN,
+        ),
+    }
+
+
 class OriginRequest:
     """One request stream on the origin: read the body, answer, or misbehave on purpose."""
 
@@ -105,6 +118,7 @@ class OriginConnection:
         self.stream = stream
         cfg = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.state_machine = _GracefulServerStateMachine()
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -114,6 +128,8 @@ class OriginConnection:
             },
         )
         self.requests: dict[int, OriginRequest] = {}
+        self.processed = 0
+        self.last_stream_id: int | None = None  # set once GOAWAY was sent
         self._window = anyio.Event()
         self._lock = anyio.Lock()
         self.closed = False
@@ -166,10 +182,14 @@ class OriginConnection:
             return
         await self.flush()
 
-    async def goaway(self, last_stream_id: int | None = None, error_code: int = 0) -> None:
-        """Send GOAWAY (by default naming the highest stream seen)."""
+    def goaway(self, last_stream_id: int | None = None, error_code: int = 0) -> None:
+        """Queue GOAWAY (by default naming the highest stream seen); streams above it are
+        ignored from now on, as nginx does, and the connection closes when the rest finish."""
         self.h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
-        await self.flush()
+        if last_stream_id is None:
+            last_stream_id = self.h2.highest_inbound_stream_id
+        if last_stream_id < 2**31 - 1:
+            self.last_stream_id = last_stream_id
 
     async def run(self) -> None:
         self.h2.initiate_connection()
@@ -200,6 +220,19 @@ class OriginConnection:
 
     def _handle(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.RequestReceived):
+            if self.last_stream_id is not None and ev.stream_id > self.last_stream_id:
+                return  # after GOAWAY: never processed, as the client will learn
+            refuse = self.server.refuse_every
+            if refuse and (self.server.requests_received + 1) % refuse == 0:
+                self.server.requests_received += 1
+                self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            self.processed += 1
+            after = self.server.goaway_after
+            if after and self.processed == after:
+                if self.server.two_step_goaway:
+                    self.goaway(2**31 - 1)
+                self.goaway(ev.stream_id)
             req = OriginRequest(self, ev.stream_id, ev.headers)
             self.requests[ev.stream_id] = req
             self.server.requests_received += 1
@@ -245,6 +278,10 @@ class OriginConnection:
             await self.reset(req.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             self.requests.pop(req.stream_id, None)
+            if self.last_stream_id is not None and not self.requests:
+                self.closed = True  # drained after our GOAWAY: hang up, as nginx does
+                with anyio.CancelScope(shield=True):
+                    await self.stream.aclose()
 
 
 class H2Origin:
@@ -257,8 +294,14 @@ class H2Origin:
         max_concurrent_streams: int = 128,
         connect_protocol: bool = False,
         initial_window: int = 65535,
+        goaway_after: int = 0,
+        two_step_goaway: bool = False,
+        refuse_every: int = 0,
     ) -> None:
         self.handler = handler
+        self.goaway_after = goaway_after  # GOAWAY once a connection has processed this many
+        self.two_step_goaway = two_step_goaway
+        self.refuse_every = refuse_every  # RST_STREAM(REFUSED_STREAM) every n-th request
         self.max_concurrent_streams = max_concurrent_streams
         self.connect_protocol = connect_protocol
         self.initial_window = initial_window

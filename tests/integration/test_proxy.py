@@ -352,3 +352,46 @@ async def test_fan_in_2000_clients_over_2_backend_connections() -> None:
                     tg.start_soon(client)
         assert ok == 2000
         assert h.origin.connections_accepted == 2
+
+
+@pytest.mark.parametrize("two_step", [False, True])
+async def test_goaway_drains_replaces_and_replays_unprocessed(two_step: bool) -> None:
+    script = Script()
+    async with running(script, origin={"goaway_after": 40, "two_step_goaway": two_step},
+                       cluster={"connections": 2, "pending_timeout": "30s"}) as h:
+        statuses: list[int] = []
+
+        async def client(n: int) -> None:
+            c = await h.client()
+            try:
+                for i in range(10):
+                    r = await c.request("POST", "/echo", body=f"{n}-{i}".encode(),
+                                        headers=[("x-request-id", f"{n}-{i}")])
+                    statuses.append(r.status)
+                    assert r.body == f"{n}-{i}".encode()
+            finally:
+                await c.aclose()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for n in range(30):
+                    tg.start_soon(client, n)
+        assert statuses == [200] * 300  # zero client-visible failures
+        assert len(script.request_ids) == len(set(script.request_ids)) == 300  # none twice
+        assert h.origin.connections_accepted > 2  # connections were replaced...
+        stats = h.pool().statistics()
+        assert stats.counters["goaway_received"] >= 1
+        assert stats.connections <= 2  # ...and the pool kept its size
+
+
+async def test_refused_stream_is_replayed_even_for_post() -> None:
+    script = Script()
+    async with running(script, origin={"refuse_every": 2}) as h:
+        c = await h.client()
+        for i in range(6):
+            r = await c.request("POST", "/echo", body=b"x" * 1000,
+                                headers=[("x-request-id", str(i))])
+            assert (r.status, len(r.body)) == (200, 1000)
+        await c.aclose()
+        assert sorted(script.request_ids) == [str(i) for i in range(6)]
+        assert h.pool().statistics().counters["replays"] >= 3
