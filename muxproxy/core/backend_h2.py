@@ -36,6 +36,40 @@ import h2.settings
 from .headers import Header
 
 _S = h2.settings.SettingCodes
+
+
+def _cache_huffman_decoding() -> None:
+    """Memoise hpack's pure-Python Huffman decoder.
+
+    Backends such as nginx send their response fields as Huffman-coded literals without
+    indexing, so the same few values (server, content-type, etag, date within a second) are
+    decoded again on every response; profiling showed this among the top costs of a request.
+    The decoder is a pure function of its input, so a bounded cache is safe.
+    """
+    import hpack.hpack
+
+    original = getattr(hpack.hpack, "decode_huffman")  # noqa: B009 - not re-exported
+    if getattr(original, "muxproxy_cached", False):
+        return
+    cache: dict[bytes, bytes] = {}
+
+    def decode_huffman(data: bytes | bytearray | memoryview | None) -> bytes:
+        if not data:
+            return b""
+        key = bytes(data)
+        out = cache.get(key)
+        if out is None:
+            out = original(key)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = out
+        return out
+
+    decode_huffman.muxproxy_cached = True  # type: ignore[attr-defined]
+    setattr(hpack.hpack, "decode_huffman", decode_huffman)  # noqa: B010
+
+
+_cache_huffman_decoding()
 MAX_STREAM_ID = 2**31 - 1
 # Drain a connection this many stream ids before they run out (RFC 9113 §5.1.1).
 STREAM_ID_RESERVE = 1000

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 import h11
@@ -62,6 +63,8 @@ class RequestHead:
     http_version: bytes
     has_body: bool
     content_length: int | None  # None: chunked (or no body)
+    keep_alive: bool  # the client allows the connection to stay open after this exchange
+    expects_continue: bool  # Expect: 100-continue on HTTP/1.1
 
 
 @dataclass(slots=True)
@@ -129,8 +132,14 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
     cl: list[bytes] = []
     te: list[bytes] = []
     host: bytes | None = None
+    connection = b""
+    expect = b""
     for name, value in headers:
-        if name == b"content-length":
+        if name == b"connection":
+            connection += b"," + value.lower()
+        elif name == b"expect":
+            expect = value.lower()
+        elif name == b"content-length":
             cl.append(value)
         elif name == b"transfer-encoding":
             te.append(value)
@@ -171,6 +180,11 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         target = m.group(2) or b"/"
         if target[:1] != b"/":
             target = b"/" + target
+    tokens = {t.strip() for t in connection.split(b",")}
+    if req.http_version == b"1.1":
+        keep_alive = b"close" not in tokens
+    else:
+        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
     return RequestHead(
         method=method,
         target=target,
@@ -179,6 +193,8 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         http_version=req.http_version,
         has_body=bool(te) or bool(content_length),
         content_length=content_length,
+        keep_alive=keep_alive,
+        expects_continue=req.http_version == b"1.1" and expect == b"100-continue",
     )
 
 
@@ -206,7 +222,11 @@ class ClientSession:
         self._body_bytes = 0
         self.request: RequestHead | None = None
         self.response_started = False
+        self._response_done = False
+        self._continued = False
         self._must_close = False
+        self._framing = _NONE
+        self._remaining = 0
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
@@ -292,63 +312,122 @@ class ClientSession:
         self.request = head
         return head
 
-    # --- output ------------------------------------------------------------------------
+    # --- output ---------------------------------------------------------------------
+    #
+    # Responses are serialised here rather than by h11: the head comes from a backend whose
+    # fields headers.response_from_h2 already validated, and h11's per-event validation was
+    # measured as the largest single cost of a proxied request.  h11 keeps parsing requests.
 
     @property
     def request_complete(self) -> bool:
-        return not self._in_head and self._h11.their_state is h11.DONE
+        return not self._in_head and self._h11.their_state in (h11.DONE, h11.MUST_CLOSE)
 
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
-        if not self._in_head and self._h11.they_are_waiting_for_100_continue:
-            return self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+        req = self.request
+        if req is not None and req.expects_continue and not self._continued:
+            self._continued = True
+            if self._body_bytes == 0 and not self.response_started:
+                return b"HTTP/1.1 100 Continue\r\n\r\n"
         return b""
 
     def response_head(self, status: int, headers: list[Header]) -> bytes:
+        """Serialise a final response head and choose its framing (RFC 9112 §6.3)."""
+        req = self.request
+        assert req is not None and not self.response_started
         self.response_started = True
-        return self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
+        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        length: int | None = None
+        for name, value in headers:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    raise ResponseFramingError("bad content-length from the backend")
+                length = int(value)
+            lines.append(name + b": " + value + b"\r\n")
+        if status < 200 or status in (204, 304) or req.method == b"HEAD":
+            self._framing = _NONE
+        elif length is not None:
+            self._framing = _LENGTH
+            self._remaining = length
+        elif req.http_version == b"1.1":
+            self._framing = _CHUNKED
+            lines.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self._framing = _CLOSE
+            self._must_close = True
+        if not req.keep_alive or self._must_close:
+            self._must_close = True
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def response_body(self, data: bytes) -> bytes:
-        return self._h11.send(h11.Data(data=data)) or b""
+        framing = self._framing
+        if framing == _LENGTH:
+            self._remaining -= len(data)
+            if self._remaining < 0:
+                raise ResponseFramingError("backend sent more than its content-length")
+            return data
+        if framing == _CHUNKED:
+            return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        if framing == _CLOSE:
+            return data
+        return b""  # HEAD, 1xx, 204, 304: a body is never relayed
 
     def response_end(self, trailers: list[Header] | None = None) -> bytes:
-        return self._h11.send(h11.EndOfMessage(headers=trailers or [])) or b""
+        framing = self._framing
+        self._response_done = True
+        if framing == _CHUNKED:
+            return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers or ()) + b"\r\n"
+        if framing == _LENGTH and self._remaining:
+            raise ResponseFramingError("backend sent less than its content-length")
+        return b""
 
     def error_response(self, status: int, reason: str) -> bytes:
-        """A proxy-generated error.  Keeps the connection when it is safe (whole request read,
-        nothing of the response sent), otherwise the bytes say ``connection: close``."""
-        head_only = self.request is not None and self.request.method == b"HEAD"
+        """A proxy-generated error with a short plain-text reason.  Keeps the connection when
+        it is safe (whole request read, nothing of the response sent); b"" if too late."""
         if self.response_started:
             return b""
-        if self.request_complete and self._h11.our_state is h11.SEND_RESPONSE:
-            body = reason.encode("utf-8", "replace") + b"\n"
-            out = self.response_head(
-                status,
-                [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            )
-            if not head_only:
-                out += self.response_body(body)
-            return out + self.response_end()
-        self.response_started = True
-        self._h11 = self._new_h11()
-        self._must_close = True
-        return error_bytes(status, reason, head_only=head_only)
+        if self.request is None or not self.request_complete:
+            self._must_close = True
+        head_only = self.request is not None and self.request.method == b"HEAD"
+        body = reason.encode("utf-8", "replace") + b"\n"
+        if self.request is None:
+            self.response_started = True
+            return error_bytes(status, reason, head_only=head_only)
+        out = self.response_head(
+            status,
+            [(b"content-type", b"text/plain; charset=utf-8"),
+             (b"content-length", str(len(body)).encode())],
+        )
+        if not head_only:
+            out += self.response_body(body)
+        return out + self.response_end()
 
     def start_next_cycle(self) -> bool:
         """After a response: True when the connection may serve another request."""
-        if self._must_close:
+        if self._must_close or not self._response_done or not self.request_complete:
             return False
-        h = self._h11
-        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if self._h11.their_state is not h11.DONE:
             return False
-        data, closed = h.trailing_data
+        data, closed = self._h11.trailing_data
         self._h11 = self._new_h11()
         self._buf = bytearray(data)
         self._eof = closed
         self._in_head = True
         self.request = None
         self.response_started = False
+        self._response_done = False
+        self._continued = False
         return True
+
+
+class ResponseFramingError(Exception):
+    """The backend's response cannot be relayed as HTTP/1.1 (its length does not add up)."""
+
+
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+_STATUS_LINES = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode())
+    for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)
+}

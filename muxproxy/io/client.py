@@ -10,6 +10,7 @@ request-body reads (408), ``send_timeout`` for each write to the client.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -36,6 +37,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("muxproxy.client")
 
 
+class _Timer:
+    """One deadline of a client connection; when it passes, the connection is cancelled."""
+
+    __slots__ = ("conn", "deadline", "kind", "timer_bucket")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.deadline = math.inf
+        self.timer_bucket: int | None = None
+        self.kind = ""
+
+    def on_deadline(self) -> None:
+        self.conn.timed_out = self.kind
+        self.conn.scope.cancel()
+
+
 class ClientConnection:
     def __init__(
         self,
@@ -47,6 +64,7 @@ class ClientConnection:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
+        self.wheel = proxy.wheel
         lim = listener.limits
         self.limits = lim
         self.session = ClientSession(
@@ -59,9 +77,30 @@ class ClientConnection:
             trusted=proxy.is_trusted(listener, ip),
         )
         self.must_close = False
-        self.idle_scope: anyio.CancelScope | None = None  # cancelled by a graceful shutdown
+        self.idle = False  # waiting for the first byte of a request: a shutdown may close it
+        self.scope = anyio.CancelScope()  # cancelled by a passed deadline or a shutdown
+        self.timed_out = ""  # which deadline passed: idle, header, body or send
+        self.read_timer = _Timer(self)
+        self.write_timer = _Timer(self)
+        self.write_timer.kind = "send"
 
     async def run(self) -> None:
+        try:
+            with self.scope:
+                await self._serve()
+            if self.timed_out in ("header", "body"):
+                what = "request head" if self.timed_out == "header" else "request body"
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self._send_error_quietly(
+                        ClientError(f"{what} not received in time", 408)
+                    )
+        finally:
+            self.wheel.discard(self.read_timer)
+            self.wheel.discard(self.write_timer)
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _serve(self) -> None:
         session = self.session
         try:
             while True:
@@ -82,14 +121,12 @@ class ClientConnection:
             pass
         except ClientError as exc:
             await self._send_error_quietly(exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.stream.aclose()
 
     async def _read_head(self) -> RequestHead | None:
         """The next request head; None when the connection should just close."""
         session = self.session
-        deadline = None
+        timer = self.read_timer
+        timer.kind = ""
         while True:
             try:
                 ev = session.next_event()
@@ -97,29 +134,26 @@ class ClientConnection:
                 await self._send_error_quietly(exc)
                 return None
             if type(ev) is RequestHead:
+                self.wheel.clear(timer)
                 return ev
             if ev is CLOSED:
                 return None
             assert ev is NEED_DATA
             if session.head_started:
-                if deadline is None:
-                    deadline = anyio.current_time() + self.limits.header_timeout
-                with anyio.CancelScope(deadline=deadline) as scope:
-                    data = await self._receive()
-                if scope.cancelled_caught:
-                    await self._send_error_quietly(
-                        ClientError("request head not received within header_timeout", 408)
-                    )
-                    return None
+                if timer.kind != "header":  # from the first byte: trickling does not extend it
+                    timer.kind = "header"
+                    self.wheel.start(timer, self.limits.header_timeout)
+                data = await self._receive()
             else:
                 if self.proxy.draining:
                     return None
-                with anyio.move_on_after(self.limits.idle_timeout) as scope:
-                    self.idle_scope = scope
+                timer.kind = "idle"
+                self.wheel.start(timer, self.limits.idle_timeout)
+                self.idle = True
+                try:
                     data = await self._receive()
-                self.idle_scope = None
-                if scope.cancel_called:
-                    return None
+                finally:
+                    self.idle = False
             session.receive_data(data)
 
     async def _receive(self) -> bytes:
@@ -131,41 +165,44 @@ class ClientConnection:
             raise ClientGone from None
 
     async def read_body(self) -> Body | EndOfRequest:
-        """The next piece of the request body.  Raises ClientError (4xx) or ClientGone."""
+        """The next piece of the request body.  Raises ClientError (4xx) or ClientGone;
+        no progress within ``body_timeout`` ends the connection with a 408."""
         session = self.session
         while True:
             ev = session.next_event()
             if ev is NEED_DATA:
-                with anyio.move_on_after(self.limits.body_timeout) as scope:
-                    data = await self._receive()
-                if scope.cancelled_caught:
-                    raise ClientError("request body stalled past body_timeout", 408)
+                timer = self.read_timer
+                timer.kind = "body"
+                self.wheel.start(timer, self.limits.body_timeout)
+                data = await self._receive()
+                self.wheel.clear(timer)
                 session.receive_data(data)
                 continue
             assert type(ev) is Body or type(ev) is EndOfRequest, ev
             return ev
 
     async def send(self, data: bytes) -> None:
-        """Write to the client within ``send_timeout``.  Raises ClientGone."""
+        """Write to the client; one that reads nothing for ``send_timeout`` is dropped.
+        Raises ClientGone."""
+        timer = self.write_timer
+        self.wheel.start(timer, self.limits.send_timeout)
         try:
-            with anyio.fail_after(self.limits.send_timeout):
-                await self.stream.send(data)
-        except TimeoutError:
-            raise ClientGone("client stopped reading") from None
+            await self.stream.send(data)
         except NETWORK_ERRORS:
             raise ClientGone from None
+        finally:
+            self.wheel.clear(timer)
 
     async def send_error(self, exc: ProxyError) -> None:
         """Answer a proxy-generated error with its short reason; close if not clean."""
         if isinstance(exc, ClientError):
             self.must_close = True
         if exc.status_hint >= 500:
+            req = self.session.request
             log.info(
-                "%s %s → %d %s",
-                self.session.request.method.decode() if self.session.request else "-",
-                self.session.request.target.decode("latin-1")[:200]
-                if self.session.request
-                else "-",
+                "%s %s -> %d %s",
+                req.method.decode() if req else "-",
+                req.target.decode("latin-1")[:200] if req else "-",
                 exc.status_hint,
                 exc.reason,
             )

@@ -16,15 +16,15 @@ while it fits ``replay_buffer``.  Any other failure is a 502/504 and never a sil
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
-import h11
 
 from ..config import RouteConfig
 from ..core.backend_h2 import StreamState
-from ..core.frontend_h11 import Body, RequestHead
+from ..core.frontend_h11 import Body, RequestHead, ResponseFramingError
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
 from ..errors import BackendError, BackendTimeout, ClientError, ProxyError
 from .backend import BackendConnection, Signal
@@ -87,6 +87,16 @@ class Exchange:
         self.pool = pool
         self.cfg = pool.cfg
         self.failure: BaseException | None = None  # set by the upload task
+        # A timer-wheel entry (see timers.py): request_timeout, then the body-stall timeout.
+        self.deadline = math.inf
+        self.timer_bucket: int | None = None
+        self.expired = False
+        self._news: Signal | None = None
+
+    def on_deadline(self) -> None:
+        self.expired = True
+        if self._news is not None:
+            self._news.set()
 
     async def run(self) -> None:
         """Relay the request and its response.  Errors become responses; a failure after the
@@ -114,11 +124,15 @@ class Exchange:
             client.must_close = True
         except ProxyError as exc:
             await client.send_error(exc)
+        finally:
+            client.wheel.discard(self)
 
     async def _attempt(
         self, conn: BackendConnection, st: StreamState, body: BodySource | None
     ) -> None:
         news = Signal()
+        self._news = news
+        self.expired = False
         conn.news[st.stream_id] = news
         try:
             if body is None:
@@ -174,9 +188,13 @@ class Exchange:
     async def _download(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
         client = self.client
         session = client.session
-        with anyio.move_on_after(self.cfg.request_timeout) as scope:
-            while st.headers is None and st.reset_code is None and self.failure is None:
-                await news.wait()
+        wheel = client.wheel
+        wheel.start(self, self.cfg.request_timeout)
+        while st.headers is None and st.reset_code is None and not self.failure:
+            if self.expired:
+                break
+            await news.wait()
+        wheel.clear(self)
         if self.failure is not None:
             raise self.failure
         if st.headers is None:
@@ -184,7 +202,6 @@ class Exchange:
                 if st.refused:
                     raise _Replay
                 raise BackendError(st.error or "backend failed the stream")
-            assert scope.cancelled_caught
             raise BackendTimeout("backend did not answer within request_timeout")
         status, headers = response_from_h2(st.headers)
         is_head = self.head.method == b"HEAD"
@@ -193,7 +210,7 @@ class Exchange:
         )
         try:
             out = [session.response_head(status, headers)]
-        except h11.LocalProtocolError as exc:
+        except ResponseFramingError as exc:
             raise BackendError(f"backend response cannot be relayed: {exc}") from None
         sid = st.stream_id
         core = conn.core
@@ -211,7 +228,7 @@ class Exchange:
                 if finished:
                     trailers = trailers_from_h2(st.trailers) if st.trailers and chunked_ok else None
                     out.append(session.response_end(trailers))
-            except h11.LocalProtocolError:
+            except ResponseFramingError:
                 # Body longer or shorter than its Content-Length: never relay it as complete.
                 await self._send(out)
                 client.must_close = True
@@ -226,12 +243,13 @@ class Exchange:
             if st.reset_code is not None or self.failure is not None:
                 client.must_close = True  # truncated: the client must not see a clean end
                 return
-            with anyio.move_on_after(self.cfg.request_timeout) as stall:
-                while not chunks and not st.ended and st.reset_code is None and self.failure is None:
-                    await news.wait()
-            if stall.cancelled_caught:
-                client.must_close = True
-                return
+            wheel.start(self, self.cfg.request_timeout)  # a body stalled this long is dropped
+            while not chunks and not st.ended and st.reset_code is None and not self.failure:
+                if self.expired:
+                    client.must_close = True
+                    return
+                await news.wait()
+            wheel.clear(self)
 
     async def _send(self, parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) != 1 else parts[0]

@@ -25,6 +25,7 @@ from ..router import Router
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .pool import ClusterPool, PoolStatistics
+from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy")
 
@@ -48,6 +49,8 @@ class Proxy:
             lst.name: tuple(n.net for n in lst.trusted_proxies) for lst in config.listeners
         }
         self.refused_connections = 0
+        self.wheel = TimerWheel()
+        self.internal_errors = 0
 
     def is_trusted(self, listener: ListenerConfig, ip: str) -> bool:
         nets = self._trusted.get(listener.name)
@@ -68,8 +71,8 @@ class Proxy:
             log.info("shutting down: draining %d client connections", len(self.clients))
             self.draining = True
             for c in self.clients:
-                if c.idle_scope is not None:
-                    c.idle_scope.cancel()
+                if c.idle:
+                    c.scope.cancel()
             self._stop.set()
 
     async def serve(
@@ -79,6 +82,8 @@ class Proxy:
         reuse_port: bool = False,
     ) -> None:
         async with anyio.create_task_group() as pools_tg:
+            self.wheel.tick(anyio.current_time())
+            pools_tg.start_soon(self.wheel.run)
             for pool in self.pools.values():
                 await pools_tg.start(pool.run)
             bound: dict[str, Address] = {}
@@ -117,7 +122,7 @@ class Proxy:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
             ctx.set_alpn_protocols(["http/1.1"])
-            listener = TLSListener(
+            listener = _QuietTLSListener(
                 tcp, ctx, standard_compatible=False, handshake_timeout=lc.limits.header_timeout
             )
         return listener, Address(host, port)
@@ -150,9 +155,24 @@ class Proxy:
             self.clients.add(client)
             try:
                 await client.run()
+            except Exception as exc:  # a bug must cost one connection, never the proxy
+                log.error("client %s: internal error: %r", peer, exc, exc_info=log.isEnabledFor(10))
+                self.internal_errors += 1
             finally:
                 self.clients.discard(client)
                 if self.draining and not self.clients:
                     self._no_clients.set()
 
         return handle
+
+
+class _QuietTLSListener(TLSListener):
+    """A failed client handshake is the client's problem: one debug line, no traceback."""
+
+    @staticmethod
+    async def handle_handshake_error(exc: BaseException, stream: anyio.abc.AnyByteStream) -> None:
+        log.debug("TLS handshake failed: %r", exc)
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+        if not isinstance(exc, Exception):
+            raise exc

@@ -1,0 +1,550 @@
+"""H2Backend: the pooled HTTP/2 client core, driven against a real h2 server in memory."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+from hyperframe.frame import (
+    Frame,
+    GoAwayFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from muxproxy.core.backend_h2 import H2Backend, StreamState, Update
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+CANCEL = h2.errors.ErrorCodes.CANCEL
+REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+S = h2.settings.SettingCodes
+Header = tuple[bytes, bytes]
+
+REQ: list[Header] = [
+    (b":method", b"GET"),
+    (b":scheme", b"http"),
+    (b":authority", b"app.test"),
+    (b":path", b"/x?y=1"),
+    (b"accept", b"*/*"),
+    (b"x-forwarded-for", b"192.0.2.1"),
+]
+POST: list[Header] = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":authority", b"app.test"),
+    (b":path", b"/upload"),
+]
+OK: list[Header] = [(b":status", b"200"), (b"content-type", b"text/plain")]
+
+
+def frames(data: bytes) -> list[Frame]:
+    """Split raw HTTP/2 bytes (the client preface removed) into hyperframe frames."""
+    data = data.removeprefix(PREFACE)
+    out = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        out.append(frame)
+        data = data[9 + length :]
+    return out
+
+
+def window_updates(data: bytes) -> dict[int, int]:
+    """stream id → total WINDOW_UPDATE increment in ``data``."""
+    out: dict[int, int] = {}
+    for f in frames(data):
+        if isinstance(f, WindowUpdateFrame):
+            out[f.stream_id] = out.get(f.stream_id, 0) + f.window_increment
+    return out
+
+
+class Pair:
+    """Our core and a real h2 server, bytes passed back and forth by hand."""
+
+    def __init__(
+        self,
+        *,
+        window: int = 65535,
+        max_streams: int = 100,
+        server_streams: int | None = None,
+        handshake: bool = True,
+    ) -> None:
+        self.core = H2Backend(stream_window=window, max_streams=max_streams)
+        self.server = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        if server_streams is not None:
+            self.server.local_settings = h2.settings.Settings(
+                client=False, initial_values={S.MAX_CONCURRENT_STREAMS: server_streams}
+            )
+        self.server.initiate_connection()
+        self.core.initiate()
+        if handshake:
+            self.to_server()
+            self.to_core()
+            self.to_server()
+
+    def to_server(self) -> list[h2.events.Event]:
+        data = self.core.data_to_send()
+        return self.server.receive_data(data) if data else []
+
+    def to_core(self, extra: bytes = b"") -> Update:
+        data = self.server.data_to_send() + extra
+        return self.core.receive_data(data) if data else Update()
+
+    def open(self, headers: list[Header] = REQ, end_stream: bool = True) -> StreamState:
+        st = self.core.open_stream(headers, end_stream=end_stream)
+        self.to_server()
+        return st
+
+    def respond(self, sid: int, body: bytes = b"", end: bool = True) -> Update:
+        self.server.send_headers(sid, OK)
+        if body:
+            self.server.send_data(sid, body)
+        if end:
+            self.server.end_stream(sid)
+        return self.to_core()
+
+
+def body_of(st: StreamState) -> bytes:
+    return b"".join(data for data, _ in st.chunks)
+
+
+# --- connection set-up -------------------------------------------------------------------------
+
+
+def test_initiate_sends_preface_settings_and_connection_window() -> None:
+    core = H2Backend(stream_window=100_000, max_streams=8)
+    core.initiate()
+    data = core.data_to_send()
+    assert data.startswith(PREFACE)
+    settings_frame, update = frames(data)
+    assert isinstance(settings_frame, SettingsFrame)
+    assert settings_frame.settings[S.ENABLE_PUSH] == 0
+    assert settings_frame.settings[S.INITIAL_WINDOW_SIZE] == 100_000
+    assert isinstance(update, WindowUpdateFrame) and update.stream_id == 0
+    assert 65535 + update.window_increment == 8 * 100_000
+    # and a real server sees exactly that window
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(data)
+    assert server.outbound_flow_control_window == 8 * 100_000
+    assert server.remote_settings.initial_window_size == 100_000
+    assert server.remote_settings.enable_push == 0
+
+
+def test_connection_window_is_capped_at_the_protocol_maximum() -> None:
+    core = H2Backend(stream_window=2**20, max_streams=10_000)
+    core.initiate()
+    (update,) = [f for f in frames(core.data_to_send()) if isinstance(f, WindowUpdateFrame)]
+    assert 65535 + update.window_increment == 2**31 - 1
+
+
+def test_small_pool_keeps_the_default_connection_window() -> None:
+    core = H2Backend(stream_window=16384, max_streams=2)
+    core.initiate()
+    assert not [f for f in frames(core.data_to_send()) if isinstance(f, WindowUpdateFrame)]
+
+
+def test_settings_received() -> None:
+    p = Pair(handshake=False)
+    assert not p.core.settings_received
+    assert p.core.free_streams() == 0  # nothing is opened before the backend's SETTINGS
+    p.to_server()
+    up = p.to_core()
+    assert p.core.settings_received
+    assert up.capacity_changed and not up.closed
+    assert p.core.free_streams() == 100
+
+
+def test_ping() -> None:
+    p = Pair()
+    p.core.ping(b"12345678")
+    (ev,) = p.to_server()
+    assert isinstance(ev, h2.events.PingReceived) and ev.ping_data == b"12345678"
+    assert p.to_core().ping_acked
+
+
+# --- stream capacity ---------------------------------------------------------------------------
+
+
+def test_free_streams_honours_max_concurrent_streams() -> None:
+    p = Pair(server_streams=3)
+    assert p.core.free_streams() == 3
+    streams = [p.open() for _ in range(3)]
+    assert p.core.free_streams() == 0
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        p.core.open_stream(REQ, end_stream=True)
+    up = p.respond(streams[1].stream_id, b"done")
+    assert up.capacity_changed
+    assert p.core.free_streams() == 1
+    assert set(p.core.streams) == {streams[0].stream_id, streams[2].stream_id}
+
+
+def test_our_own_cap_below_the_backends() -> None:
+    p = Pair(max_streams=2, server_streams=50)
+    assert p.core.free_streams() == 2
+    p.open()
+    p.open()
+    assert p.core.free_streams() == 0
+
+
+def test_free_streams_far_from_and_near_the_limit() -> None:
+    p = Pair(max_streams=40)
+    for _ in range(20):
+        p.open()
+    assert p.core.free_streams() == 20
+    for _ in range(17):
+        p.open()
+    assert p.core.free_streams() == 3
+
+
+def test_backend_lowers_its_limit() -> None:
+    p = Pair(server_streams=10)
+    for _ in range(4):
+        p.open()
+    p.server.update_settings({S.MAX_CONCURRENT_STREAMS: 2})
+    up = p.to_core()
+    assert up.capacity_changed
+    assert p.core.free_streams() == 0
+
+
+# --- requests and responses --------------------------------------------------------------------
+
+
+def test_open_stream_sends_our_headers() -> None:
+    p = Pair()
+    st = p.core.open_stream(REQ, end_stream=True)
+    assert st.stream_id == 1
+    received, ended = p.to_server()
+    assert isinstance(received, h2.events.RequestReceived)
+    assert received.stream_id == 1
+    assert [(bytes(n), bytes(v)) for n, v in received.headers] == REQ
+    assert isinstance(ended, h2.events.StreamEnded)
+
+
+def test_request_body() -> None:
+    p = Pair()
+    st = p.open(POST, end_stream=False)
+    assert p.core.send_window(st.stream_id) == 16384  # backend window 65535, frame size 16384
+    p.core.send_data(st.stream_id, b"hello ")
+    p.core.end_stream(st.stream_id, [(b"x-checksum", b"1")])
+    events = p.to_server()
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert b"".join(e.data for e in data) == b"hello "
+    trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+    assert [(bytes(n), bytes(v)) for n, v in trailers[0].headers] == [(b"x-checksum", b"1")]
+    assert isinstance(events[-1], h2.events.StreamEnded)
+
+
+def test_response_lands_in_stream_state() -> None:
+    p = Pair()
+    st = p.open()
+    sid = st.stream_id
+    p.server.send_headers(sid, OK)
+    up = p.to_core()
+    assert up.streams == [st]
+    assert st.headers == OK and not st.ended
+    p.server.send_data(sid, b"hello ")
+    p.server.send_data(sid, b"world", end_stream=True)
+    up = p.to_core()
+    assert st in up.streams and up.capacity_changed
+    assert body_of(st) == b"hello world"
+    assert sum(n for _, n in st.chunks) == 11
+    assert st.ended and st.reset_code is None and st.error is None
+    assert sid not in p.core.streams  # h2 closed it: no longer counted
+
+
+def test_response_trailers() -> None:
+    p = Pair()
+    st = p.open()
+    p.server.send_headers(st.stream_id, OK)
+    p.server.send_data(st.stream_id, b"x")
+    p.server.send_headers(st.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    p.to_core()
+    assert st.trailers == [(b"grpc-status", b"0")]
+    assert st.ended
+
+
+def test_informational_response_is_not_the_head() -> None:
+    p = Pair()
+    st = p.open(POST, end_stream=False)
+    p.server.send_headers(st.stream_id, [(b":status", b"100")])
+    p.to_core()
+    assert st.headers is None
+    p.server.send_headers(st.stream_id, OK)
+    p.to_core()
+    assert st.headers == OK
+
+
+# --- flow control: credit, not buffering --------------------------------------------------------
+
+W = 20_000
+
+
+def fill(p: Pair, sid: int, n: int) -> None:
+    """The server sends n bytes on sid, in frames as large as it may."""
+    while n:
+        chunk = min(n, p.server.max_outbound_frame_size)
+        p.server.send_data(sid, b"x" * chunk)
+        n -= chunk
+
+
+def test_backend_cannot_send_more_than_the_stream_window_until_consumed() -> None:
+    p = Pair(window=W, max_streams=4)
+    st = p.open()
+    sid = st.stream_id
+    p.server.send_headers(sid, OK)
+    assert p.server.local_flow_control_window(sid) == W
+    fill(p, sid, W)
+    assert p.server.local_flow_control_window(sid) == 0
+    with pytest.raises(h2.exceptions.FlowControlError):
+        p.server.send_data(sid, b"!")
+    p.to_core()
+    assert sum(n for _, n in st.chunks) == W
+    # nothing is acknowledged by receiving alone
+    assert window_updates(p.core.data_to_send()).get(sid) is None
+    p.core.consumed(sid, W)
+    assert window_updates(p.core.data_to_send()).get(sid) == W
+
+
+def test_consumed_sends_window_update() -> None:
+    p = Pair(window=W, max_streams=4)
+    st = p.open()
+    sid = st.stream_id
+    p.server.send_headers(sid, OK)
+    fill(p, sid, W)
+    p.to_core()
+    assert not p.core.data_to_send()
+    half = W // 2
+    p.core.consumed(sid, half)
+    events = p.to_server()
+    opened = [e for e in events if isinstance(e, h2.events.WindowUpdated) and e.stream_id == sid]
+    assert sum(e.delta for e in opened) == half
+    assert p.server.local_flow_control_window(sid) == half
+    p.core.consumed(sid, W - half)
+    p.to_server()
+    assert p.server.local_flow_control_window(sid) == W
+    fill(p, sid, W)  # and the backend may send a full window again
+
+
+def test_one_full_stream_does_not_block_the_others() -> None:
+    p = Pair(window=W, max_streams=4)
+    a, b = p.open(), p.open()
+    p.server.send_headers(a.stream_id, OK)
+    p.server.send_headers(b.stream_id, OK)
+    fill(p, a.stream_id, W)  # a's client reads nothing
+    assert p.server.local_flow_control_window(b.stream_id) == W
+    fill(p, b.stream_id, W)
+    p.to_core()
+    assert sum(n for _, n in a.chunks) == sum(n for _, n in b.chunks) == W
+
+
+def test_reset_stream_cancels_and_returns_credit() -> None:
+    p = Pair(window=16384, max_streams=2)  # connection window 2 × 16384
+    st = p.open()
+    sid = st.stream_id
+    p.server.send_headers(sid, OK)
+    fill(p, sid, 16384)
+    assert p.server.outbound_flow_control_window == 16384
+    p.to_core()
+    assert not p.core.data_to_send()  # unconsumed: no credit back yet
+    p.core.reset_stream(sid)
+    out = p.core.data_to_send()
+    rst = [f for f in frames(out) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in rst] == [(sid, CANCEL)]
+    assert window_updates(out) == {0: 16384}
+    events = p.server.receive_data(out)
+    assert any(isinstance(e, h2.events.StreamReset) and e.error_code == CANCEL for e in events)
+    assert p.server.outbound_flow_control_window == 2 * 16384
+    assert sid not in p.core.streams
+    assert p.core.free_streams() == 2
+
+
+def test_discard_returns_credit_of_an_ended_stream() -> None:
+    p = Pair(window=16384, max_streams=2)
+    st = p.open()
+    p.server.send_headers(st.stream_id, OK)
+    fill(p, st.stream_id, 16384)
+    p.server.end_stream(st.stream_id)
+    p.to_core()
+    assert st.ended
+    p.core.discard(st)
+    assert not st.chunks
+    p.to_server()
+    assert p.server.outbound_flow_control_window == 2 * 16384
+
+
+# --- GOAWAY, refused streams, dead connections ---------------------------------------------------
+
+
+def goaway(last_stream_id: int, error_code: int = 0) -> bytes:
+    # Built by hand: h2's own close_connection() would stop the server from finishing the
+    # streams it promised, which is exactly what a graceful backend does.
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code).serialize()
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "same-read"])
+def test_goaway_drains_gracefully(together: bool) -> None:
+    p = Pair(window=W, max_streams=10)
+    s1 = p.open(POST, end_stream=False)  # still sending its body
+    s3, s5, s7 = p.open(), p.open(), p.open()
+    assert [s.stream_id for s in (s1, s3, s5, s7)] == [1, 3, 5, 7]
+    if together:
+        p.server.send_headers(3, OK)
+        p.server.send_data(3, b"three", end_stream=True)
+        up = p.core.receive_data(goaway(3) + p.server.data_to_send())
+    else:
+        up = p.core.receive_data(goaway(3))
+    assert up.goaway and not up.closed
+    assert p.core.goaway_last_stream_id == 3
+    for st in (s5, s7):
+        assert st in up.streams
+        assert st.refused and st.reset_code == REFUSED and st.error
+    assert s1.reset_code is None and s3.reset_code is None
+    assert p.core.draining and p.core.free_streams() == 0
+    assert set(p.core.streams) == {1, 3} - ({3} if together else set())
+    # streams ≤ last_stream_id go on: the request body is still sent ...
+    p.core.send_data(1, b"body", end_stream=True)
+    events = p.to_server()
+    assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [b"body"]
+    # ... and the responses still arrive, with flow control working
+    p.server.send_headers(1, OK)
+    fill(p, 1, W)
+    p.server.end_stream(1)
+    if not together:
+        p.server.send_headers(3, OK)
+        p.server.send_data(3, b"three", end_stream=True)
+    up = p.to_core()
+    assert not up.closed and not p.core.closed
+    assert s1.ended and sum(n for _, n in s1.chunks) == W
+    assert s3.ended and body_of(s3) == b"three"
+    assert s1.headers == s3.headers == OK
+    p.core.consumed(1, W)
+    assert window_updates(p.core.data_to_send()).get(1) == W
+    assert not p.core.streams
+
+
+def test_goaway_with_an_error_closes_everything() -> None:
+    p = Pair()
+    s1, s3 = p.open(), p.open()
+    up = p.core.receive_data(goaway(1, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM))
+    assert up.goaway and up.closed and p.core.closed
+    assert s3.refused and s3.reset_code == REFUSED
+    assert s1.reset_code is not None and not s1.refused and s1.error
+    assert s1 in up.streams and s3 in up.streams
+    assert p.core.free_streams() == 0
+
+
+def test_refused_stream_before_the_head_is_replayable() -> None:
+    p = Pair()
+    st = p.open()
+    p.server.reset_stream(st.stream_id, error_code=REFUSED)
+    up = p.to_core()
+    assert st in up.streams and up.capacity_changed
+    assert st.refused and st.reset_code == REFUSED and st.error
+    assert st.stream_id not in p.core.streams
+
+
+def test_refused_stream_after_the_head_is_not_replayable() -> None:
+    p = Pair()
+    st = p.open()
+    p.server.send_headers(st.stream_id, OK)
+    p.server.reset_stream(st.stream_id, error_code=REFUSED)
+    p.to_core()
+    assert not st.refused and st.reset_code == REFUSED
+
+
+def test_other_resets_are_not_replayable() -> None:
+    p = Pair()
+    st = p.open()
+    p.server.reset_stream(st.stream_id, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+    up = p.to_core()
+    assert st in up.streams
+    assert not st.refused and st.reset_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+def assert_all_failed(p: Pair, up: Update, streams: list[StreamState]) -> None:
+    assert up.closed and p.core.closed and up.capacity_changed
+    for st in streams:
+        assert st in up.streams
+        assert st.reset_code is not None and st.error
+    assert not p.core.streams
+    assert p.core.free_streams() == 0
+    assert p.core.receive_data(b"\x00" * 9) == Update()  # dead: nothing more happens
+
+
+def test_protocol_error_closes_and_fails_every_stream() -> None:
+    p = Pair()
+    streams = [p.open(), p.open()]
+    p.server.send_headers(1, OK)
+    p.to_core()
+    garbage = b"\x00\x00\x04\x00\x00\x00\x00\x00\x00junk"  # DATA on stream 0
+    up = p.core.receive_data(garbage)
+    assert_all_failed(p, up, streams)
+    assert "protocol error" in p.core.close_reason
+
+
+def test_http1_reply_instead_of_settings_is_a_protocol_error() -> None:
+    """RFC 9113 §3.4: the server's first frame must be SETTINGS.  A backend that answers h2c
+    with HTTP/1.1 must fail at once (its bytes read as a 4.7 MB frame header otherwise)."""
+    p = Pair(handshake=False)
+    p.to_server()
+    up = p.core.receive_data(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert up.closed and p.core.closed
+
+
+def test_backend_closed_the_connection() -> None:
+    p = Pair()
+    streams = [p.open(), p.open()]
+    up = p.core.receive_data(b"")
+    assert_all_failed(p, up, streams)
+    assert "closed" in p.core.close_reason
+
+
+def test_ended_streams_are_not_failed_by_a_close() -> None:
+    p = Pair()
+    st = p.open()
+    p.respond(st.stream_id, b"ok")
+    p.core.receive_data(b"")
+    assert st.ended and st.reset_code is None
+
+
+def test_close_by_the_proxy() -> None:
+    p = Pair()
+    st = p.open()
+    p.core.close()
+    assert p.core.closed and st.reset_code is not None
+    events = p.to_server()
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+FRAME = st.builds(
+    lambda length, typ, flags, sid, payload: (
+        length.to_bytes(3, "big") + bytes([typ, flags]) + sid.to_bytes(4, "big") + payload
+    ),
+    st.integers(0, 24),
+    st.integers(0, 11),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 3, 5, 2**31 - 1]),
+    st.binary(max_size=24),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(FRAME, min_size=1, max_size=4))
+def test_property_peer_bytes_never_raise(chunks: list[bytes]) -> None:
+    """Peer-caused problems are reported, never raised (DESIGN.md §4)."""
+    p = Pair()
+    streams = [p.open(), p.open(POST, end_stream=False)]
+    up = p.core.receive_data(b"".join(chunks))
+    p.core.data_to_send()
+    if up.closed:
+        assert all(s.reset_code is not None or s.ended for s in streams)
