@@ -1,37 +1,40 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of muxproxy against HAProxy, nginx, Caddy and nghttpx.
 
-Usage (Linux, run from anywhere; root is expected, as for `user root;` in the nginx configs)::
+Usage (Linux, from the repository root; runs as root, like `user root;` in the nginx configs)::
 
     python3 bench/run.py                            # all proxies, 10 s cells, 64 and 512 clients
-    python3 bench/run.py --duration 3               # quick end-to-end check
+    python3 bench/run.py --duration 3               # quick end-to-end check (~2 minutes)
     python3 bench/run.py --only muxproxy,haproxy    # a subset (HAProxy is the ratio baseline)
-    python3 bench/run.py --connections 64,256,512 --paths /small --warmup 2
+    python3 bench/run.py --connections 64,256,512 --paths /small --warmup 2 --keep-tmp
 
-Every proxy in one run sends its traffic to the SAME nginx backend (one worker, h2c with
-prior knowledge, `/small` = 100 B and `/16k` = 16 KiB bodies). For each selected proxy in
-turn the harness renders `bench/conf/<proxy>.tmpl` into a temporary directory, starts the
-proxy with one worker/thread pinned to `--proxy-cpu` (default 0), smoke-tests both paths, and
-for every (path, connections) cell runs a wrk warm-up followed by the measured
-`wrk -t1 -c<N> -d<S>s --latency` pinned to `--load-cpu` (default 1, shared with the backend
-and this script). A proxy that does not start, or fails the smoke test, gets a single
-"failed to start" row and the run goes on.
+All proxies of one run send their traffic to the SAME nginx backend (one worker, h2c with
+prior knowledge, `/small` = 100 B and `/16k` = 16 KiB bodies, pinned to `--load-cpu`). Each
+(proxy, path, connections) cell gets a freshly started proxy: the harness renders
+`bench/conf/<proxy>.tmpl` into a temporary directory, starts the proxy with one worker/thread
+pinned to `--proxy-cpu` (default 0), smoke-tests both paths, runs a wrk warm-up (`--warmup`,
+default 1 s) and then the measured `wrk -t1 -c<N> -d<S>s --latency`, pinned to `--load-cpu`
+(default 1, shared with the backend and this script). A proxy that does not start or fails
+the smoke test gets a single "failed to start" row and the run goes on.
 
 Per cell it reports requests/s, p50/p99 latency, errors (socket errors + responses >= 400, as
 wrk counts them), the proxy's CPU use (utime+stime+cutime+cstime of its whole process tree
 from /proc/<pid>/stat, before vs. after the measured window), requests per proxy CPU-second
-and its ratio to HAProxy's in the same cell, and, sampled every 200 ms, the peak number of
-ESTABLISHED TCP connections to the backend port and the peak RSS of the proxy's tree.
+and its ratio to HAProxy's in the same cell, the peak number of ESTABLISHED TCP connections
+to the backend port and the peak RSS of the proxy's tree (both sampled every 200 ms), and how
+busy the load CPU was (near 100% means the result is bounded by backend + wrk, not the proxy).
+Cells where other processes took a noticeable share of the proxy's CPU are flagged in Note.
 
 Machine facts and a Markdown table go to stdout (progress to stderr); the same Markdown and a
-JSON file are written to bench/results/ (gitignored). All started processes run in their own
-process groups and are killed on exit, failure, Ctrl-C or SIGTERM. Only 127.0.0.1 is used.
+JSON file are written to bench/results/ (gitignored). Every started process runs in its own
+process group and is killed on exit, failure, Ctrl-C or SIGTERM. Only 127.0.0.1 is used, and
+concurrent runs on one machine wait for each other (flock on /tmp/muxproxy-bench.lock).
 
-Proxy set-ups (see bench/README.md): muxproxy `python -m muxproxy run -c <toml> --loop uvloop`
-(ready when it prints a line starting with "ready"); HAProxy `proto h2`, `nbthread 1`; nginx
-HTTP/1.1 keep-alive upstream (nginx 1.22 cannot proxy over HTTP/2, so it uses the backend's
-extra HTTP/1.1 listener); Caddy `transport http { versions h2c }` with GOMAXPROCS=1; nghttpx
-cleartext HTTP/1 frontend, `proto=h2` backend, one worker.
+Proxy set-ups (details in bench/README.md): muxproxy `python -m muxproxy run -c <toml> --loop
+uvloop` (ready once it prints a line starting with "ready"); HAProxy `proto h2`, `nbthread 1`;
+nginx HTTP/1.1 keep-alive upstream (nginx 1.22 cannot proxy over HTTP/2, so it uses a second,
+HTTP/1.1 listener of the same backend); Caddy `transport http { versions h2c }` with
+GOMAXPROCS=1; nghttpx cleartext HTTP/1 frontend, `proto=h2` backend, one worker.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import http.client
 import json
 import os
@@ -64,6 +68,7 @@ REPO_ROOT = BENCH_DIR.parent
 CONF_DIR = BENCH_DIR / "conf"
 RESULTS_DIR = BENCH_DIR / "results"
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
+LOCK_PATH = Path(tempfile.gettempdir()) / "muxproxy-bench.lock"
 
 BODY_SIZES = {"/small": 100, "/16k": 16 * 1024}
 BASELINE = "haproxy"
@@ -72,7 +77,7 @@ SAMPLE_INTERVAL_S = 0.2
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "2s"  # per-request timeout; slower responses count as socket errors
-PORT_RANGE = (20000, 32000)  # below the kernel's ephemeral range, so no clash with clients
+PORT_RANGE = (20000, 32000)  # below the default ephemeral range (32768-60999) used by clients
 NOISE_THRESHOLD = 0.05  # flag cells where other processes used this much of the proxy CPU
 
 
@@ -241,6 +246,16 @@ def sampling(root: int, backend_port: int) -> Iterator[Sampler]:
 # --------------------------------------------------------------------------- processes
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM/SIGHUP until the block is done, so cleanup is not cut short."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Service:
     """A long-running process in its own process group, output (stdout+stderr) to a log file."""
 
@@ -300,14 +315,15 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever is left."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_TIMEOUT_S)
+        with signals_deferred():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -402,6 +418,7 @@ class ProxySpec:
     cwd: Path | None = None
     ready_prefix: str | None = None  # wait for this log line instead of polling the port
     http1_backend: bool = False  # talks HTTP/1.1 to the backend's second listener
+    default: bool = True  # part of a run without --only
 
 
 def muxproxy_version(python: str) -> str:
@@ -495,6 +512,14 @@ def proxy_specs(python: str) -> list[ProxySpec]:
             template="nghttpx.conf.tmpl",
             command=lambda conf, _: ["nghttpx", f"--conf={conf}"],
             version=lambda: command_output(["nghttpx", "--version"]),
+        ),
+        ProxySpec(
+            name="haproxy-reuse",
+            label="HAProxy (http-reuse always)",
+            template="haproxy-reuse.cfg.tmpl",
+            command=lambda conf, _: ["haproxy", "-db", "-f", str(conf)],
+            version=lambda: command_output(["haproxy", "-v"]),
+            default=False,
         ),
     ]
 
@@ -692,26 +717,28 @@ def running_proxy(
         wait_backend_idle(backend)
 
 
-def bench_proxy(spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path) -> list[Row]:
-    """All cells of one proxy; every cell gets a freshly started proxy instance."""
+def bench_proxy(
+    spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path
+) -> Iterator[Row]:
+    """Rows for all cells of one proxy; every cell gets a freshly started proxy instance."""
     proxy_dir = workdir / spec.name
     proxy_dir.mkdir()
-    rows: list[Row] = []
+    first = True
     for path in settings.paths:
         for connections in settings.connections:
             tag = f"{path.strip('/')}-c{connections}"
             try:
                 with running_proxy(spec, backend, settings, proxy_dir, tag) as (proxy, port):
                     log(f"[{spec.name}] {tag}: {settings.warmup} s warm-up, {settings.duration} s")
-                    rows.append(
-                        measure_cell(spec, proxy, port, backend, path, connections, settings)
-                    )
+                    row = measure_cell(spec, proxy, port, backend, path, connections, settings)
             except StartError as exc:
                 note = f"failed to start ({exc})"[:200]
-                if not rows:  # not runnable at all: one row for the whole proxy
-                    return [Row(proxy=spec.name, note=note)]
-                rows.append(Row(proxy=spec.name, path=path, connections=connections, note=note))
-    return rows
+                if first:  # not runnable at all: one row for the whole proxy
+                    yield Row(proxy=spec.name, note=note)
+                    return
+                row = Row(proxy=spec.name, path=path, connections=connections, note=note)
+            first = False
+            yield row
 
 
 def add_ratios(rows: Sequence[Row]) -> None:
@@ -776,7 +803,7 @@ def machine_facts(specs: Sequence[ProxySpec], settings: Settings) -> dict[str, o
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model,
         "kernel": f"{platform.system()} {platform.release()}",
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "loadavg_at_start": loadavg(),
         "python": platform.python_version(),
         "versions": versions,
         "settings": asdict(settings),
@@ -820,7 +847,7 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, specs: Sequence[ProxySpec]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark muxproxy against HAProxy, nginx, Caddy and nghttpx on loopback.",
     )
@@ -830,7 +857,13 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
         "--connections", type=_csv, default=["64", "512"], help="client connections (64,512)"
     )
     parser.add_argument("--paths", type=_csv, default=list(BODY_SIZES), help="/small,/16k")
-    parser.add_argument("--only", type=_csv, default=list(names), help=",".join(names))
+    names = [spec.name for spec in specs]
+    parser.add_argument(
+        "--only",
+        type=_csv,
+        default=[spec.name for spec in specs if spec.default],
+        help=f"proxies to run, among {','.join(names)} (default: all but haproxy-reuse)",
+    )
     parser.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy (0)")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for backend and wrk (1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
@@ -853,9 +886,69 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def exclusive_machine() -> Iterator[None]:
+    """Serialise benchmark runs on this machine: two at once would skew each other."""
+    with LOCK_PATH.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            log(f"waiting for another benchmark run (pid {holder}) to finish ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield  # the lock goes with the file descriptor
+
+
+def loadavg() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
+def run(specs: Sequence[ProxySpec], settings: Settings, keep_tmp: bool) -> int:
+    facts = machine_facts(specs, settings)
+    header = facts_markdown(facts, settings)
+    print(header + "\n", flush=True)
+
+    rows: list[Row] = []
+    status = 0
+    workdir = Path(tempfile.mkdtemp(prefix="muxproxy-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            backend = start_backend(workdir, settings, stack)
+            log(f"[backend] nginx h2c on {backend.h2_port}, HTTP/1.1 on {backend.h1_port}")
+            for spec in specs:
+                for row in bench_proxy(spec, backend, settings, workdir):
+                    rows.append(row)  # one by one: an interrupt keeps the finished cells
+    except KeyboardInterrupt:
+        status = 130
+        log("interrupted; all started processes were stopped")
+    except RuntimeError as exc:  # the backend did not start: nothing to measure
+        log(str(exc))
+        return 1
+    finally:
+        if keep_tmp:
+            log(f"configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    facts["loadavg_at_end"] = loadavg()
+    add_ratios(rows)
+    table = markdown_table(rows, {spec.name: spec.label for spec in specs})
+    table += f"\n\nLoad average at end: {' '.join(loadavg())}."
+    if status:
+        table += " Interrupted: partial results."
+    print(table, flush=True)
+    json_path = write_results(facts, rows, header + "\n\n" + table)
+    log(f"results written to {json_path} (and .md)")
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    all_specs = proxy_specs(sys.executable)
-    args = parse_args(argv, [spec.name for spec in all_specs])
+    args = parse_args(argv, proxy_specs(sys.executable))
     specs = [spec for spec in proxy_specs(args.python) if spec.name in args.only]
     settings = Settings(
         duration=args.duration,
@@ -872,41 +965,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     os.sched_setaffinity(0, {settings.load_cpu})  # keep the harness off the proxy's CPU
-
-    facts = machine_facts(specs, settings)
-    header = facts_markdown(facts, settings)
-    print(header + "\n", flush=True)
-
-    rows: list[Row] = []
-    interrupted = False
-    workdir = Path(tempfile.mkdtemp(prefix="muxproxy-bench-"))
     try:
-        with contextlib.ExitStack() as stack:
-            backend = start_backend(workdir, settings, stack)
-            log(f"[backend] nginx h2c on {backend.h2_port}, HTTP/1.1 on {backend.h1_port}")
-            for spec in specs:
-                rows.extend(bench_proxy(spec, backend, settings, workdir))
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted; all started processes were stopped")
-    except RuntimeError as exc:  # the backend did not start: nothing to measure
-        log(str(exc))
-        return 1
-    finally:
-        if args.keep_tmp:
-            log(f"configs and logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    add_ratios(rows)
-    labels = {spec.name: spec.label for spec in specs}
-    table = markdown_table(rows, labels)
-    if interrupted:
-        table += "\n\n(interrupted: partial results)"
-    print(table, flush=True)
-    json_path = write_results(facts, rows, header + "\n\n" + table)
-    log(f"results written to {json_path} (and .md)")
-    return 130 if interrupted else 0
+        with exclusive_machine():
+            return run(specs, settings, args.keep_tmp)
+    except KeyboardInterrupt:  # while waiting for the lock
+        return 130
 
 
 if __name__ == "__main__":
