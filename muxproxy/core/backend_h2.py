@@ -154,6 +154,7 @@ class H2Backend:
         self.closed = False
         self.close_reason = ""
         self._out = bytearray()  # bytes h2 queued before a GOAWAY (h2 would discard them)
+        self._first_frame_checked = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -273,6 +274,13 @@ class H2Backend:
         if not data:
             self._terminate("backend closed the connection", up)
             return up
+        if not self.settings_received and not self._first_frame_checked:
+            # RFC 9113 §3.4: the server's first frame is SETTINGS.  An HTTP/1.1 server
+            # answering our preface would otherwise look like a huge frame header to h2.
+            if len(data) >= 4 and data[3] != 0x4:
+                self._terminate("backend did not answer with HTTP/2 SETTINGS", up)
+                return up
+            self._first_frame_checked = len(data) >= 4
         pending = self.h2.data_to_send()
         if pending:
             self._out += pending

@@ -83,21 +83,7 @@ Event = RequestHead | Body | EndOfRequest | _Sentinel
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
 _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
-_FRAMING_TRAILERS = frozenset(
-    {
-        b"content-length",
-        b"transfer-encoding",
-        b"host",
-        b"content-type",
-        b"connection",
-        b"te",
-        b"trailer",
-        b"expect",
-        b"upgrade",
-        b"authorization",
-        b"cookie",
-    }
-)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
 
 
 def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
@@ -124,6 +110,10 @@ def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
         raise ClientError("request target too long", 414)
     if raw.count(b"\r\n") - 2 > limits.max_headers:
         raise ClientError("too many header fields", 431)
+    lengths = _CONTENT_LENGTH.findall(raw)
+    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
+        # h11 merges identical copies; a proxy must not guess (RFC 9112 §6.3, smuggling).
+        raise ClientError("duplicate Content-Length")
 
 
 def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
@@ -181,10 +171,8 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         if target[:1] != b"/":
             target = b"/" + target
     tokens = {t.strip() for t in connection.split(b",")}
-    if req.http_version == b"1.1":
-        keep_alive = b"close" not in tokens
-    else:
-        keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+    # HTTP/1.0 connections are closed after one exchange (h11 does not keep them alive).
+    keep_alive = req.http_version == b"1.1" and b"close" not in tokens
     return RequestHead(
         method=method,
         target=target,
@@ -262,8 +250,9 @@ class ClientSession:
                 raise ClientError("request body too large", 413)
             return Body(ev.data)
         if type(ev) is h11.EndOfMessage:
-            trailers = [(n, v) for n, v in ev.headers if n not in _FRAMING_TRAILERS]
-            return EndOfRequest(trailers)
+            # Request trailers are dropped, as nginx does: h11 has already unfolded and
+            # accepted bytes (bare LF, obs-fold) that a head would be refused for.
+            return EndOfRequest([])
         if ev is h11.NEED_DATA or ev is h11.PAUSED:
             return NEED_DATA
         if type(ev) is h11.ConnectionClosed:

@@ -9,12 +9,14 @@ and every request it processed.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSListener
 import h2.config
 import h2.connection
 import h2.errors
@@ -320,10 +322,16 @@ class H2Origin:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+        """Serve h2c, or TLS h2 when given an ``ssl_context`` (ALPN is set to h2 here)."""
+        tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
+        listener: anyio.abc.Listener[Any] = tcp
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["h2"])
+            listener = TLSListener(tcp, ssl_context, standard_compatible=False)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started(bound)

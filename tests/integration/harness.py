@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -21,7 +23,7 @@ def config_text(backends: list[str], listener: dict[str, Any] | None = None,
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return f'"{v}"'
+            return v if v.startswith("{") else f'"{v}"'  # inline tables pass through
         return str(v)
 
     limits = "".join(f"{k} = {fmt(v)}\n" for k, v in (listener or {}).items())
@@ -85,11 +87,15 @@ async def running(
     cluster: dict[str, Any] | None = None,
     origin: dict[str, Any] | None = None,
     backends: list[str] | None = None,
+    origin_tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Harness]:
     o = H2Origin(handler, **(origin or {}))
     async with anyio.create_task_group() as tg:
-        port = await tg.start(o.serve)
-        cfg = loads(config_text(backends or [f"127.0.0.1:{port}"], listener, cluster))
+        port = await tg.start(partial(o.serve, ssl_context=origin_tls))
+        text = config_text(backends or [f"127.0.0.1:{port}"], listener, cluster)
+        if origin_tls is not None:
+            text = text.replace('protocol = "h2c"', 'protocol = "h2"')
+        cfg = loads(text)
         proxy = Proxy(cfg)
         bound = await tg.start(proxy.serve)
         try:

@@ -348,38 +348,56 @@ def test_one_full_stream_does_not_block_the_others() -> None:
 
 
 def test_reset_stream_cancels_and_returns_credit() -> None:
-    p = Pair(window=16384, max_streams=2)  # connection window 2 × 16384
-    st = p.open()
-    sid = st.stream_id
-    p.server.send_headers(sid, OK)
-    fill(p, sid, 16384)
-    assert p.server.outbound_flow_control_window == 16384
+    # Two streams whose clients read nothing use up the whole connection window (2 × W).
+    p = Pair(window=32768, max_streams=2)
+    a, b = p.open(), p.open()
+    for stream in (a, b):
+        p.server.send_headers(stream.stream_id, OK)
+        fill(p, stream.stream_id, 32768)
+    assert p.server.outbound_flow_control_window == 0
     p.to_core()
     assert not p.core.data_to_send()  # unconsumed: no credit back yet
-    p.core.reset_stream(sid)
+    p.core.reset_stream(a.stream_id)
     out = p.core.data_to_send()
     rst = [f for f in frames(out) if isinstance(f, RstStreamFrame)]
-    assert [(f.stream_id, f.error_code) for f in rst] == [(sid, CANCEL)]
-    assert window_updates(out) == {0: 16384}
+    assert [(f.stream_id, f.error_code) for f in rst] == [(a.stream_id, CANCEL)]
+    assert window_updates(out) == {0: 32768}
     events = p.server.receive_data(out)
     assert any(isinstance(e, h2.events.StreamReset) and e.error_code == CANCEL for e in events)
-    assert p.server.outbound_flow_control_window == 2 * 16384
-    assert sid not in p.core.streams
-    assert p.core.free_streams() == 2
+    assert p.server.outbound_flow_control_window == 32768
+    assert a.stream_id not in p.core.streams and not a.chunks
+    assert p.core.free_streams() == 1
+    # the returned credit carries a new stream's full window
+    c = p.open()
+    p.server.send_headers(c.stream_id, OK)
+    fill(p, c.stream_id, 32768)
+    p.to_core()
+    assert sum(n for _, n in c.chunks) == 32768
+
+
+def test_reset_of_an_unknown_stream_is_harmless() -> None:
+    p = Pair()
+    st = p.open()
+    p.respond(st.stream_id)
+    p.core.reset_stream(st.stream_id)  # already closed on both sides
+    p.core.reset_stream(99)
+    p.to_server()
+    assert not p.core.closed
 
 
 def test_discard_returns_credit_of_an_ended_stream() -> None:
-    p = Pair(window=16384, max_streams=2)
-    st = p.open()
-    p.server.send_headers(st.stream_id, OK)
-    fill(p, st.stream_id, 16384)
-    p.server.end_stream(st.stream_id)
+    p = Pair(window=32768, max_streams=2)
+    a, b = p.open(), p.open()
+    for stream in (a, b):
+        p.server.send_headers(stream.stream_id, OK)
+        fill(p, stream.stream_id, 32768)
+    p.server.end_stream(a.stream_id)
     p.to_core()
-    assert st.ended
-    p.core.discard(st)
-    assert not st.chunks
+    assert a.ended and p.server.outbound_flow_control_window == 0
+    p.core.discard(a)  # its client went away with the body unread
+    assert not a.chunks
     p.to_server()
-    assert p.server.outbound_flow_control_window == 2 * 16384
+    assert p.server.outbound_flow_control_window == 32768
 
 
 # --- GOAWAY, refused streams, dead connections ---------------------------------------------------
@@ -405,9 +423,9 @@ def test_goaway_drains_gracefully(together: bool) -> None:
         up = p.core.receive_data(goaway(3))
     assert up.goaway and not up.closed
     assert p.core.goaway_last_stream_id == 3
-    for st in (s5, s7):
-        assert st in up.streams
-        assert st.refused and st.reset_code == REFUSED and st.error
+    for refused in (s5, s7):
+        assert refused in up.streams
+        assert refused.refused and refused.reset_code == REFUSED and refused.error
     assert s1.reset_code is None and s3.reset_code is None
     assert p.core.draining and p.core.free_streams() == 0
     assert set(p.core.streams) == {1, 3} - ({3} if together else set())
@@ -418,17 +436,20 @@ def test_goaway_drains_gracefully(together: bool) -> None:
     # ... and the responses still arrive, with flow control working
     p.server.send_headers(1, OK)
     fill(p, 1, W)
-    p.server.end_stream(1)
     if not together:
         p.server.send_headers(3, OK)
         p.server.send_data(3, b"three", end_stream=True)
     up = p.to_core()
     assert not up.closed and not p.core.closed
-    assert s1.ended and sum(n for _, n in s1.chunks) == W
+    assert sum(n for _, n in s1.chunks) == W
     assert s3.ended and body_of(s3) == b"three"
-    assert s1.headers == s3.headers == OK
     p.core.consumed(1, W)
-    assert window_updates(p.core.data_to_send()).get(1) == W
+    p.to_server()
+    assert p.server.local_flow_control_window(1) == W
+    p.server.send_data(1, b"end", end_stream=True)
+    up = p.to_core()
+    assert not up.closed and s1.ended
+    assert s1.headers == s3.headers == OK
     assert not p.core.streams
 
 
@@ -473,9 +494,9 @@ def test_other_resets_are_not_replayable() -> None:
 
 def assert_all_failed(p: Pair, up: Update, streams: list[StreamState]) -> None:
     assert up.closed and p.core.closed and up.capacity_changed
-    for st in streams:
-        assert st in up.streams
-        assert st.reset_code is not None and st.error
+    for stream in streams:
+        assert stream in up.streams
+        assert stream.reset_code is not None and stream.error
     assert not p.core.streams
     assert p.core.free_streams() == 0
     assert p.core.receive_data(b"\x00" * 9) == Update()  # dead: nothing more happens

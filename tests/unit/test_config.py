@@ -196,7 +196,7 @@ def test_addresses(text: str, host: str, port: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["127.0.0.1", "::1:80", "[::1]", "[zz::1]:80", "[1.2.3.4]:80", "host:65536", "h st:80", ":80", 80],
+    ["127.0.0.1", "::1:80", "[::1]", "[zz::1]:80", "[1.2.3.4]:80", "a:65536", "h st:80", ":80", 80],
 )
 def test_bad_addresses(text: object) -> None:
     with pytest.raises(ValueError):
@@ -233,7 +233,7 @@ BAD_CONFIGS = [
         id="port-range",
     ),
     pytest.param(
-        MINIMAL.replace("[[clusters]]", "[listeners.limits]\nmax_body = \"1GB\"\n\n[[clusters]]"),
+        MINIMAL.replace("[[clusters]]", '[listeners.limits]\nmax_body = "1GB"\n\n[[clusters]]'),
         "listeners[0].limits.max_body: bad size '1GB'",
         id="bad-size",
     ),
@@ -310,9 +310,7 @@ BAD_CONFIGS = [
     ),
     pytest.param("[[listeners]\n", "TOML syntax error", id="toml-syntax"),
     pytest.param(MINIMAL + "bogus = 1\n", "routes[0].bogus: unknown key", id="trailing-key"),
-    pytest.param(
-        "bogus = 1\n" + MINIMAL, "bogus: unknown key", id="unknown-top-level"
-    ),
+    pytest.param("bogus = 1\n" + MINIMAL, "bogus: unknown key", id="unknown-top-level"),
 ]
 
 

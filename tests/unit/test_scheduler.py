@@ -32,7 +32,9 @@ FULL = V(0, 10)
         ([[FULL, FULL], [FULL]], None),
     ],
 )
-def test_least_streams(backends: Sequence[Sequence[ConnView]], choice: tuple[int, int] | None) -> None:
+def test_least_streams(
+    backends: Sequence[Sequence[ConnView]], choice: tuple[int, int] | None
+) -> None:
     s = Scheduler("least_streams")
     assert s.pick(backends) == choice
     assert s.pick(backends) == choice  # no hidden state

@@ -1,0 +1,105 @@
+"""TLS h2 to the backend (certificate verified), and the CLI's run/SIGTERM contract."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import trustme
+
+from muxproxy.io.h1client import H1Client
+from muxproxy.io.h2server import H2Origin
+
+from .harness import running
+from .origin import Script
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
+
+
+def server_context(authority: trustme.CA, name: str) -> ssl.SSLContext:  # noqa: F821
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert(name).configure_cert(ctx)
+    return ctx
+
+
+async def test_tls_h2_backend_with_verified_certificate(ca: tuple[trustme.CA, Path]) -> None:
+    authority, ca_path = ca
+    tls = f'{{ verify = true, ca = "{ca_path}", server_name = "backend.test" }}'
+    async with running(Script(), origin_tls=server_context(authority, "backend.test"),
+                       cluster={"tls": tls, "connections": 1}) as h:
+        for _ in range(5):
+            r = await h.get("/hello")
+            assert (r.status, r.body) == (200, b"hello\n")
+        assert h.origin.connections_accepted == 1
+
+
+async def test_tls_backend_with_wrong_name_is_refused(ca: tuple[trustme.CA, Path]) -> None:
+    authority, ca_path = ca
+    tls = f'{{ verify = true, ca = "{ca_path}", server_name = "other.test" }}'
+    async with running(Script(), origin_tls=server_context(authority, "backend.test"),
+                       cluster={"tls": tls, "connect_timeout": "2s"}) as h:
+        r = await h.get("/hello")
+        assert r.status == 503
+        assert h.origin.requests_received == 0
+
+
+def test_run_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
+    """`muxproxy run` prints `ready`, and SIGTERM lets an in-flight request finish, exit 0."""
+
+    async def scenario() -> None:
+        script = Script()
+        origin = H2Origin(script)
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(origin.serve)
+            cfg = tmp_path / "proxy.toml"
+            cfg.write_text(
+                '[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\n'
+                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
+                '[[routes]]\ncluster = "app"\n'
+            )
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)],
+                stderr=subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            log = b""
+            with anyio.fail_after(20):
+                while b"ready " not in log:
+                    log += await proc.stderr.receive()
+            line = log.split(b"ready ", 1)[1].split(b"\n", 1)[0].decode()
+            host, _, p = line.split("=", 1)[1].rpartition(":")
+            client = await H1Client.connect(host, int(p))
+            result: list[int] = []
+
+            async def in_flight() -> None:
+                result.append((await client.request("GET", "/block")).status)
+
+            tg.start_soon(in_flight)
+            with anyio.fail_after(10):
+                while not script.started:
+                    await anyio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            script.release.set()
+            with anyio.fail_after(20):
+                rc = await proc.wait()
+                rest = await proc.stderr.receive() if False else b""
+            assert rc == 0, log + rest
+            assert result == [200]
+            assert b"Traceback" not in log
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
