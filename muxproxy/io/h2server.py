@@ -16,13 +16,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSListener
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from anyio.streams.tls import TLSListener
 
 from .backend import NETWORK_ERRORS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,7 @@ def test_run_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
             script.release.set()
             with anyio.fail_after(20):
                 rc = await proc.wait()
-                rest = await proc.stderr.receive() if False else b""
-            assert rc == 0, log + rest
+            assert rc == 0, log
             assert result == [200]
             assert b"Traceback" not in log
             tg.cancel_scope.cancel()
