@@ -219,6 +219,9 @@ class ClusterConfig(_Section, frozen=True):
     max_streams_per_connection: int = 1000  # our own cap, below the backend's if it is lower
     max_replays: int = 2
     replay_buffer: Size = Size(64 * 1024)
+    ping_interval: Duration = Duration(30.0)  # PING after this long without a frame
+    ping_timeout: Duration = Duration(10.0)  # no PING ACK within it: the connection is dead
+    eject_after: int = 3  # consecutive connect failures / protocol errors that eject a backend
     tls: ClusterTLS = ClusterTLS()
     health: HealthConfig | None = None
 
@@ -303,7 +306,15 @@ def _check(cfg: Config) -> None:
             fail(f"{p}.stream_window", "must be between 64KiB-1 and 2GiB-1")
         if c.max_replays < 0:
             fail(f"{p}.max_replays", "cannot be negative")
-        for key in ("connect_timeout", "request_timeout", "pending_timeout"):
+        if c.eject_after < 1:
+            fail(f"{p}.eject_after", "must be at least 1")
+        for key in (
+            "connect_timeout",
+            "request_timeout",
+            "pending_timeout",
+            "ping_interval",
+            "ping_timeout",
+        ):
             if getattr(c, key) <= 0:
                 fail(f"{p}.{key}", "must be more than 0")
     for i, r in enumerate(cfg.routes):

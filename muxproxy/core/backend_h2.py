@@ -155,6 +155,8 @@ class H2Backend:
         self.close_reason = ""
         self._out = bytearray()  # bytes h2 queued before a GOAWAY (h2 would discard them)
         self._first_frame_checked = False
+        self.resets_received = 0
+        self.refused_received = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -252,6 +254,13 @@ class H2Backend:
     def ping(self, opaque: bytes = b"muxproxy") -> None:
         self.h2.ping(opaque)
 
+    def abort(self, reason: str) -> Update:
+        """The connection is dead (e.g. no PING ACK): fail every stream with ``reason``."""
+        up = Update()
+        if not self.closed:
+            self._terminate(reason, up)
+        return up
+
     def close(self, code: int = 0) -> None:
         if not self.closed:
             self.h2.close_connection(error_code=code)
@@ -318,6 +327,9 @@ class H2Backend:
                     st.trailers = ev.headers
             elif isinstance(ev, h2.events.StreamReset):
                 st = streams.pop(ev.stream_id, None)
+                self.resets_received += 1
+                if ev.error_code == REFUSED:
+                    self.refused_received += 1
                 if st is not None:
                     st.reset_code = ev.error_code
                     st.refused = ev.error_code == REFUSED and st.headers is None

@@ -386,8 +386,10 @@ class ClientSession:
             return error_bytes(status, reason, head_only=head_only)
         out = self.response_head(
             status,
-            [(b"content-type", b"text/plain; charset=utf-8"),
-             (b"content-length", str(len(body)).encode())],
+            [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         )
         if not head_only:
             out += self.response_body(body)

@@ -9,8 +9,10 @@ loop turn and writes everything queued in one ``send`` — one syscall for many 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import count
 
 import anyio
@@ -20,6 +22,7 @@ from anyio.streams.tls import TLSAttribute
 from ..config import Address, ClusterConfig
 from ..core.backend_h2 import H2Backend, StreamState
 from ..errors import BackendUnavailable
+from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.backend")
 
@@ -33,6 +36,20 @@ NETWORK_ERRORS = (
     anyio.ClosedResourceError,
     ssl.SSLError,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    id: int
+    backend: str
+    streams_open: int
+    streams_opened: int
+    max_concurrent_streams: int  # min(backend's SETTINGS, our cap); 0 before SETTINGS
+    draining: bool
+    goaway_last_stream_id: int | None
+    resets_received: int
+    refused_received: int
+    ping_timeouts: int
 
 
 class Signal:
@@ -71,6 +88,7 @@ class BackendConnection:
         *,
         tls: ssl.SSLContext | None,
         on_capacity: Callable[[BackendConnection], None],
+        wheel: TimerWheel,
     ) -> None:
         self.id = next(_serial)
         self.address = address
@@ -87,6 +105,14 @@ class BackendConnection:
         self._stream: anyio.abc.ByteStream | None = None
         self._flush = anyio.Event()
         self.streams_opened = 0
+        # Liveness (timer wheel entry): PING after ping_interval without a frame; dead when no
+        # frame at all arrives within ping_timeout after it.
+        self.wheel = wheel
+        self.deadline = math.inf
+        self.timer_bucket: int | None = None
+        self._awaiting_ack = False
+        self._scope: anyio.CancelScope | None = None
+        self.ping_timeouts = 0
 
     def __repr__(self) -> str:
         return f"<conn #{self.id} {self.address} streams={len(self.core.streams)}>"
@@ -142,14 +168,36 @@ class BackendConnection:
 
     # --- running -----------------------------------------------------------------------
 
+    def on_deadline(self) -> None:
+        if self.core.closed:
+            return
+        if self._awaiting_ack:
+            self.ping_timeouts += 1
+            log.warning(
+                "%r: no PING ACK within %.3gs: connection dead", self, self.cfg.ping_timeout
+            )
+            self.core.abort("backend connection dead (no PING ACK)")
+            self.retired.set()
+            self._wake_all()
+            if self._scope is not None:
+                self._scope.cancel()
+            return
+        self._awaiting_ack = True
+        self.core.ping()
+        self.schedule_flush()
+        self.wheel.start(self, self.cfg.ping_timeout)
+
     async def serve(self) -> None:
         """Run until the connection is closed; every stream is finished or failed then."""
         try:
             async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                self.wheel.start(self, self.cfg.ping_interval)
                 tg.start_soon(self._writer)
                 await self._reader()
                 tg.cancel_scope.cancel()
         finally:
+            self.wheel.discard(self)
             self.retired.set()
             self._fail_all()
             if self._stream is not None:
@@ -168,6 +216,9 @@ class BackendConnection:
             except NETWORK_ERRORS:
                 data = b""
             up = core.receive_data(data)
+            if data:  # any frame proves the peer alive: the next PING is ping_interval away
+                self._awaiting_ack = False
+                self.wheel.start(self, self.cfg.ping_interval)
             news = self.news
             for st in up.streams:
                 sig = news.get(st.stream_id)
@@ -245,7 +296,25 @@ class BackendConnection:
         st = self.core.open_stream(headers, end_stream)
         self.streams_opened += 1
         self.schedule_flush()
+        if self.core.draining and not self.retired.is_set():
+            log.info("%r: stream ids running out: draining, replacement opening", self)
+            self.retired.set()  # the pool opens the replacement now; this one drains
         return st
+
+    def statistics(self) -> ConnectionStatistics:
+        core = self.core
+        return ConnectionStatistics(
+            id=self.id,
+            backend=str(self.address),
+            streams_open=len(core.streams),
+            streams_opened=self.streams_opened,
+            max_concurrent_streams=core.stream_limit() if core.settings_received else 0,
+            draining=core.draining,
+            goaway_last_stream_id=core.goaway_last_stream_id,
+            resets_received=core.resets_received,
+            refused_received=core.refused_received,
+            ping_timeouts=self.ping_timeouts,
+        )
 
     def release(self, st: StreamState) -> None:
         """The exchange is done with the stream: reset it if still open, return its credit."""

@@ -91,9 +91,7 @@ class ClientConnection:
             if self.timed_out in ("header", "body"):
                 what = "request head" if self.timed_out == "header" else "request body"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await self._send_error_quietly(
-                        ClientError(f"{what} not received in time", 408)
-                    )
+                    await self._send_error_quietly(ClientError(f"{what} not received in time", 408))
         finally:
             self.wheel.discard(self.read_timer)
             self.wheel.discard(self.write_timer)

@@ -233,11 +233,13 @@ class Exchange:
                 await self._send(out)
                 client.must_close = True
                 return
-            await self._send(out)
+            try:
+                await self._send(out)
+            finally:  # written or lost with the client: either way the credit goes back
+                if credit:
+                    core.consumed(sid, credit)
+                    conn.schedule_flush()
             out = []
-            if credit:
-                core.consumed(sid, credit)
-                conn.schedule_flush()
             if finished:
                 return
             if st.reset_code is not None or self.failure is not None:

@@ -135,6 +135,7 @@ class OriginConnection:
         self._window = anyio.Event()
         self._lock = anyio.Lock()
         self.closed = False
+        self.frozen = False  # a black hole: reads nothing, answers nothing (not even PING)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -193,15 +194,30 @@ class OriginConnection:
         if last_stream_id < 2**31 - 1:
             self.last_stream_id = last_stream_id
 
+    def update_settings(self, **settings: int) -> None:
+        """Change SETTINGS mid-flight, e.g. ``max_concurrent_streams=0``."""
+        codes = {k: getattr(h2.settings.SettingCodes, k.upper()) for k in settings}
+        self.h2.update_settings({codes[k]: v for k, v in settings.items()})
+        self.server.spawn(self.flush)
+
+    async def abort(self) -> None:
+        """Drop the TCP connection without a word (a crash, from the peer's view)."""
+        self.closed = True
+        await self.stream.aclose()
+
     async def run(self) -> None:
         self.h2.initiate_connection()
         await self.flush()
         try:
             while not self.closed:
+                if self.frozen:
+                    await anyio.sleep_forever()
                 try:
                     data = await self.stream.receive(65536)
                 except NETWORK_ERRORS:
                     break
+                if self.frozen:
+                    await anyio.sleep_forever()
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError:
@@ -332,7 +348,7 @@ class H2Origin:
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
             listener = TLSListener(tcp, ssl_context, standard_compatible=False)
-        async with anyio.create_task_group() as tg:
+        async with listener, anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started(bound)
             await listener.serve(self._accept, task_group=tg)

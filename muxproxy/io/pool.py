@@ -24,7 +24,8 @@ from ..config import Address, ClusterConfig
 from ..core.backend_h2 import StreamState
 from ..core.scheduler import ConnView, Scheduler, should_grow
 from ..errors import BackendUnavailable
-from .backend import BackendConnection, Signal, client_tls_context
+from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
+from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.pool")
 
@@ -40,8 +41,15 @@ class _Backend:
     conns: list[BackendConnection] = field(default_factory=list)  # usable (not retired)
     draining: set[BackendConnection] = field(default_factory=set)
     connecting: int = 0
-    failures: int = 0  # consecutive connect failures
+    failures: int = 0  # consecutive connect failures or connections lost to errors
     last_error: str = ""
+    ejected_until: float = 0.0  # passive ejection: no new streams before this time
+    healthy: bool = True  # the last active health check passed (or none is configured)
+    reconnects: int = 0
+    retired_counters: Counter[str] = field(default_factory=Counter)
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
 
 
 @dataclass(slots=True)
@@ -55,6 +63,20 @@ class _Pending:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendStatistics:
+    address: str
+    healthy: bool  # active checks pass and not passively ejected
+    ejected: bool
+    connecting: int
+    reconnects: int
+    consecutive_failures: int
+    connections: tuple[ConnectionStatistics, ...]  # usable and draining
+    resets_received: int  # over the pool's life, closed connections included
+    refused_received: int
+    ping_timeouts: int
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStatistics:
     cluster: str
     connections: int  # usable now
@@ -63,11 +85,13 @@ class PoolStatistics:
     streams_open: int
     pending: int
     counters: dict[str, int]
+    backends: tuple[BackendStatistics, ...]
 
 
 class ClusterPool:
-    def __init__(self, cfg: ClusterConfig) -> None:
+    def __init__(self, cfg: ClusterConfig, wheel: TimerWheel) -> None:
         self.cfg = cfg
+        self.wheel = wheel
         self.tls = client_tls_context(cfg) if cfg.protocol == "h2" else None
         self.backends = [_Backend(a) for a in cfg.backends]
         self.scheduler = Scheduler(cfg.balance)
@@ -88,6 +112,8 @@ class ClusterPool:
                 for _ in range(self.cfg.connections):
                     b.connecting += 1  # counted now: a request may arrive before the task runs
                     tg.start_soon(self._maintain, b, True)
+                if self.cfg.health is not None:
+                    tg.start_soon(self._health_checks, b)
             task_status.started()
 
     async def _maintain(self, b: _Backend, permanent: bool) -> None:
@@ -97,7 +123,7 @@ class ClusterPool:
         first = True
         while True:
             conn = BackendConnection(
-                b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity
+                b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity, wheel=self.wheel
             )
             if not first:
                 b.connecting += 1
@@ -105,11 +131,8 @@ class ClusterPool:
             try:
                 await conn.connect()
             except BackendUnavailable as exc:
-                b.failures += 1
-                b.last_error = exc.reason
+                self._failed(b, exc.reason)
                 self.counters["connect_failures"] += 1
-                if b.failures == 1:
-                    log.warning("cluster %s: %s", self.cfg.name, exc.reason)
                 b.connecting -= 1
                 self._fail_pending_if_unreachable()
                 if not permanent:
@@ -121,8 +144,11 @@ class ClusterPool:
             if b.failures:
                 log.info("cluster %s: backend %s reachable again", self.cfg.name, b.address)
             b.failures = 0
+            b.ejected_until = 0.0
             backoff = BACKOFF_MIN
             b.conns.append(conn)
+            if self.counters["connections_opened"] >= self.cfg.connections * len(self.backends):
+                b.reconnects += 1
             self.counters["connections_opened"] += 1
             assert self._tg is not None
             self._tg.start_soon(self._run_conn, b, conn)
@@ -137,8 +163,26 @@ class ClusterPool:
             if not permanent:
                 return
             if conn.core.closed and conn.core.goaway_last_stream_id is None:
-                # Died rather than drained: do not hammer a sick backend.
+                # Died rather than drained: count it towards ejection, do not hammer it.
+                self._failed(b, conn.core.close_reason)
                 await anyio.sleep(BACKOFF_MIN * (0.5 + random.random()))
+
+    def _failed(self, b: _Backend, reason: str) -> None:
+        b.failures += 1
+        b.last_error = reason
+        if b.failures == 1:
+            log.warning("cluster %s: %s", self.cfg.name, reason)
+        if b.failures >= self.cfg.eject_after and len(self.backends) > 1:
+            pause = min(BACKOFF_MAX, BACKOFF_MIN * 2**b.failures)
+            b.ejected_until = anyio.current_time() + pause
+            self.counters["ejections"] += 1
+            log.warning(
+                "cluster %s: ejecting %s for %.1fs after %d failures",
+                self.cfg.name,
+                b.address,
+                pause,
+                b.failures,
+            )
 
     async def _run_conn(self, b: _Backend, conn: BackendConnection) -> None:
         try:
@@ -150,12 +194,61 @@ class ClusterPool:
             if conn in b.conns:
                 b.conns.remove(conn)
             b.draining.discard(conn)
+            core = conn.core
+            b.retired_counters["resets_received"] += core.resets_received
+            b.retired_counters["refused_received"] += core.refused_received
+            b.retired_counters["ping_timeouts"] += conn.ping_timeouts
+
+    async def _health_checks(self, b: _Backend) -> None:
+        """Active checks over the pooled connections: GET ``health.path`` every interval;
+        a non-2xx answer or none within the timeout takes the backend out of rotation."""
+        hc = self.cfg.health
+        assert hc is not None
+        authority = str(b.address).encode()
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"https" if self.tls else b"http"),
+            (b":authority", authority),
+            (b":path", hc.path.encode()),
+            (b"user-agent", b"muxproxy-health"),
+        ]
+        while True:
+            # No connection is the pool's business (backoff, ejection), not the checker's.
+            conns = [c for c in b.conns if c.core.free_streams() > 0]
+            if conns:
+                conn = conns[0]
+                st = conn.open_stream(list(head), True)
+                news = Signal()
+                conn.news[st.stream_id] = news
+                try:
+                    with anyio.move_on_after(hc.timeout):
+                        while st.headers is None and st.reset_code is None:
+                            await news.wait()
+                    status = dict(st.headers or ()).get(b":status", b"")
+                finally:
+                    conn.release(st)
+                ok = status[:1] == b"2"
+                if ok != b.healthy:
+                    b.healthy = ok
+                    log.warning(
+                        "cluster %s: backend %s is %s (health check: %s)",
+                        self.cfg.name,
+                        b.address,
+                        "healthy again" if ok else "unhealthy",
+                        f"status {status.decode()}" if status else "no answer in time",
+                    )
+                    if ok:
+                        self._on_capacity(conn)
+            await anyio.sleep(hc.interval)
 
     # --- stream admission --------------------------------------------------------------
 
     def _pick(self) -> BackendConnection | None:
+        now = self.wheel.now
         views = [
             [ConnView(c.core.free_streams(), len(c.core.streams)) for c in b.conns]
+            if b.usable(now)
+            else []
             for b in self.backends
         ]
         choice = self.scheduler.pick(views)
@@ -250,7 +343,12 @@ class ClusterPool:
                 return
 
     def _unreachable(self) -> bool:
-        return all(not b.conns and not b.connecting for b in self.backends)
+        """No backend can take a stream now or soon: answer 503 at once, do not queue."""
+        now = self.wheel.now
+        return all(
+            (not b.conns and not b.connecting) or (not b.usable(now) and not b.connecting)
+            for b in self.backends
+        )
 
     def _last_error(self) -> str:
         return "; ".join(b.last_error for b in self.backends if b.last_error) or "not connected"
@@ -269,6 +367,27 @@ class ClusterPool:
     # --- observation -------------------------------------------------------------------
 
     def statistics(self) -> PoolStatistics:
+        now = self.wheel.now
+        backends = []
+        for b in self.backends:
+            conns = tuple(c.statistics() for c in (*b.conns, *b.draining))
+            backends.append(
+                BackendStatistics(
+                    address=str(b.address),
+                    healthy=b.usable(now),
+                    ejected=now < b.ejected_until,
+                    connecting=b.connecting,
+                    reconnects=b.reconnects,
+                    consecutive_failures=b.failures,
+                    connections=conns,
+                    resets_received=b.retired_counters["resets_received"]
+                    + sum(c.resets_received for c in conns),
+                    refused_received=b.retired_counters["refused_received"]
+                    + sum(c.refused_received for c in conns),
+                    ping_timeouts=b.retired_counters["ping_timeouts"]
+                    + sum(c.ping_timeouts for c in conns),
+                )
+            )
         return PoolStatistics(
             cluster=self.cfg.name,
             connections=sum(len(b.conns) for b in self.backends),
@@ -277,4 +396,5 @@ class ClusterPool:
             streams_open=sum(len(c.core.streams) for b in self.backends for c in b.conns),
             pending=self._pending_live,
             counters=dict(self.counters),
+            backends=tuple(backends),
         )

@@ -40,7 +40,8 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.router = Router(config.routes)
-        self.pools = {c.name: ClusterPool(c) for c in config.clusters}
+        self.wheel = TimerWheel()
+        self.pools = {c.name: ClusterPool(c, self.wheel) for c in config.clusters}
         self.draining = False
         self.clients: set[ClientConnection] = set()
         self._stop = anyio.Event()
@@ -49,7 +50,6 @@ class Proxy:
             lst.name: tuple(n.net for n in lst.trusted_proxies) for lst in config.listeners
         }
         self.refused_connections = 0
-        self.wheel = TimerWheel()
         self.internal_errors = 0
 
     def is_trusted(self, listener: ListenerConfig, ip: str) -> bool:

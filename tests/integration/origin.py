@@ -30,6 +30,8 @@ class Script:
         self.release = anyio.Event()  # /block waits for it
         self.started: list[OriginRequest] = []  # requests that reached a blocking handler
         self.request_ids: list[str] = []
+        self.health_status = 200
+        self.served = 0  # requests answered by a normal path (for balance checks)
 
     async def __call__(self, req: OriginRequest) -> None:
         path = req.path.decode()
@@ -37,7 +39,10 @@ class Script:
         if rid:
             self.request_ids.append(rid.decode())
         route, _, query = path.partition("?")
-        if route == "/hello":
+        if route == "/health":
+            await req.respond(self.health_status, [], b"health\n")
+        elif route == "/hello":
+            self.served += 1
             await req.read_body()
             await req.respond(200, [(b"content-type", b"text/plain")], b"hello\n")
         elif route == "/echo":
