@@ -29,7 +29,7 @@ def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
     return authority, path
 
 
-def server_context(authority: trustme.CA, name: str) -> ssl.SSLContext:  # noqa: F821
+def server_context(authority: trustme.CA, name: str) -> ssl.SSLContext:
     import ssl
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
