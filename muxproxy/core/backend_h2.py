@@ -350,17 +350,20 @@ class H2Backend:
 
     def _goaway(self, ev: h2.events.ConnectionTerminated, up: Update) -> None:
         last = ev.last_stream_id if ev.last_stream_id is not None else MAX_STREAM_ID
+        if self.goaway_last_stream_id is not None:
+            last = min(last, self.goaway_last_stream_id)  # a second GOAWAY may only lower it
         self.goaway_last_stream_id = last
         self.goaway_error = ev.error_code
         up.goaway = True
         up.capacity_changed = True
-        # h2 closes its state machine on GOAWAY, so streams cannot be opened or reset any more,
-        # but streams ≤ last may still complete: h2 keeps accepting their frames.
+        # Streams above last_stream_id were never processed (RFC 9113 §6.8): replayable,
+        # except the connection's very first stream under an error code — a backend that
+        # fails the first request it sees may be failing on the request itself.
         for sid, st in list(self.streams.items()):
             if sid > last:
                 del self.streams[sid]
                 st.reset_code = REFUSED
-                st.refused = st.headers is None
+                st.refused = st.headers is None and not (ev.error_code and sid == 1)
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
         if ev.error_code:

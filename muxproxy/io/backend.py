@@ -104,6 +104,7 @@ class BackendConnection:
         self.closed = anyio.Event()  # socket closed, every stream failed or finished
         self._stream: anyio.abc.ByteStream | None = None
         self._flush = anyio.Event()
+        self._writer_done = anyio.Event()
         self.streams_opened = 0
         # Liveness (timer wheel entry): PING after ping_interval without a frame; dead when no
         # frame at all arrives within ping_timeout after it.
@@ -195,6 +196,11 @@ class BackendConnection:
                 self.wheel.start(self, self.cfg.ping_interval)
                 tg.start_soon(self._writer)
                 await self._reader()
+                # Closing: the writer sends what is queued (our GOAWAY) and closes the socket.
+                # Only the writer ever sends, so there is never a second sender.
+                self.schedule_flush()
+                with anyio.move_on_after(1.0):
+                    await self._writer_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             self.wheel.discard(self)
@@ -238,42 +244,33 @@ class BackendConnection:
             if up.capacity_changed:
                 self.on_capacity(self)
             if core.closed or (core.draining and not core.streams):
-                await self._close_gracefully()
+                if not core.closed:
+                    core.close()  # drained: say GOAWAY
                 return
 
     async def _writer(self) -> None:
         assert self._stream is not None
         send = self._stream.send
         core = self.core
-        while True:
-            await self._flush.wait()
-            self._flush = anyio.Event()
-            data = core.data_to_send()
-            if data:
-                try:
-                    await send(data)
-                except NETWORK_ERRORS:
-                    core.receive_data(b"")  # fail every stream: the socket is gone
-                    self.retired.set()
-                    self._wake_all()
+        try:
+            while True:
+                await self._flush.wait()
+                self._flush = anyio.Event()
+                data = core.data_to_send()
+                if data:
+                    try:
+                        await send(data)
+                    except NETWORK_ERRORS:
+                        core.receive_data(b"")  # fail every stream: the socket is gone
+                        self.retired.set()
+                        self._wake_all()
+                        return
+                if core.closed:
+                    # Our GOAWAY is out (or the peer is gone): closing the socket ends the reader.
+                    await self._stream.aclose()
                     return
-            if core.closed:
-                # Our GOAWAY is out (or the peer is gone): closing the socket ends the reader.
-                await self._stream.aclose()
-                return
-
-    async def _close_gracefully(self) -> None:
-        """Streams are done (or failed): say GOAWAY and flush, shielded and bounded."""
-        assert self._stream is not None
-        if not self.core.closed:
-            self.core.close()
-        data = self.core.data_to_send()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-            if data:
-                try:
-                    await self._stream.send(data)
-                except NETWORK_ERRORS:
-                    pass
+        finally:
+            self._writer_done.set()
 
     def _fail_all(self) -> None:
         if not self.core.closed:

@@ -114,9 +114,11 @@ class Exchange:
                     await self._attempt(conn, st, body)
                     return
                 except _Replay:
-                    if replays >= self.cfg.max_replays or (
-                        body is not None and not body.replayable
-                    ):
+                    if body is not None and not body.replayable:
+                        raise BackendError(
+                            f"{st.error}; request body too large to replay"
+                        ) from None
+                    if replays >= self.cfg.max_replays:
                         raise BackendError(st.error or "backend refused the stream") from None
                     replays += 1
                     self.pool.counters["replays"] += 1

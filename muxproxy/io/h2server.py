@@ -242,9 +242,13 @@ class OriginConnection:
                 return  # after GOAWAY: never processed, as the client will learn
             refuse = self.server.refuse_every
             if refuse and (self.server.requests_received + 1) % refuse == 0:
-                self.server.requests_received += 1
-                self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                return
+                rid = dict(ev.headers).get(b"x-request-id")
+                if rid is None or rid not in self.server.refused_ids:  # at most once per id
+                    self.server.requests_received += 1
+                    if rid is not None:
+                        self.server.refused_ids.add(rid)
+                    self.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    return
             self.processed += 1
             after = self.server.goaway_after
             if after and self.processed == after:
@@ -320,6 +324,7 @@ class H2Origin:
         self.goaway_after = goaway_after  # GOAWAY once a connection has processed this many
         self.two_step_goaway = two_step_goaway
         self.refuse_every = refuse_every  # RST_STREAM(REFUSED_STREAM) every n-th request
+        self.refused_ids: set[bytes] = set()  # x-request-id values refused already
         self.max_concurrent_streams = max_concurrent_streams
         self.connect_protocol = connect_protocol
         self.initial_window = initial_window

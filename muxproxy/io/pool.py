@@ -120,20 +120,21 @@ class ClusterPool:
         """Keep one connection slot filled (``permanent``), or fill it once (growth).
         The caller has already counted this slot in ``b.connecting``."""
         backoff = BACKOFF_MIN
-        first = True
+        counted = True  # this slot is in b.connecting: requests queue for it rather than fail
         while True:
+            if not counted:
+                b.connecting += 1
+                counted = True
             conn = BackendConnection(
                 b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity, wheel=self.wheel
             )
-            if not first:
-                b.connecting += 1
-            first = False
             try:
                 await conn.connect()
             except BackendUnavailable as exc:
                 self._failed(b, exc.reason)
                 self.counters["connect_failures"] += 1
                 b.connecting -= 1
+                counted = False
                 self._fail_pending_if_unreachable()
                 if not permanent:
                     return
@@ -141,6 +142,7 @@ class ClusterPool:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             b.connecting -= 1
+            counted = False
             if b.failures:
                 log.info("cluster %s: backend %s reachable again", self.cfg.name, b.address)
             b.failures = 0
@@ -163,8 +165,11 @@ class ClusterPool:
             if not permanent:
                 return
             if conn.core.closed and conn.core.goaway_last_stream_id is None:
-                # Died rather than drained: count it towards ejection, do not hammer it.
+                # Died rather than drained: count it towards ejection, do not hammer it, and
+                # let requests queue for the replacement meanwhile.
                 self._failed(b, conn.core.close_reason)
+                b.connecting += 1
+                counted = True
                 await anyio.sleep(BACKOFF_MIN * (0.5 + random.random()))
 
     def _failed(self, b: _Backend, reason: str) -> None:
@@ -343,10 +348,12 @@ class ClusterPool:
                 return
 
     def _unreachable(self) -> bool:
-        """No backend can take a stream now or soon: answer 503 at once, do not queue."""
+        """Answer 503 at once rather than queue: no backend is usable, or every one is known
+        down (its last connection attempt failed and it has no live connection).  A backend
+        that merely lost a connection and is reconnecting still queues requests."""
         now = self.wheel.now
         return all(
-            (not b.conns and not b.connecting) or (not b.usable(now) and not b.connecting)
+            not b.usable(now) or (not b.conns and b.failures > 0 and not b.connecting)
             for b in self.backends
         )
 

@@ -32,6 +32,7 @@ class Script:
         self.request_ids: list[str] = []
         self.health_status = 200
         self.served = 0  # requests answered by a normal path (for balance checks)
+        self.goaways_sent = 0
 
     async def __call__(self, req: OriginRequest) -> None:
         path = req.path.decode()
@@ -89,6 +90,15 @@ class Script:
             await req.respond(200, [], end=False)
             await req.send_data(b"body")
             await req.conn.send_headers(req.stream_id, [(b"x-checksum", b"abc")], end_stream=True)
+        elif route == "/goaway-after-body":
+            body = await req.read_body()
+            if self.goaways_sent == 0:
+                # Read the whole body, then disown the stream: it was "never processed".
+                self.goaways_sent += 1
+                req.conn.goaway(max(0, req.stream_id - 2))
+                await req.conn.flush()
+                return
+            await req.respond(200, [(b"x-echo-length", str(len(body)).encode())], body)
         elif route == "/bad-status":
             await req.respond(999, [])
         else:

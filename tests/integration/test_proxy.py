@@ -395,3 +395,53 @@ async def test_refused_stream_is_replayed_even_for_post() -> None:
         await c.aclose()
         assert sorted(script.request_ids) == [str(i) for i in range(6)]
         assert h.pool().statistics().counters["replays"] >= 3
+
+
+async def test_replays_stop_after_max_replays() -> None:
+    async with running(Script(), origin={"refuse_every": 1},
+                       cluster={"max_replays": 2}) as h:
+        c = await h.client()
+        r = await c.request("POST", "/echo", body=b"abc")
+        assert r.status == 502 and b"REFUSED_STREAM" in r.body
+        assert h.origin.requests_received == 3  # the first try and exactly 2 replays
+        await c.aclose()
+
+
+@pytest.mark.parametrize(("size", "status"), [(1024, 200), (200 * 1024, 502)])
+async def test_body_replayed_only_within_replay_buffer(size: int, status: int) -> None:
+    script = Script()
+    async with running(script, cluster={"replay_buffer": "64KiB", "connections": 1}) as h:
+        c = await h.client()
+        r = await c.request("POST", "/goaway-after-body", body=pattern(size))
+        assert r.status == status
+        if status == 200:
+            assert r.body == pattern(size)  # replayed, body included, on a new connection
+            assert h.origin.connections_accepted == 2
+        else:
+            assert b"too large to replay" in r.body  # streamed past the buffer: never resent
+            assert h.origin.requests_received == 1
+        await c.aclose()
+
+
+async def test_concurrent_refused_streams_all_succeed_and_none_twice() -> None:
+    script = Script()
+    async with running(script, origin={"refuse_every": 7}) as h:
+        statuses: list[int] = []
+
+        async def client(n: int) -> None:
+            c = await h.client()
+            try:
+                for i in range(10):
+                    r = await c.request("POST", "/echo", body=b"x" * 100,
+                                        headers=[("x-request-id", f"{n}-{i}")])
+                    statuses.append(r.status)
+            finally:
+                await c.aclose()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(client, n)
+        assert statuses == [200] * 200
+        assert len(script.request_ids) == len(set(script.request_ids)) == 200
+        assert h.pool().statistics().backends[0].refused_received > 0
