@@ -188,3 +188,21 @@ def test_nginx_goaway_after_keepalive_requests(proxy: Proxy, nginx: Nginx) -> No
     # 1,200 responses came over at least 12 distinct backend connections
     assert max(result.conns.values()) <= nginx.keepalive_requests, result.conns
     assert len(result.conns) >= result.requests // nginx.keepalive_requests, result.conns
+
+
+@pytest.mark.parametrize("backend_protocol", ["h2c"])
+@pytest.mark.parametrize("keepalive_requests", [100])
+def test_nginx_goaway_10000_requests_zero_failures(
+    proxy: Proxy, nginx: Nginx, record_property: Callable[[str, object], None]
+) -> None:
+    """10,000 requests from 40 concurrent clients through a pool of 2, while nginx retires
+    every connection after 100 requests: no request fails, and every retired connection was
+    replaced (about 100 backend connections over the run; the count is reported)."""
+    clients, per_client = 40, 250
+    result = load(proxy, clients, per_client, lambda n, i: mixed_call(nginx, n, i))
+    result.assert_no_failures()
+    assert result.requests == 10_000
+    assert max(result.conns.values()) <= nginx.keepalive_requests
+    assert len(result.conns) >= result.requests // nginx.keepalive_requests
+    record_property("backend_connections_opened", len(result.conns))
+    print(f"\n10,000 requests over {len(result.conns)} backend connections (GOAWAY every 100)")
