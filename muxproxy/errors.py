@@ -15,6 +15,7 @@ __all__ = [
     "BackendUnavailable",
     "ClientError",
     "ConfigError",
+    "NoExtendedConnect",
     "ProxyError",
 ]
 
@@ -28,9 +29,15 @@ class ProxyError(Exception):
 
     status_hint: int = 502
 
-    def __init__(self, reason: str, status_hint: int | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        status_hint: int | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.headers = headers  # extra response fields, e.g. Sec-WebSocket-Version on a 426
         if status_hint is not None:
             self.status_hint = status_hint
 
@@ -62,6 +69,10 @@ class BackendTimeout(ProxyError):
 class StreamRefused(BackendError):
     """The backend provably never processed the stream (REFUSED_STREAM, or above GOAWAY's
     last-stream-id): the request may be replayed whatever its method."""
+
+
+class NoExtendedConnect(BackendError):
+    """No pooled connection's backend announced SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441)."""
 
 
 RETRYABLE_NEVER_PROCESSED = (StreamRefused,)

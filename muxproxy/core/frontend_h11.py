@@ -9,7 +9,18 @@ the raw bytes of every request head are checked here *before* h11 sees them:
 
 * While a head is expected, received bytes wait in ``_buf``; nothing reaches h11 until the
   blank line ending the head is found and the raw head has passed :func:`check_raw_head`.
-* Then the head, and everything after it, is fed to h11, which frames the body.
+  The incomplete head is scanned incrementally (each byte once, so trickling a 64 KiB head one
+  byte per read costs O(n), not O(n²)) and refused as soon as it holds a bare CR or LF, a
+  control character or a folded line, rather than when the timeout ends it.
+* Then the head, and everything after it, is fed to h11, which frames the body.  A chunked
+  body's raw bytes also pass through :class:`ChunkedScanner`, which refuses what h11 would
+  accept but must not be (chunk-size lines over 16 hex digits, bare CR in a chunk extension,
+  a malformed trailer section) before h11 parses them.  The scanner is strictly narrower than
+  h11's grammar, so wherever it accepts, both agree on every chunk boundary.
+* Request trailers are never forwarded: h11 unfolds and accepts trailer bytes that a head
+  would be refused for, and fields such as ``content-length`` or ``host`` in trailers are a
+  known way to confuse the next hop.  A well-formed trailer section is dropped; a malformed
+  one is refused like a malformed head.
 * When the exchange is over and keep-alive allows, the bytes h11 holds beyond the request
   (``trailing_data``: pipelined requests) move back into ``_buf`` and a fresh h11 connection
   starts the next cycle, so every head, pipelined or not, passes the same raw check.
@@ -26,12 +37,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Final, Literal
 
 import h11
 
 from ..errors import REASONS, ClientError
-from .headers import Header
+from .headers import FORWARDING, HOP_BY_HOP, Header
+
+# What to do with a field name containing "_" (RFC-valid, but CGI-style backends map "_" and
+# "-" to the same variable, so "X_Forwarded_For" can pose as "X-Forwarded-For"):
+# reject the request (the default, as Envoy's edge guidance advises), drop the field (nginx's
+# default), or forward it.
+UnderscorePolicy = Literal["reject", "drop", "allow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,7 @@ class HeadLimits:
     max_headers: int = 100
     max_uri_bytes: int = 8 * 1024
     max_body: int = 1024**3
+    underscore_headers: UnderscorePolicy = "reject"
 
 
 class _Sentinel:
@@ -81,9 +99,20 @@ Event = RequestHead | Body | EndOfRequest | _Sentinel
 
 # Control characters anywhere in a head except CR and LF (checked as pairs) and HTAB.
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# What refuses an incomplete head early: a bare CR or LF, a folded line, a control character.
+# (A CR as the very last byte is left for the next read: its LF may follow.)
+_EARLY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
 _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name or an IP literal.  No
+# userinfo, no path, no whitespace: the value becomes :authority and is what routes match.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]{0,5})?")
+# Field names that an underscore variant must never stand in for, even when "allow"ed.
+_ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
+# RFC 9112 §2.2 asks to ignore "at least one" empty line before a request-line; a client that
+# sends more is trickling CRLFs to keep an idle connection (each would restart idle_timeout).
+MAX_EMPTY_LINES = 2
 
 
 def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
@@ -124,6 +153,7 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
     host: bytes | None = None
     connection = b""
     expect = b""
+    underscored = False
     for name, value in headers:
         if name == b"connection":
             connection += b"," + value.lower()
@@ -136,7 +166,16 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         elif name == b"host":
             host = value
         elif b"_" in name:
-            raise ClientError("underscore in header field name")
+            policy = limits.underscore_headers
+            if policy == "reject":
+                raise ClientError("underscore in header field name")
+            if policy == "allow" and name.replace(b"_", b"-") in _ALIASED:
+                raise ClientError("header field name aliases a framing or forwarding field")
+            underscored = True
+    if underscored and limits.underscore_headers == "drop":
+        headers = [(n, v) for n, v in headers if b"_" not in n]
+    if host is not None and _HOST.fullmatch(host) is None:
+        raise ClientError("invalid Host")
     if te:
         if cl:
             raise ClientError("both Content-Length and Transfer-Encoding")
@@ -162,7 +201,7 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
             raise ClientError("'*' target is only for OPTIONS")
     else:
         m = _ABSOLUTE.match(target)
-        if m is None:
+        if m is None or _HOST.fullmatch(m.group(1)) is None:
             raise ClientError("malformed request target")
         if host is not None and m.group(1).lower() != host.lower():
             raise ClientError("absolute-form target does not match Host")
@@ -198,6 +237,117 @@ def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
     return head if head_only else head + body
 
 
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
+# value ] ).  At most 16 hex digits (2^64 - 1): a longer size is refused, not reduced, since
+# parsers that truncate or wrap it are a known smuggling vector.  Trailing whitespace before
+# the CRLF is tolerated (h11 and nginx accept it too, and it cannot move a boundary).
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*[ \t]*\r\n"
+    % (_TOKEN, _TOKEN, _QUOTED)
+)
+_TRAILER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r\n" % _TOKEN)
+MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; nothing legitimate comes close
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedScanner:
+    """Checks the raw bytes of one chunked request body before h11 parses them.
+
+    It follows chunk boundaries only (data is skipped, not copied), so it costs O(1) per
+    chunk.  ``feed`` raises ClientError at the first byte that h11 would accept but an edge
+    proxy must refuse; bytes after the end of the body (a pipelined request) are ignored.
+    """
+
+    __slots__ = ("_declared", "_line", "_remaining", "_state", "_trailer_bytes", "_trailers")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._line = bytearray()
+        self._remaining = 0
+        self._declared = 0
+        self._trailer_bytes = 0
+        self._trailers = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def feed(self, data: bytes, limits: HeadLimits) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            state = self._state
+            if state == _DATA:
+                take = min(self._remaining, n - i)
+                i += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_END
+            elif state == _DATA_END:
+                take = min(2 - len(self._line), n - i)
+                self._line += data[i : i + take]
+                i += take
+                if self._line != b"\r\n"[: len(self._line)]:
+                    raise ClientError("chunk data not followed by CRLF")
+                if len(self._line) == 2:
+                    self._line.clear()
+                    self._state = _SIZE
+            elif state == _DONE:
+                return
+            else:
+                j = data.find(b"\n", i)
+                if j < 0:
+                    self._line += data[i:]
+                    self._check_partial_line(limits)
+                    return
+                self._line += data[i : j + 1]
+                i = j + 1
+                line = bytes(self._line)
+                self._line.clear()
+                if state == _SIZE:
+                    self._size_line(line, limits)
+                else:
+                    self._trailer_line(line, limits)
+
+    def _check_partial_line(self, limits: HeadLimits) -> None:
+        if self._state == _SIZE:
+            if len(self._line) > MAX_CHUNK_LINE:
+                raise ClientError("chunk-size line too long")
+        elif self._trailer_bytes + len(self._line) > limits.max_header_bytes:
+            raise ClientError("request trailers too large", 431)
+
+    def _size_line(self, line: bytes, limits: HeadLimits) -> None:
+        if len(line) > MAX_CHUNK_LINE:
+            raise ClientError("chunk-size line too long")
+        m = _CHUNK_LINE.fullmatch(line)
+        if m is None:
+            digits = len(line) - len(line.lstrip(b"0123456789abcdefABCDEF"))
+            if digits > 16:
+                raise ClientError("chunk size longer than 16 hex digits")
+            raise ClientError("malformed chunk-size line")
+        size = int(m.group(1), 16)
+        self._declared += size
+        if self._declared > limits.max_body:
+            raise ClientError("request body too large", 413)
+        if size:
+            self._remaining = size
+            self._state = _DATA
+        else:
+            self._state = _TRAILER
+
+    def _trailer_line(self, line: bytes, limits: HeadLimits) -> None:
+        if line == b"\r\n":
+            self._state = _DONE
+            return
+        self._trailer_bytes += len(line)
+        self._trailers += 1
+        if self._trailer_bytes > limits.max_header_bytes or self._trailers > limits.max_headers:
+            raise ClientError("request trailers too large", 431)
+        if _TRAILER_LINE.fullmatch(line) is None:
+            raise ClientError("malformed request trailer field")
+
+
 class ClientSession:
     """Sans-IO server side of one HTTP/1.1 client connection."""
 
@@ -215,6 +365,11 @@ class ClientSession:
         self._must_close = False
         self._framing = _NONE
         self._remaining = 0
+        self._scanned = 0  # bytes of the incomplete head in _buf already looked at
+        self._first_eol = -1  # where the request line ends, once seen
+        self._empty_lines = 0
+        self._chunks: ChunkedScanner | None = None
+        self._body_error: ClientError | None = None
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
@@ -234,12 +389,23 @@ class ClientSession:
             else:
                 self._eof = True
         else:
+            self._feed_body(data)
             self._h11.receive_data(data)
+
+    def _feed_body(self, data: bytes) -> None:
+        scanner = self._chunks
+        if scanner is not None and data and self._body_error is None:
+            try:
+                scanner.feed(data, self.limits)
+            except ClientError as exc:
+                self._body_error = exc  # raised by next_event, before h11 parses those bytes
 
     def next_event(self) -> Event:
         """The next request event, NEED_DATA, or CLOSED.  Raises ClientError."""
         if self._in_head:
             return self._next_head()
+        if self._body_error is not None:
+            raise self._body_error
         try:
             ev = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -250,8 +416,7 @@ class ClientSession:
                 raise ClientError("request body too large", 413)
             return Body(ev.data)
         if type(ev) is h11.EndOfMessage:
-            # Request trailers are dropped, as nginx does: h11 has already unfolded and
-            # accepted bytes (bare LF, obs-fold) that a head would be refused for.
+            # Request trailers are dropped, as nginx does (see the theory of operation).
             return EndOfRequest([])
         if ev is h11.NEED_DATA or ev is h11.PAUSED:
             return NEED_DATA
@@ -261,18 +426,28 @@ class ClientSession:
 
     def _next_head(self) -> Event:
         buf = self._buf
-        while buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore at least one empty line
-            del buf[:2]
-        end = buf.find(b"\r\n\r\n")
+        limits = self.limits
+        scanned = self._scanned
+        if not scanned:
+            while buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore at least one empty line
+                del buf[:2]
+                self._empty_lines += 1
+                if self._empty_lines > MAX_EMPTY_LINES:
+                    raise ClientError("too many empty lines before the request line")
+        # Resume where the previous read stopped: a trickled head costs O(n), not O(n²).
+        end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
         if end < 0:
-            if len(buf) > self.limits.max_header_bytes:
+            if len(buf) > limits.max_header_bytes:
                 raise ClientError("request head too large", 431)
-            nl = buf.find(b"\n")
-            if nl >= 0 and (nl == 0 or buf[nl - 1] != 0x0D):
-                raise ClientError("bare LF in request head")
-            first_line = buf.find(b"\r\n")
-            if (first_line < 0 and len(buf) > self.limits.max_uri_bytes + 64) or (
-                first_line > self.limits.max_uri_bytes + 64
+            stop = len(buf) - 1 if buf[-1:] == b"\r" else len(buf)
+            if _EARLY.search(buf, max(0, scanned - 1), stop) is not None:
+                raise ClientError("bare CR or LF, folded line or control character in head")
+            if self._first_eol < 0:
+                self._first_eol = buf.find(b"\r\n", max(0, scanned - 1))
+            self._scanned = stop
+            first_eol = self._first_eol
+            if (first_eol < 0 and len(buf) > limits.max_uri_bytes + 64) or (
+                first_eol > limits.max_uri_bytes + 64
             ):
                 raise ClientError("request target too long", 414)
             if self._eof:
@@ -283,7 +458,9 @@ class ClientSession:
         raw = bytes(buf[: end + 4])
         rest = bytes(buf[end + 4 :])
         buf.clear()
-        check_raw_head(raw, self.limits)
+        self._scanned = 0
+        self._first_eol = -1
+        check_raw_head(raw, limits)
         self._h11.receive_data(raw)
         try:
             ev = self._h11.next_event()
@@ -291,10 +468,13 @@ class ClientSession:
             raise ClientError(f"malformed request: {exc}", exc.error_status_hint) from None
         if type(ev) is not h11.Request:  # pragma: no cover - a full head always parses
             raise ClientError("malformed request")
-        head = _request_head(ev, self.limits)
+        head = _request_head(ev, limits)
         self._in_head = False
         self._body_bytes = 0
+        if head.has_body and head.content_length is None:
+            self._chunks = ChunkedScanner()
         if rest:
+            self._feed_body(rest)
             self._h11.receive_data(rest)
         if self._eof:
             self._h11.receive_data(b"")
@@ -309,7 +489,7 @@ class ClientSession:
 
     @property
     def request_complete(self) -> bool:
-        return not self._in_head and self._h11.their_state in (h11.DONE, h11.MUST_CLOSE)
+        return not self._in_head and self._h11.their_state in _COMPLETE
 
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
@@ -372,7 +552,13 @@ class ClientSession:
             raise ResponseFramingError("backend sent less than its content-length")
         return b""
 
-    def error_response(self, status: int, reason: str) -> bytes:
+    def detach(self) -> bytes:
+        """Hand the connection over to a tunnel: the bytes received after the request."""
+        data, _ = self._h11.trailing_data
+        self._must_close = True
+        return bytes(data)
+
+    def error_response(self, status: int, reason: str, extra: tuple[Header, ...] = ()) -> bytes:
         """A proxy-generated error with a short plain-text reason.  Keeps the connection when
         it is safe (whole request read, nothing of the response sent); b"" if too late."""
         if self.response_started:
@@ -389,6 +575,7 @@ class ClientSession:
             [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         )
         if not head_only:
@@ -406,6 +593,11 @@ class ClientSession:
         self._buf = bytearray(data)
         self._eof = closed
         self._in_head = True
+        self._scanned = 0
+        self._first_eol = -1
+        self._empty_lines = 0
+        self._chunks = None
+        self._body_error = None
         self.request = None
         self.response_started = False
         self._response_done = False
@@ -418,6 +610,7 @@ class ResponseFramingError(Exception):
 
 
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+_COMPLETE = (h11.DONE, h11.MUST_CLOSE, h11._state.MIGHT_SWITCH_PROTOCOL)
 _STATUS_LINES = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode())
     for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)

@@ -27,9 +27,11 @@ from ..core.frontend_h11 import (
     RequestHead,
 )
 from ..core.headers import Forwarding
+from ..core.websocket import is_upgrade
 from ..errors import ClientError, ProxyError
 from .backend import NETWORK_ERRORS
 from .exchange import ClientGone, Exchange
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .server import Proxy
@@ -68,7 +70,13 @@ class ClientConnection:
         lim = listener.limits
         self.limits = lim
         self.session = ClientSession(
-            HeadLimits(lim.max_header_bytes, lim.max_headers, lim.max_uri_bytes, lim.max_body)
+            HeadLimits(
+                lim.max_header_bytes,
+                lim.max_headers,
+                lim.max_uri_bytes,
+                lim.max_body,
+                underscore_headers=lim.underscore_headers,
+            )
         )
         ip = peer[0]
         self.fwd = Forwarding(
@@ -111,6 +119,8 @@ class ClientConnection:
                 route = self.proxy.router.match(head.authority, head.target)
                 if route is None:
                     await self.send_error(ProxyError("no route for this host and path", 404))
+                elif route.websocket and is_upgrade(head.headers):
+                    await Tunnel(self, head, route, self.proxy.pools[route.cluster]).run()
                 else:
                     await Exchange(self, head, route, self.proxy.pools[route.cluster]).run()
                 if self.must_close or self.proxy.draining or not session.start_next_cycle():
@@ -141,7 +151,7 @@ class ClientConnection:
                 if timer.kind != "header":  # from the first byte: trickling does not extend it
                     timer.kind = "header"
                     self.wheel.start(timer, self.limits.header_timeout)
-                data = await self._receive()
+                data = await self.receive()
             else:
                 if self.proxy.draining:
                     return None
@@ -149,12 +159,12 @@ class ClientConnection:
                 self.wheel.start(timer, self.limits.idle_timeout)
                 self.idle = True
                 try:
-                    data = await self._receive()
+                    data = await self.receive()
                 finally:
                     self.idle = False
             session.receive_data(data)
 
-    async def _receive(self) -> bytes:
+    async def receive(self) -> bytes:
         try:
             return await self.stream.receive(65536)
         except anyio.EndOfStream:
@@ -172,7 +182,7 @@ class ClientConnection:
                 timer = self.read_timer
                 timer.kind = "body"
                 self.wheel.start(timer, self.limits.body_timeout)
-                data = await self._receive()
+                data = await self.receive()
                 self.wheel.clear(timer)
                 session.receive_data(data)
                 continue
@@ -204,7 +214,7 @@ class ClientConnection:
                 exc.status_hint,
                 exc.reason,
             )
-        data = self.session.error_response(exc.status_hint, exc.reason)
+        data = self.session.error_response(exc.status_hint, exc.reason, exc.headers)
         if not self.session.request_complete:
             self.must_close = True
         if data:

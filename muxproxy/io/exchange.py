@@ -188,9 +188,15 @@ class Exchange:
             conn.blocked.pop(sid, None)
 
     async def _download(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
-        client = self.client
-        session = client.session
-        wheel = client.wheel
+        await self._await_head(st, news)
+        assert st.headers is not None
+        status, headers = response_from_h2(st.headers)
+        await self._relay_response(conn, st, news, status, headers)
+
+    async def _await_head(self, st: StreamState, news: Signal) -> None:
+        """Wait for the response head within request_timeout.  Raises _Replay for a stream
+        the backend never processed, BackendError (502) or BackendTimeout (504)."""
+        wheel = self.client.wheel
         wheel.start(self, self.cfg.request_timeout)
         while st.headers is None and st.reset_code is None and not self.failure:
             if self.expired:
@@ -205,7 +211,19 @@ class Exchange:
                     raise _Replay
                 raise BackendError(st.error or "backend failed the stream")
             raise BackendTimeout("backend did not answer within request_timeout")
-        status, headers = response_from_h2(st.headers)
+
+    async def _relay_response(
+        self,
+        conn: BackendConnection,
+        st: StreamState,
+        news: Signal,
+        status: int,
+        headers: list[Header],
+    ) -> None:
+        """Relay the response head and body, giving credit back as the client takes it."""
+        client = self.client
+        session = client.session
+        wheel = client.wheel
         is_head = self.head.method == b"HEAD"
         chunked_ok = self.head.http_version == b"1.1" and not any(
             n == b"content-length" for n, _ in headers

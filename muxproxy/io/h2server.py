@@ -206,8 +206,22 @@ class OriginConnection:
         await self.stream.aclose()
 
     async def run(self) -> None:
+        first = b""
+        if self.server.http1_handler is not None:
+            # Tests' stand-in for a server that also speaks HTTP/1.1 on its port.
+            try:
+                first = await self.stream.receive(65536)
+            except NETWORK_ERRORS:
+                return
+            if not first.startswith(b"PRI * HTTP/2.0"[: len(first)]):
+                await self.server.http1_handler(self.stream, first)
+                return
         self.h2.initiate_connection()
         await self.flush()
+        if first:
+            for ev in self.h2.receive_data(first):
+                self._handle(ev)
+            await self.flush()
         try:
             while not self.closed:
                 if self.frozen:
@@ -319,8 +333,10 @@ class H2Origin:
         goaway_after: int = 0,
         two_step_goaway: bool = False,
         refuse_every: int = 0,
+        http1_handler: Callable[[anyio.abc.ByteStream, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.handler = handler
+        self.http1_handler = http1_handler  # serves connections that do not start with h2
         self.goaway_after = goaway_after  # GOAWAY once a connection has processed this many
         self.two_step_goaway = two_step_goaway
         self.refuse_every = refuse_every  # RST_STREAM(REFUSED_STREAM) every n-th request

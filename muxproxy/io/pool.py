@@ -23,7 +23,7 @@ import h2.exceptions
 from ..config import Address, ClusterConfig
 from ..core.backend_h2 import StreamState
 from ..core.scheduler import ConnView, Scheduler, should_grow
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
 from .timers import TimerWheel
 
@@ -56,6 +56,7 @@ class _Backend:
 class _Pending:
     headers: Headers
     end_stream: bool
+    connect_protocol: bool  # needs a backend with SETTINGS_ENABLE_CONNECT_PROTOCOL
     signal: Signal = field(default_factory=Signal)
     result: tuple[BackendConnection, StreamState] | None = None
     error: str | None = None
@@ -248,10 +249,18 @@ class ClusterPool:
 
     # --- stream admission --------------------------------------------------------------
 
-    def _pick(self) -> BackendConnection | None:
+    def _pick(self, connect_protocol: bool = False) -> BackendConnection | None:
         now = self.wheel.now
         views = [
-            [ConnView(c.core.free_streams(), len(c.core.streams)) for c in b.conns]
+            [
+                ConnView(
+                    c.core.free_streams()
+                    if not connect_protocol or c.core.enable_connect_protocol
+                    else 0,
+                    len(c.core.streams),
+                )
+                for c in b.conns
+            ]
             if b.usable(now)
             else []
             for b in self.backends
@@ -262,10 +271,10 @@ class ClusterPool:
         return self.backends[choice[0]].conns[choice[1]]
 
     def _try_open(
-        self, headers: Headers, end_stream: bool
+        self, headers: Headers, end_stream: bool, connect_protocol: bool = False
     ) -> tuple[BackendConnection, StreamState] | None:
         while True:
-            conn = self._pick()
+            conn = self._pick(connect_protocol)
             if conn is None:
                 return None
             try:
@@ -274,22 +283,25 @@ class ClusterPool:
                 continue  # our estimate was stale; free_streams() now asks h2 exactly
 
     async def open_stream(
-        self, headers: Headers, end_stream: bool
+        self, headers: Headers, end_stream: bool, *, connect_protocol: bool = False
     ) -> tuple[BackendConnection, StreamState]:
         """Open a stream carrying the request head, waiting in the FIFO if every connection is
         full.  Raises BackendUnavailable (503) when the queue is full, the wait exceeds
-        ``pending_timeout``, or no backend can be reached."""
+        ``pending_timeout``, or no backend can be reached; NoExtendedConnect (502) when
+        ``connect_protocol`` is asked and no connected backend supports RFC 8441."""
         if not self._pending_live:
-            got = self._try_open(headers, end_stream)
+            got = self._try_open(headers, end_stream, connect_protocol)
             if got is not None:
                 return got
+        if connect_protocol and not self.supports_connect_protocol():
+            raise NoExtendedConnect("backend does not support WebSockets over HTTP/2 (RFC 8441)")
         if self._unreachable():
             raise BackendUnavailable(f"no backend reachable ({self._last_error()})")
         if self._pending_live >= self.cfg.max_pending:
             self.counters["pending_overflow"] += 1
             raise BackendUnavailable("too many requests waiting for a backend stream")
         self._maybe_grow()
-        w = _Pending(headers, end_stream)
+        w = _Pending(headers, end_stream, connect_protocol)
         self._pending.append(w)
         self._pending_live += 1
         self.counters["queued"] += 1
@@ -321,13 +333,27 @@ class ClusterPool:
             if w.done:
                 pending.popleft()
                 continue
-            got = self._try_open(w.headers, w.end_stream)
+            got = self._try_open(w.headers, w.end_stream, w.connect_protocol)
             if got is None:
                 return
             pending.popleft()
             w.result = got
             self._forget(w)
             w.signal.set()
+
+    def supports_connect_protocol(self) -> bool:
+        """Some connected backend announced SETTINGS_ENABLE_CONNECT_PROTOCOL = 1, or no
+        connection is up yet to say otherwise."""
+        conns = [c for b in self.backends for c in b.conns]
+        return not conns or any(c.core.enable_connect_protocol for c in conns)
+
+    def pick_backend(self) -> Address:
+        """A usable backend address, for a dedicated (non-pooled) connection."""
+        now = self.wheel.now
+        usable = [b for b in self.backends if b.usable(now) and b.conns] or self.backends
+        b = usable[self.counters["dedicated"] % len(usable)]
+        self.counters["dedicated"] += 1
+        return b.address
 
     def _maybe_grow(self) -> None:
         cap = self.cfg.connection_cap

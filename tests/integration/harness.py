@@ -88,11 +88,12 @@ async def running(
     origin: dict[str, Any] | None = None,
     backends: list[str] | None = None,
     origin_tls: ssl.SSLContext | None = None,
+    routes: str | None = None,
 ) -> AsyncIterator[Harness]:
     o = H2Origin(handler, **(origin or {}))
     async with anyio.create_task_group() as tg:
         port = await tg.start(partial(o.serve, ssl_context=origin_tls))
-        text = config_text(backends or [f"127.0.0.1:{port}"], listener, cluster)
+        text = config_text(backends or [f"127.0.0.1:{port}"], listener, cluster, routes)
         if origin_tls is not None:
             text = text.replace('protocol = "h2c"', 'protocol = "h2"')
         cfg = loads(text)
@@ -109,3 +110,12 @@ async def wait_for(predicate: Any, limit: float = 10.0) -> None:
     with anyio.fail_after(limit):
         while not predicate():
             await anyio.sleep(0.005)
+
+
+def unacknowledged(conn: Any) -> int:
+    """Connection-level bytes received from the backend and not yet handed back as credit.
+
+    (h2 batches the WINDOW_UPDATE itself; what must reach zero is what we never processed.)
+    """
+    mgr = conn.core.h2._inbound_flow_control_window_manager
+    return int(mgr.max_window_size - mgr.current_window_size - mgr._bytes_processed)

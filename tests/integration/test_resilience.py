@@ -3,27 +3,16 @@ gone, stalls, restarts, passive ejection and active health checks."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import pytest
 
 from muxproxy.core.backend_h2 import MAX_STREAM_ID, STREAM_ID_RESERVE
 from muxproxy.io.h2server import H2Origin
 
-from .harness import running, wait_for
+from .harness import running, unacknowledged, wait_for
 from .origin import Script
 
 pytestmark = pytest.mark.anyio
-
-
-def unacknowledged(conn: Any) -> int:
-    """Connection-level bytes received from the backend and not yet handed back as credit.
-
-    (h2 batches the WINDOW_UPDATE itself; what must reach zero is what we never processed.)
-    """
-    mgr = conn.core.h2._inbound_flow_control_window_manager
-    return int(mgr.max_window_size - mgr.current_window_size - mgr._bytes_processed)
 
 
 async def test_dead_connection_is_detected_by_ping_and_replaced() -> None:

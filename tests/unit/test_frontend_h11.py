@@ -929,17 +929,39 @@ def test_malformed_chunked_body(body: bytes) -> None:
         b"X-A: a\x01b\r\n",  # control character
         b"X-A: a\nX-B: b\r\n",  # bare LF
         b"X-A: a\r\n b\r\n",  # obs-fold
+        b"X-A: a\rb\r\n",  # bare CR
+        b"X A: b\r\n",  # name outside token
+        b"\n",  # the section ended by a bare LF
     ],
-    ids=["ctl", "bare-lf", "obs-fold"],
+    ids=["ctl", "bare-lf", "obs-fold", "bare-cr", "bad-name", "bare-lf-end"],
 )
-def test_request_trailers_are_never_forwarded(trailer: bytes) -> None:
-    """h11 accepts these trailer sections, and once parsed the raw bytes are gone, so the
-    proxy cannot refuse them as it refuses the same bytes in a head: it drops every request
-    trailer field instead (as nginx does), so none of them can reach a backend."""
+@pytest.mark.parametrize("one_byte", [False, True], ids=["whole", "bytewise"])
+def test_malformed_request_trailers_are_refused(trailer: bytes, one_byte: bool) -> None:
+    """h11 accepts these trailer sections; the same bytes in a head are refused, so they are
+    refused here too (before h11 parses them), and never forwarded."""
+    s = ClientSession()
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n" + trailer + b"\r\n"
+    )
+    chunks = [raw[i : i + 1] for i in range(len(raw))] if one_byte else [raw]
+    events: list[Event] = []
+    with pytest.raises(ClientError) as info:
+        for chunk in chunks:
+            s.receive_data(chunk)
+            events += drain(s)
+    assert info.value.status_hint == 400
+    assert not any(isinstance(e, EndOfRequest) for e in events)
+
+
+def test_well_formed_trailers_are_dropped_even_framing_ones() -> None:
+    """Trailer fields naming framing or routing fields (content-length, transfer-encoding,
+    host) must never reach the backend: every request trailer is dropped."""
     s = ClientSession()
     s.receive_data(
         b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3\r\nabc\r\n0\r\n" + trailer + b"\r\n"
+        b"3\r\nabc\r\n0\r\nContent-Length: 99\r\nHost: evil\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Checksum: 1\r\n\r\n"
     )
     assert isinstance(s.next_event(), RequestHead)
     assert s.next_event() == Body(b"abc")
