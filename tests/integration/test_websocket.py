@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
+from muxproxy.config import Duration
 from muxproxy.io.h1client import H1Client
 
 from .harness import running, unacknowledged, wait_for
@@ -334,4 +336,19 @@ async def test_tunnel_idle_timeout_closes_silent_tunnels() -> None:
         ws = await WSClient.connect(h.addr.host, h.addr.port)
         with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
             await ws.receive()  # nothing moves: the proxy closes the tunnel
+        await wait_for(lambda: script.live == 0)
+
+
+async def test_shutdown_waits_for_tunnels_up_to_grace_then_closes_them() -> None:
+    script = WSScript()
+    async with running(script, origin={"connect_protocol": True}, routes=ws_routes()) as h:
+        ws = await WSClient.connect(h.addr.host, h.addr.port)
+        cfg = h.proxy.config
+        grace = msgspec.structs.replace(cfg.proxy, grace_period=Duration(0.5))
+        h.proxy.config = msgspec.structs.replace(cfg, proxy=grace)
+        h.proxy.shutdown()  # SIGTERM's handler: stop accepting, drain
+        await ws.send("still open during the grace period")
+        assert await ws.receive() == "still open during the grace period"
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await ws.receive()  # the grace period ends: the tunnel is closed
         await wait_for(lambda: script.live == 0)
