@@ -19,6 +19,7 @@ import anyio.abc
 from . import __version__
 from .config import Address, Config, ConfigError, load
 from .io.server import Proxy
+from .io.supervisor import supervise
 
 log = logging.getLogger("muxproxy")
 
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
             sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+            sp.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("demo", help="in-process HTTP/2 backend + proxy, and a burst of clients")
     d.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG)
     d.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
@@ -62,11 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_routes(cfg)
         return 0
     loop = args.loop or cfg.proxy.loop
-    if cfg.proxy.workers != 1:
-        print("muxproxy: proxy.workers: only 1 worker is implemented so far", file=sys.stderr)
-        return 1
     if args.command == "run":
-        return _run_loop(loop, _serve, cfg)
+        if cfg.proxy.workers > 1 and not args.worker:
+            return supervise(args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period)
+        return _run_loop(loop, _serve, cfg, args.worker)
     return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
 
 
@@ -97,7 +98,10 @@ def _print_routes(cfg: Config) -> None:
 
 
 async def _with_signals(
-    proxy: Proxy, on_ready: Callable[[dict[str, Address]], Awaitable[None]]
+    proxy: Proxy,
+    on_ready: Callable[[dict[str, Address]], Awaitable[None]],
+    *,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once."""
     async with anyio.create_task_group() as tg:
@@ -110,7 +114,7 @@ async def _with_signals(
                     proxy.shutdown()
 
         async def serve(*, task_status: anyio.abc.TaskStatus[dict[str, Address]]) -> None:
-            await proxy.serve(task_status=task_status)
+            await proxy.serve(task_status=task_status, reuse_port=reuse_port)
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
@@ -122,13 +126,14 @@ def _ready_line(bound: dict[str, Address]) -> str:
     return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
 
 
-async def _serve(cfg: Config) -> int:
+async def _serve(cfg: Config, worker: bool = False) -> int:
     proxy = Proxy(cfg)
 
     async def ready(bound: dict[str, Address]) -> None:
-        print(_ready_line(bound), file=sys.stderr, flush=True)
+        # A worker tells its supervisor on stdout; the supervisor prints the one ready line.
+        print(_ready_line(bound), file=sys.stdout if worker else sys.stderr, flush=True)
 
-    await _with_signals(proxy, ready)
+    await _with_signals(proxy, ready, reuse_port=worker)
     return 0
 
 

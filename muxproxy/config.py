@@ -272,6 +272,10 @@ def _check(cfg: Config) -> None:
         fail("routes", "at least one [[routes]] is required")
     if cfg.proxy.workers < 1:
         fail("proxy.workers", "must be at least 1")
+    if cfg.proxy.workers > 1:
+        for i, lst in enumerate(cfg.listeners):
+            if lst.listen.port == 0:
+                fail(f"listeners[{i}].listen", "port 0 cannot be shared by several workers")
     seen: set[str] = set()
     for i, lst in enumerate(cfg.listeners):
         if lst.name in seen:

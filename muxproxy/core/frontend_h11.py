@@ -475,6 +475,10 @@ class ClientSession:
             self._chunks = ChunkedScanner()
         if rest:
             self._feed_body(rest)
+            if self._body_error is not None:
+                # The body that came with the head is already known to be bad: refuse the
+                # request before anything of it is forwarded.
+                raise self._body_error
             self._h11.receive_data(rest)
         if self._eof:
             self._h11.receive_data(b"")

@@ -78,6 +78,11 @@ class Script:
         elif route == "/stall":
             self.started.append(req)
             await anyio.sleep_forever()
+        elif route == "/stall-mid-body":
+            self.started.append(req)
+            await req.respond(200, [(b"content-length", b"100000")], end=False)
+            await req.send_data(b"x" * 1000)
+            await anyio.sleep_forever()
         elif route == "/reset":
             await req.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         elif route == "/refuse":

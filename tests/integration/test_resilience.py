@@ -201,3 +201,14 @@ async def test_active_health_check_takes_a_backend_out_and_back() -> None:
                 assert (await h.get("/hello")).status == 200
             assert sick.served > 0
         tg.cancel_scope.cancel()
+
+
+async def test_stall_mid_body_closes_the_client_and_resets_the_stream() -> None:
+    script = Script()
+    async with running(script, cluster={"request_timeout": "300ms"}) as h:
+        out = await h.raw(b"GET /stall-mid-body HTTP/1.1\r\nHost: a\r\n\r\n")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 100000" in head
+        assert body == b"x" * 1000  # closed short: the client can tell it is truncated
+        await wait_for(lambda: h.origin.resets_received == 1)
+        assert (await h.get("/hello")).status == 200

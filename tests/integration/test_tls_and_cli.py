@@ -103,3 +103,44 @@ def test_run_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
             tg.cancel_scope.cancel()
 
     anyio.run(scenario)
+
+
+def test_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path) -> None:
+    """`workers = 2`: one ready line once both accept; each worker has its own pool."""
+
+    async def scenario() -> None:
+        origin = H2Origin(Script())
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(origin.serve)
+            probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            listen = probe.extra(anyio.abc.SocketAttribute.local_port)
+            await probe.aclose()
+            cfg = tmp_path / "proxy.toml"
+            cfg.write_text(
+                f'[proxy]\nworkers = 2\n[[listeners]]\nname = "edge"\n'
+                f'listen = "127.0.0.1:{listen}"\n'
+                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
+                '[[routes]]\ncluster = "app"\n'
+            )
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)], stderr=subprocess.PIPE
+            )
+            assert proc.stderr is not None
+            log = b""
+            with anyio.fail_after(30):
+                while b"ready " not in log:
+                    log += await proc.stderr.receive()
+            for _ in range(20):
+                client = await H1Client.connect("127.0.0.1", listen)
+                assert (await client.request("GET", "/hello")).status == 200
+                await client.aclose()
+            with anyio.fail_after(10):
+                while origin.connections_accepted < 2:
+                    await anyio.sleep(0.01)
+            assert origin.connections_accepted == 2  # 2 workers × connections = 1
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                assert await proc.wait() == 0
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)

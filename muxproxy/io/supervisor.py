@@ -1,0 +1,93 @@
+"""Several worker processes sharing each listen port with SO_REUSEPORT.
+
+``muxproxy run`` with ``[proxy].workers = N > 1`` becomes this supervisor: it starts N
+``muxproxy run --worker`` processes (each a whole proxy with its own pools — so a backend sees
+``N × connections`` connections), waits until every one accepts, prints one ``ready`` line,
+restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for the
+workers' graceful drain.  The kernel spreads new client connections across the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("muxproxy.supervisor")
+
+READY_TIMEOUT = 30.0
+
+
+def _spawn(config: Path, loop: str, index: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "muxproxy", "run", "-c", str(config), "--loop", loop, "--worker"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "MUXPROXY_WORKER": str(index)},
+    )
+
+
+def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> str | None:
+    """The first worker's ready line once every worker printed one; None if one died."""
+    sel = selectors.DefaultSelector()
+    for i, w in enumerate(workers):
+        assert w.stdout is not None
+        sel.register(w.stdout, selectors.EVENT_READ, i)
+    lines: dict[int, str] = {}
+    deadline = time.monotonic() + READY_TIMEOUT
+    while len(lines) < len(workers):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        for key, _ in sel.select(remaining):
+            i = key.data
+            stdout = workers[i].stdout
+            assert stdout is not None
+            line = stdout.readline().decode(errors="replace")
+            if not line:
+                return None
+            if line.startswith("ready"):
+                lines[i] = line.strip()
+                sel.unregister(key.fileobj)
+    sel.close()
+    return lines[0]
+
+
+def supervise(config: Path, loop: str, workers: int, grace: float) -> int:
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs = [_spawn(config, loop, i) for i in range(workers)]
+    ready = _wait_ready(procs)
+    if ready is None:
+        log.error("a worker failed to start")
+        for p in procs:
+            p.kill()
+        return 1
+    print(ready, file=sys.stderr, flush=True)
+    while not stop:
+        for i, p in enumerate(procs):
+            if p.poll() is not None:
+                log.error("worker %d exited with %s; restarting it", i, p.returncode)
+                procs[i] = _spawn(config, loop, i)
+        time.sleep(0.2)  # a supervisor's heartbeat, not a synchronisation
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    code = 0
+    for p in procs:
+        try:
+            code |= p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = 1
+    return 0 if code == 0 else 1
