@@ -107,7 +107,9 @@ _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name or an IP literal.  No
 # userinfo, no path, no whitespace: the value becomes :authority and is what routes match.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]{0,5})?")
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
+)
 # Field names that an underscore variant must never stand in for, even when "allow"ed.
 _ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
 # RFC 9112 §2.2 asks to ignore "at least one" empty line before a request-line; a client that

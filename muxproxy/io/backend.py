@@ -313,6 +313,31 @@ class BackendConnection:
             ping_timeouts=self.ping_timeouts,
         )
 
+    async def send_body(self, sid: int, data: bytes, window: Signal) -> bool:
+        """Send ``data`` on a stream as fast as its send window (stream and connection) opens.
+
+        Returns False if the stream ended or failed first (its exchange learns why from the
+        stream state).  Waits only for credit, so a request body is read from the client no
+        faster than the backend takes it.
+        """
+        core = self.core
+        view = memoryview(data)
+        try:
+            while view:
+                if sid not in core.streams:
+                    return False
+                n = core.send_window(sid)
+                if n <= 0:
+                    self.blocked[sid] = window
+                    await window.wait()
+                    continue
+                core.send_data(sid, bytes(view[:n]))
+                view = view[n:]
+                self.schedule_flush()
+        finally:
+            self.blocked.pop(sid, None)
+        return True
+
     def release(self, st: StreamState) -> None:
         """The exchange is done with the stream: reset it if still open, return its credit."""
         sid = st.stream_id

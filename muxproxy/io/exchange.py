@@ -166,26 +166,14 @@ class Exchange:
             if cont:
                 await self.client.send(cont)
             async for chunk in body.chunks():
-                view = memoryview(chunk)
-                while view:
-                    if sid not in core.streams:
-                        return  # reset or failed: the download side reports it
-                    n = core.send_window(sid)
-                    if n <= 0:
-                        conn.blocked[sid] = window
-                        await window.wait()
-                        continue
-                    core.send_data(sid, bytes(view[:n]))
-                    view = view[n:]
-                    conn.schedule_flush()
+                if not await conn.send_body(sid, chunk, window):
+                    return  # reset or failed: the download side reports it
             if sid in core.streams:
                 core.end_stream(sid, body.trailers or None)
                 conn.schedule_flush()
         except (ProxyError, ClientGone) as exc:
             self.failure = exc
             news.set()
-        finally:
-            conn.blocked.pop(sid, None)
 
     async def _download(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
         await self._await_head(st, news)

@@ -141,25 +141,13 @@ class Tunnel(Exchange):
                         break  # vanished without a close handshake
                 client.wheel.start(self, self.cfg.tunnel_idle_timeout)
                 up.feed(data)
-                view = memoryview(data)
-                while view:
-                    if sid not in core.streams:
-                        return
-                    n = core.send_window(sid)
-                    if n <= 0:
-                        conn.blocked[sid] = window
-                        await window.wait()
-                        continue
-                    core.send_data(sid, bytes(view[:n]))
-                    view = view[n:]
-                    conn.schedule_flush()
+                if not await conn.send_body(sid, data, window):
+                    return
                 data = b""
                 if up.closed and down.closed:
                     break  # close handshake done both ways: end the stream now
         except ClientGone:
             pass
-        finally:
-            conn.blocked.pop(sid, None)
         self.failure = ClientGone()  # the downstream side ends the stream (RST) and the tunnel
         news.set()
 
