@@ -26,7 +26,7 @@ from ..config import RouteConfig
 from ..core.backend_h2 import StreamState
 from ..core.frontend_h11 import Body, RequestHead, ResponseFramingError
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
-from ..errors import BackendError, BackendTimeout, ClientError, ProxyError
+from ..errors import BackendError, BackendTimeout, ProxyError
 from .backend import BackendConnection, Signal
 
 if TYPE_CHECKING:
@@ -98,36 +98,54 @@ class Exchange:
         if self._news is not None:
             self._news.set()
 
+    connect_protocol = False  # a tunnel needs a backend with RFC 8441
+
     async def run(self) -> None:
         """Relay the request and its response.  Errors become responses; a failure after the
         response head was sent closes the client connection (``client.must_close``)."""
-        client, head = self.client, self.head
-        h2head = request_to_h2(
-            head.method, head.target, head.authority, head.headers, client.fwd, head.http_version
-        )
-        body = BodySource(client, self.cfg.replay_buffer) if head.has_body else None
-        replays = 0
+        client = self.client
         try:
-            while True:
-                conn, st = await self.pool.open_stream(h2head, end_stream=body is None)
-                try:
-                    await self._attempt(conn, st, body)
-                    return
-                except _Replay:
-                    if body is not None and not body.replayable:
-                        raise BackendError(
-                            f"{st.error}; request body too large to replay"
-                        ) from None
-                    if replays >= self.cfg.max_replays:
-                        raise BackendError(st.error or "backend refused the stream") from None
-                    replays += 1
-                    self.pool.counters["replays"] += 1
+            await self._forward()
         except ClientGone:
             client.must_close = True
         except ProxyError as exc:
             await client.send_error(exc)
         finally:
             client.wheel.discard(self)
+
+    def _fields(self) -> list[Header]:
+        """The HTTP/2 head of the request."""
+        head = self.head
+        return request_to_h2(
+            head.method,
+            head.target,
+            head.authority,
+            head.headers,
+            self.client.fwd,
+            head.http_version,
+        )
+
+    async def _forward(self) -> None:
+        """Open a stream and relay, replaying what the backend provably never processed."""
+        fields = self._fields()
+        body = BodySource(self.client, self.cfg.replay_buffer) if self.head.has_body else None
+        replays = 0
+        while True:
+            conn, st = await self.pool.open_stream(
+                fields,
+                body is None and not self.connect_protocol,
+                connect_protocol=self.connect_protocol,
+            )
+            try:
+                await self._attempt(conn, st, body)
+                return
+            except _Replay:
+                if body is not None and not body.replayable:
+                    raise BackendError(f"{st.error}; request body too large to replay") from None
+                if replays >= self.cfg.max_replays:
+                    raise BackendError(st.error or "backend refused the stream") from None
+                replays += 1
+                self.pool.counters["replays"] += 1
 
     async def _attempt(
         self, conn: BackendConnection, st: StreamState, body: BodySource | None
@@ -267,4 +285,4 @@ class Exchange:
             await self.client.send(data)
 
 
-__all__ = ["BodySource", "ClientError", "ClientGone", "Exchange"]
+__all__ = ["BodySource", "ClientGone", "Exchange"]

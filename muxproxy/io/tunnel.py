@@ -29,9 +29,9 @@ from ..core.backend_h2 import StreamState
 from ..core.frontend_h11 import RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2
 from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
-from ..errors import BackendError, ClientError, NoExtendedConnect, ProxyError
+from ..errors import BackendError, ClientError, NoExtendedConnect
 from .backend import NETWORK_ERRORS, BackendConnection, Signal
-from .exchange import ClientGone, Exchange, _Replay
+from .exchange import ClientGone, Exchange
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -57,35 +57,24 @@ class Tunnel(Exchange):
             return
         super().on_deadline()
 
-    async def run(self) -> None:
-        client, head = self.client, self.head
-        client.must_close = True  # after a WebSocket, whatever happens, the connection ends
+    connect_protocol = True
+
+    def _fields(self) -> list[Header]:
+        head = self.head
+        return connect_head(head.target, head.authority, head.headers, self.client.fwd)
+
+    async def _forward(self) -> None:
+        head = self.head
+        self.client.must_close = True  # after a WebSocket, whatever happens, the connection ends
+        if head.has_body:
+            raise ClientError("a WebSocket upgrade request cannot carry a body")
+        self.key = check_handshake(head.method, head.http_version, head.headers)
         try:
-            self.key = check_handshake(head.method, head.http_version, head.headers)
-            h2head = connect_head(head.target, head.authority, head.headers, client.fwd)
-            replays = 0
-            while True:
-                try:
-                    conn, st = await self.pool.open_stream(h2head, False, connect_protocol=True)
-                except NoExtendedConnect:
-                    if not self.route.websocket_fallback_http1:
-                        raise
-                    await self._fallback_http1()
-                    return
-                try:
-                    await self._attempt(conn, st, None)
-                    return
-                except _Replay:
-                    if replays >= self.cfg.max_replays:
-                        raise BackendError(st.error or "backend refused the stream") from None
-                    replays += 1
-                    self.pool.counters["replays"] += 1
-        except ClientGone:
-            pass
-        except ProxyError as exc:
-            await client.send_error(exc)
-        finally:
-            client.wheel.discard(self)
+            await super()._forward()
+        except NoExtendedConnect:
+            if not self.route.websocket_fallback_http1:
+                raise
+            await self._fallback_http1()
 
     async def _attempt(self, conn: BackendConnection, st: StreamState, body: object) -> None:
         news = Signal()
@@ -287,4 +276,4 @@ def _h1_head(response: h11.Response | h11.InformationalResponse) -> bytes:
     return b"".join(lines)
 
 
-__all__ = ["ClientError", "Header", "Tunnel"]
+__all__ = ["Tunnel"]
