@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -22,6 +23,7 @@ from anyio.streams.tls import TLSListener
 
 from ..config import Address, Config, ListenerConfig
 from ..router import Router
+from .admin import serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .pool import ClusterPool, PoolStatistics
@@ -95,6 +97,15 @@ class Proxy:
                         listeners.append(listener)
                         bound[lc.name] = addr
                         accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
+                    if self.config.admin is not None:
+                        admin = await anyio.create_tcp_listener(
+                            local_host=self.config.admin.listen.host,
+                            local_port=self.config.admin.listen.port,
+                        )
+                        sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
+                        bound["admin"] = Address(*sock.getsockname()[:2])
+                        # In the clients' group: /healthz answers 503 while draining.
+                        clients_tg.start_soon(admin.serve, partial(serve_admin, self), clients_tg)
                     task_status.started(bound)
                     await self._stop.wait()
                     accept_tg.cancel_scope.cancel()

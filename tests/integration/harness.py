@@ -50,6 +50,7 @@ class Harness:
     origin: H2Origin
     proxy: Proxy
     addr: Address
+    admin: Address | None = None
 
     async def client(self) -> H1Client:
         return await H1Client.connect(self.addr.host, self.addr.port)
@@ -89,18 +90,21 @@ async def running(
     backends: list[str] | None = None,
     origin_tls: ssl.SSLContext | None = None,
     routes: str | None = None,
+    admin: bool = False,
 ) -> AsyncIterator[Harness]:
     o = H2Origin(handler, **(origin or {}))
     async with anyio.create_task_group() as tg:
         port = await tg.start(partial(o.serve, ssl_context=origin_tls))
         text = config_text(backends or [f"127.0.0.1:{port}"], listener, cluster, routes)
+        if admin:
+            text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
         if origin_tls is not None:
             text = text.replace('protocol = "h2c"', 'protocol = "h2"')
         cfg = loads(text)
         proxy = Proxy(cfg)
         bound = await tg.start(proxy.serve)
         try:
-            yield Harness(o, proxy, bound["edge"])
+            yield Harness(o, proxy, bound["edge"], bound.get("admin"))
         finally:
             tg.cancel_scope.cancel()
 

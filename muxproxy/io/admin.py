@@ -1,0 +1,189 @@
+"""The admin listener: ``/healthz``, ``/pools`` (JSON) and ``/metrics`` (Prometheus text).
+
+Multiplexing is the point of muxproxy, so its metrics say how the pools are doing: usable,
+draining and connecting connections per backend, open streams against each connection's
+SETTINGS limit, the pending queue, GOAWAYs, REFUSED_STREAMs, replays, resets, PING timeouts,
+reconnects and ejections.  Low traffic by nature: one h11 connection at a time per client,
+``Connection: close`` after each answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import h11
+
+from .backend import NETWORK_ERRORS
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(proxy: Proxy) -> str:
+    """Prometheus text exposition (version 0.0.4) of the proxy's state."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_: str, samples: Iterator[tuple[str, object]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    stats = proxy.statistics()
+    family(
+        "muxproxy_client_connections",
+        "gauge",
+        "Client connections open now.",
+        iter([("", len(proxy.clients))]),
+    )
+    family(
+        "muxproxy_client_connections_refused_total",
+        "counter",
+        "Client connections closed at once because a listener was at max_connections.",
+        iter([("", proxy.refused_connections)]),
+    )
+
+    def per_backend(attr: str) -> Iterator[tuple[str, object]]:
+        for s in stats.values():
+            for b in s.backends:
+                yield (
+                    f'{{cluster="{_label(s.cluster)}",backend="{_label(b.address)}"}}',
+                    (int(getattr(b, attr))),
+                )
+
+    def per_connection(attr: str) -> Iterator[tuple[str, object]]:
+        for s in stats.values():
+            for b in s.backends:
+                for c in b.connections:
+                    labels = (
+                        f'{{cluster="{_label(s.cluster)}",backend="{_label(b.address)}",'
+                        f'connection="{c.id}",draining="{str(c.draining).lower()}"}}'
+                    )
+                    yield labels, int(getattr(c, attr))
+
+    family(
+        "muxproxy_backend_healthy",
+        "gauge",
+        "1 if the backend takes new streams.",
+        per_backend("healthy"),
+    )
+    family(
+        "muxproxy_backend_connecting",
+        "gauge",
+        "Connection slots being (re)connected.",
+        per_backend("connecting"),
+    )
+    family(
+        "muxproxy_backend_reconnects_total",
+        "counter",
+        "Connections opened to replace one.",
+        per_backend("reconnects"),
+    )
+    family(
+        "muxproxy_backend_resets_received_total",
+        "counter",
+        "RST_STREAM from the backend.",
+        per_backend("resets_received"),
+    )
+    family(
+        "muxproxy_backend_refused_streams_total",
+        "counter",
+        "RST_STREAM(REFUSED_STREAM) from the backend.",
+        per_backend("refused_received"),
+    )
+    family(
+        "muxproxy_backend_ping_timeouts_total",
+        "counter",
+        "Connections declared dead for want of a PING ACK.",
+        per_backend("ping_timeouts"),
+    )
+    family(
+        "muxproxy_connection_streams_open",
+        "gauge",
+        "Streams open on a pooled connection.",
+        per_connection("streams_open"),
+    )
+    family(
+        "muxproxy_connection_max_concurrent_streams",
+        "gauge",
+        "The stream limit of a pooled connection (backend SETTINGS, capped by config).",
+        per_connection("max_concurrent_streams"),
+    )
+    family(
+        "muxproxy_connection_streams_total",
+        "counter",
+        "Streams opened on a connection.",
+        per_connection("streams_opened"),
+    )
+    family(
+        "muxproxy_pool_pending",
+        "gauge",
+        "Requests waiting for a free stream.",
+        iter((f'{{cluster="{_label(s.cluster)}"}}', s.pending) for s in stats.values()),
+    )
+    family(
+        "muxproxy_pool_events_total",
+        "counter",
+        "Pool events: connections_opened, goaway_received, replays, queued, pending_timeout,"
+        " pending_overflow, connect_failures, ejections, grown, websockets, ...",
+        iter(
+            (f'{{cluster="{_label(s.cluster)}",event="{_label(k)}"}}', v)
+            for s in stats.values()
+            for k, v in sorted(s.counters.items())
+        ),
+    )
+    return "\n".join(lines) + "\n"
+
+
+async def serve_admin(proxy: Proxy, stream: anyio.abc.ByteStream) -> None:
+    """Answer one request on an admin connection, then close it."""
+    conn = h11.Connection(h11.SERVER)
+    try:
+        with anyio.fail_after(10):
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive())
+                    continue
+                break
+            if not isinstance(ev, h11.Request):
+                return
+            status, ctype, body = _route(proxy, ev.method, ev.target)
+            headers = [
+                ("content-type", ctype),
+                ("content-length", str(len(body))),
+                ("connection", "close"),
+            ]
+            out = conn.send(h11.Response(status_code=status, headers=headers))
+            if ev.method != b"HEAD":
+                out += conn.send(h11.Data(data=body))
+            out += conn.send(h11.EndOfMessage())
+            await stream.send(out)
+    except (TimeoutError, h11.RemoteProtocolError, *NETWORK_ERRORS):
+        pass
+    finally:
+        await stream.aclose()
+
+
+def _route(proxy: Proxy, method: bytes, target: bytes) -> tuple[int, str, bytes]:
+    if method not in (b"GET", b"HEAD"):
+        return 405, "text/plain", b"GET only\n"
+    path = target.split(b"?", 1)[0]
+    if path == b"/healthz":
+        if proxy.draining:
+            return 503, "text/plain", b"draining\n"
+        return 200, "text/plain", b"ok\n"
+    if path == b"/pools":
+        pools = {name: dataclasses.asdict(s) for name, s in proxy.statistics().items()}
+        return 200, "application/json", json.dumps(pools, indent=2).encode()
+    if path == b"/metrics":
+        return 200, "text/plain; version=0.0.4", metrics_text(proxy).encode()
+    return 404, "text/plain", b"try /healthz, /pools or /metrics\n"
