@@ -20,7 +20,7 @@ import anyio.abc
 from anyio.streams.tls import TLSAttribute
 
 from ..config import Address, ClusterConfig
-from ..core.backend_h2 import H2Backend, StreamState
+from ..core.backend_h2 import H2Backend, StreamState, Update
 from ..errors import BackendUnavailable
 from .timers import TimerWheel
 
@@ -222,31 +222,38 @@ class BackendConnection:
             except NETWORK_ERRORS:
                 data = b""
             up = core.receive_data(data)
-            if data:  # any frame proves the peer alive: the next PING is ping_interval away
-                self._awaiting_ack = False
-                self.wheel.start(self, self.cfg.ping_interval)
-            news = self.news
-            for st in up.streams:
-                sig = news.get(st.stream_id)
-                if sig is not None:
-                    sig.set()
-                sig = self.blocked.get(st.stream_id)
-                if sig is not None:
-                    sig.set()
-            if up.window_opened and self.blocked:
-                for sig in self.blocked.values():
-                    sig.set()
-            self.schedule_flush()
-            if up.goaway or up.closed:
-                if not self.retired.is_set():
-                    log.info("%r retiring: %s", self, core.close_reason or "GOAWAY received")
-                self.retired.set()
-            if up.capacity_changed:
-                self.on_capacity(self)
-            if core.closed or (core.draining and not core.streams):
-                if not core.closed:
-                    core.close()  # drained: say GOAWAY
+            if self._dispatch(up, alive=bool(data)):
                 return
+
+    def _dispatch(self, up: Update, *, alive: bool) -> bool:
+        """Wake the exchanges the update concerns; True once the connection is finished."""
+        core = self.core
+        if alive:  # any frame proves the peer alive: the next PING is ping_interval away
+            self._awaiting_ack = False
+            self.wheel.start(self, self.cfg.ping_interval)
+        news = self.news
+        for st in up.streams:
+            sig = news.get(st.stream_id)
+            if sig is not None:
+                sig.set()
+            sig = self.blocked.get(st.stream_id)
+            if sig is not None:
+                sig.set()
+        if up.window_opened and self.blocked:
+            for sig in self.blocked.values():
+                sig.set()
+        self.schedule_flush()
+        if up.goaway or up.closed:
+            if not self.retired.is_set():
+                log.info("%r retiring: %s", self, core.close_reason or "GOAWAY received")
+            self.retired.set()
+        if up.capacity_changed:
+            self.on_capacity(self)
+        if core.closed or (core.draining and not core.streams):
+            if not core.closed:
+                core.close()  # drained: say GOAWAY
+            return True
+        return False
 
     async def _writer(self) -> None:
         assert self._stream is not None
