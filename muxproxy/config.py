@@ -296,8 +296,8 @@ def _check(cfg: Config) -> None:
         names.add(c.name)
         if not c.backends:
             fail(f"{p}.backends", "at least one backend is required")
-        if c.protocol not in ("h2c", "h2"):
-            fail(f"{p}.protocol", f"{c.protocol!r} is not implemented yet (use h2c or h2)")
+        if c.protocol == "http1":
+            fail(f"{p}.protocol", "'http1' is not implemented yet (use h2c, h2 or h3)")
         if c.balance == "hash":
             fail(f"{p}.balance", "'hash' is not implemented yet (use round_robin or least_streams)")
         if c.connections < 1:

@@ -20,7 +20,7 @@ import anyio.abc
 from anyio.streams.tls import TLSAttribute
 
 from ..config import Address, ClusterConfig
-from ..core.backend_h2 import H2Backend, StreamState, Update
+from ..core.backend_h2 import BackendCore, H2Backend, StreamState, Update
 from ..errors import BackendUnavailable
 from .timers import TimerWheel
 
@@ -94,9 +94,7 @@ class BackendConnection:
         self.address = address
         self.cfg = cfg
         self.tls = tls
-        self.core = H2Backend(
-            stream_window=cfg.stream_window, max_streams=cfg.max_streams_per_connection
-        )
+        self.core: BackendCore = self._make_core()
         self.on_capacity = on_capacity
         self.news: dict[int, Signal] = {}  # stream id → the exchange waiting on it
         self.blocked: dict[int, Signal] = {}  # stream id → exchange waiting for send window
@@ -114,6 +112,16 @@ class BackendConnection:
         self._awaiting_ack = False
         self._scope: anyio.CancelScope | None = None
         self.ping_timeouts = 0
+
+    def _make_core(self) -> BackendCore:
+        return H2Backend(
+            stream_window=self.cfg.stream_window, max_streams=self.cfg.max_streams_per_connection
+        )
+
+    @property
+    def h2core(self) -> H2Backend:
+        assert isinstance(self.core, H2Backend)
+        return self.core
 
     def __repr__(self) -> str:
         return f"<conn #{self.id} {self.address} streams={len(self.core.streams)}>"
@@ -142,14 +150,15 @@ class BackendConnection:
                 else:
                     stream = await anyio.connect_tcp(addr.host, addr.port)
                 self._stream = stream
-                self.core.initiate()
-                await stream.send(self.core.data_to_send())
-                while not self.core.settings_received:
+                core = self.h2core
+                core.initiate()
+                await stream.send(core.data_to_send())
+                while not core.settings_received:
                     data = await stream.receive(65536)
-                    up = self.core.receive_data(data)
+                    up = core.receive_data(data)
                     if up.closed:
-                        raise BackendUnavailable(f"backend {addr}: {self.core.close_reason}")
-                    out = self.core.data_to_send()
+                        raise BackendUnavailable(f"backend {addr}: {core.close_reason}")
+                    out = core.data_to_send()
                     if out:
                         await stream.send(out)
         except TimeoutError:
@@ -163,9 +172,12 @@ class BackendConnection:
             raise
 
     async def _abort(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._aclose_transport()
+
+    async def _aclose_transport(self) -> None:
         if self._stream is not None:
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
+            await self._stream.aclose()
 
     # --- running -----------------------------------------------------------------------
 
@@ -206,16 +218,15 @@ class BackendConnection:
             self.wheel.discard(self)
             self.retired.set()
             self._fail_all()
-            if self._stream is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._stream.aclose()
+            with anyio.CancelScope(shield=True):
+                await self._aclose_transport()
             self.closed.set()
             self.on_capacity(self)
 
     async def _reader(self) -> None:
         assert self._stream is not None
         receive = self._stream.receive
-        core = self.core
+        core = self.h2core
         while True:
             try:
                 data = await receive(65536)
@@ -258,7 +269,7 @@ class BackendConnection:
     async def _writer(self) -> None:
         assert self._stream is not None
         send = self._stream.send
-        core = self.core
+        core = self.h2core
         try:
             while True:
                 await self._flush.wait()
@@ -268,7 +279,7 @@ class BackendConnection:
                     try:
                         await send(data)
                     except NETWORK_ERRORS:
-                        core.receive_data(b"")  # fail every stream: the socket is gone
+                        core.abort("backend connection lost")  # fail every stream
                         self.retired.set()
                         self._wake_all()
                         return
@@ -281,7 +292,7 @@ class BackendConnection:
 
     def _fail_all(self) -> None:
         if not self.core.closed:
-            self.core.receive_data(b"")
+            self.core.abort("backend connection lost")
         self._wake_all()
 
     def _wake_all(self) -> None:

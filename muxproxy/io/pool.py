@@ -25,6 +25,7 @@ from ..core.backend_h2 import StreamState
 from ..core.scheduler import ConnView, Scheduler, should_grow
 from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
+from .quic import QuicBackendConnection
 from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.pool")
@@ -94,6 +95,9 @@ class ClusterPool:
         self.cfg = cfg
         self.wheel = wheel
         self.tls = client_tls_context(cfg) if cfg.protocol == "h2" else None
+        self._connection_class: type[BackendConnection] = (
+            QuicBackendConnection if cfg.protocol == "h3" else BackendConnection
+        )
         self.backends = [_Backend(a) for a in cfg.backends]
         self.scheduler = Scheduler(cfg.balance)
         self._pending: deque[_Pending] = deque()
@@ -126,7 +130,7 @@ class ClusterPool:
             if not counted:
                 b.connecting += 1
                 counted = True
-            conn = BackendConnection(
+            conn = self._connection_class(
                 b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity, wheel=self.wheel
             )
             try:

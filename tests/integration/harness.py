@@ -38,7 +38,7 @@ listen = "127.0.0.1:0"
 {limits}
 [[clusters]]
 name = "app"
-protocol = "h2c"
+{'' if cluster and 'protocol' in cluster else 'protocol = "h2c"'}
 backends = [{blist}]
 {cl}
 {routes}

@@ -1,0 +1,141 @@
+"""An in-process HTTP/3 origin for tests: aioquic's server side on an anyio UDP socket.
+
+Real QUIC and HTTP/3 (aioquic's state machines, real datagrams on loopback, TLS 1.3 with a
+trustme certificate), with scripted paths: /hello, /echo (the request body back), /big?N.
+It counts the QUIC connections it accepted (by peer address) and the requests it processed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import trustme
+from aioquic.buffer import encode_uint_var
+from aioquic.h3 import events as h3e
+from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection, encode_frame
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from .origin import pattern
+
+
+@dataclass
+class _Stream:
+    headers: dict[bytes, bytes]
+    body: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class _Conn:
+    quic: QuicConnection
+    h3: H3Connection
+    streams: dict[int, _Stream] = field(default_factory=dict)
+    processed: int = 0
+    goaway_id: int | None = None  # streams with ids from here on are never processed
+
+
+class H3Origin:
+    def __init__(self, ca: trustme.CA, tmp: Path, *, goaway_after: int = 0) -> None:
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        self.certfile = tmp / "h3-cert.pem"
+        self.keyfile = tmp / "h3-key.pem"
+        self.certfile.write_bytes(b"".join(c.bytes() for c in cert.cert_chain_pems))
+        self.keyfile.write_bytes(cert.private_key_pem.bytes())
+        self.goaway_after = goaway_after
+        self.conns: dict[tuple[str, int], _Conn] = {}
+        self.connections_accepted = 0
+        self.requests_received = 0
+        self._sock: anyio.abc.UDPSocket | None = None
+        self._send_lock = anyio.Lock()  # the datagram loop and the timer task both send
+
+    def _config(self) -> QuicConfiguration:
+        config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+        config.load_cert_chain(str(self.certfile), str(self.keyfile))
+        return config
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with await anyio.create_udp_socket(local_host="127.0.0.1") as sock:
+            self._sock = sock
+            task_status.started(sock.extra(anyio.abc.SocketAttribute.local_port))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._timers)
+                async for data, addr in sock:
+                    peer = (str(addr[0]), int(addr[1]))
+                    conn = self.conns.get(peer)
+                    if conn is None:
+                        quic = QuicConnection(
+                            configuration=self._config(),
+                            original_destination_connection_id=_dcid(data),
+                        )
+                        conn = self.conns[peer] = _Conn(quic, H3Connection(quic))
+                        self.connections_accepted += 1
+                    conn.quic.receive_datagram(data, peer, anyio.current_time())
+                    self._process(conn)
+                    await self._flush(conn, peer)
+
+    async def _timers(self) -> None:
+        while True:
+            await anyio.sleep(0.01)  # a test server's timer tick, not a synchronisation
+            now = anyio.current_time()
+            for peer, conn in list(self.conns.items()):
+                timer = conn.quic.get_timer()
+                if timer is not None and timer <= now:
+                    conn.quic.handle_timer(now)
+                    self._process(conn)
+                    await self._flush(conn, peer)
+
+    async def _flush(self, conn: _Conn, peer: tuple[str, int]) -> None:
+        assert self._sock is not None
+        async with self._send_lock:
+            for data, _ in conn.quic.datagrams_to_send(anyio.current_time()):
+                await self._sock.sendto(data, *peer)
+
+    def _process(self, conn: _Conn) -> None:
+        while (ev := conn.quic.next_event()) is not None:
+            for h in conn.h3.handle_event(ev):
+                if isinstance(h, h3e.HeadersReceived):
+                    if conn.goaway_id is not None and h.stream_id >= conn.goaway_id:
+                        continue  # after our GOAWAY: never processed
+                    conn.streams[h.stream_id] = _Stream(dict(h.headers))
+                    if h.stream_ended:
+                        self._answer(conn, h.stream_id)
+                elif isinstance(h, h3e.DataReceived):
+                    st = conn.streams.get(h.stream_id)
+                    if st is not None:
+                        st.body += h.data
+                        if h.stream_ended:
+                            self._answer(conn, h.stream_id)
+
+    def _answer(self, conn: _Conn, sid: int) -> None:
+        st = conn.streams.pop(sid)
+        self.requests_received += 1
+        conn.processed += 1
+        path = st.headers.get(b":path", b"").decode()
+        route, _, query = path.partition("?")
+        if route == "/hello":
+            status, body = 200, b"hello\n"
+        elif route == "/echo":
+            status, body = 200, bytes(st.body)
+        elif route == "/big":
+            status, body = 200, pattern(int(query or "1048576"))
+        else:
+            status, body = 404, b"no such path\n"
+        conn.h3.send_headers(sid, [(b":status", str(status).encode()),
+                                   (b"content-length", str(len(body)).encode())])
+        conn.h3.send_data(sid, body, end_stream=True)
+        if self.goaway_after and conn.processed >= self.goaway_after and conn.goaway_id is None:
+            conn.goaway_id = sid + 4
+            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(sid + 4))
+            conn.quic.send_stream_data(conn.h3._local_control_stream_id, frame)  # type: ignore[arg-type]
+
+
+def _dcid(datagram: bytes) -> bytes:
+    """The destination connection id of a QUIC long-header packet (RFC 9000 §17.2)."""
+    length = datagram[5]
+    return datagram[6 : 6 + length]
+
+
+__all__ = ["H3Origin"]

@@ -1,0 +1,135 @@
+"""HTTP/3 backend pools: HTTP/1.1 clients → muxproxy → an aioquic origin over QUIC."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import anyio
+import pytest
+import trustme
+
+from muxproxy.io.h1client import H1Client
+
+from .h3origin import H3Origin
+from .harness import running, wait_for
+from .origin import Script, pattern
+
+pytestmark = pytest.mark.anyio
+
+
+def h3_cluster(ca_path: Path, **extra: object) -> dict[str, object]:
+    return {
+        "protocol": "h3",
+        "tls": f'{{ verify = true, ca = "{ca_path}", server_name = "localhost" }}',
+        **extra,
+    }
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
+
+
+async def start_h3(tg: anyio.abc.TaskGroup, origin: H3Origin) -> int:
+    port: int = await tg.start(origin.serve)
+    return port
+
+
+async def test_h3_get_post_and_large_bodies(ca: tuple[trustme.CA, Path], tmp_path: Path) -> None:
+    origin = H3Origin(ca[0], tmp_path)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=1)) as h:
+            c = await h.client()
+            r = await c.request("GET", "/hello")
+            assert (r.status, r.body) == (200, b"hello\n")
+            for size in (0, 1000, 1024 * 1024 + 3):
+                body = pattern(size)
+                r = await c.request("POST", "/echo", body=body)
+                assert r.status == 200
+                assert hashlib.sha256(r.body).digest() == hashlib.sha256(body).digest()
+            r = await c.request("GET", "/big?3000000")
+            assert r.body == pattern(3_000_000)
+            for _ in range(20):
+                assert (await c.request("GET", "/hello")).status == 200
+            await c.aclose()
+            assert origin.connections_accepted == 1
+            await wait_for(lambda: h.pool().statistics().streams_open == 0)
+        tg.cancel_scope.cancel()
+
+
+async def test_h3_fan_in_2000_clients_over_2_quic_connections(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    origin = H3Origin(ca[0], tmp_path)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=2, pending_timeout="60s")) as h:
+            ok = 0
+
+            async def client() -> None:
+                nonlocal ok
+                c = await H1Client.connect(h.addr.host, h.addr.port)
+                try:
+                    r = await c.request("GET", "/hello")
+                    ok += r.status == 200 and r.body == b"hello\n"
+                finally:
+                    await c.aclose()
+
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as clients:
+                    for _ in range(2000):
+                        clients.start_soon(client)
+            assert ok == 2000
+            assert origin.connections_accepted == 2
+        tg.cancel_scope.cancel()
+
+
+async def test_h3_certificate_checked(ca: tuple[trustme.CA, Path], tmp_path: Path) -> None:
+    origin = H3Origin(ca[0], tmp_path)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        cluster = h3_cluster(ca[1], connections=1, connect_timeout="2s")
+        cluster["tls"] = f'{{ verify = true, ca = "{ca[1]}", server_name = "other.test" }}'
+        async with running(Script(), backends=[f"127.0.0.1:{port}"], cluster=cluster) as h:
+            r = await h.get("/hello")
+            assert r.status == 503
+            assert origin.requests_received == 0
+        tg.cancel_scope.cancel()
+
+
+async def test_h3_goaway_replays_unprocessed_with_zero_failures(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    origin = H3Origin(ca[0], tmp_path, goaway_after=25)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=2, max_replays=4)) as h:
+            statuses: list[int] = []
+
+            async def client(n: int) -> None:
+                c = await h.client()
+                try:
+                    for i in range(10):
+                        body = f"{n}-{i}".encode()
+                        r = await c.request("POST", "/echo", body=body)
+                        statuses.append(r.status)
+                        assert r.body == body
+                finally:
+                    await c.aclose()
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as clients:
+                    for n in range(10):
+                        clients.start_soon(client, n)
+            assert statuses == [200] * 100
+            assert origin.connections_accepted > 2
+            assert h.pool().statistics().counters["goaway_received"] >= 1
+        tg.cancel_scope.cancel()
