@@ -56,7 +56,9 @@ class H3Origin:
         config.load_cert_chain(str(self.certfile), str(self.keyfile))
         return config
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with await anyio.create_udp_socket(local_host="127.0.0.1") as sock:
             self._sock = sock
             task_status.started(sock.extra(anyio.abc.SocketAttribute.local_port))
