@@ -224,6 +224,9 @@ class ClusterConfig(_Section, frozen=True):
     ping_interval: Duration = Duration(30.0)  # PING after this long without a frame
     ping_timeout: Duration = Duration(10.0)  # no PING ACK within it: the connection is dead
     eject_after: int = 3  # consecutive connect failures / protocol errors that eject a backend
+    # h3 only: a stream whose client leaves more than stream_window unread for this long is
+    # reset (QUIC windows grow on arrival, so this is the bound on a slow client's memory).
+    slow_client_timeout: Duration = Duration(10.0)
     tls: ClusterTLS = ClusterTLS()
     health: HealthConfig | None = None
 

@@ -111,6 +111,7 @@ class H3Backend:
         self.goaway_error: int | None = None
         self.resets_received = 0
         self.refused_received = 0
+        self.slow_client_resets = 0
         self._ping_uid = 0
         self._now = 0.0  # the time of the datagram or timer being processed
 
@@ -262,6 +263,7 @@ class H3Backend:
             up.capacity_changed = True
         for sid in self.credit.overdue(now):
             st = streams.get(sid)
+            self.slow_client_resets += 1
             self.reset_stream(sid)
             if st is not None:
                 st.reset_code = REQUEST_CANCELLED

@@ -48,6 +48,7 @@ class QuicBackendConnection(BackendConnection):
             quic_configuration(self),
             max_streams=self.cfg.max_streams_per_connection,
             stream_window=self.cfg.stream_window,
+            slow_client_grace=self.cfg.slow_client_timeout,
         )
 
     @property

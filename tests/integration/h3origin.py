@@ -18,6 +18,9 @@ from aioquic.h3 import events as h3e
 from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection, encode_frame
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WSProtocol
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from .origin import pattern
 
@@ -35,6 +38,7 @@ class _Conn:
     streams: dict[int, _Stream] = field(default_factory=dict)
     processed: int = 0
     goaway_id: int | None = None  # streams with ids from here on are never processed
+    websockets: dict[int, WSProtocol] = field(default_factory=dict)
 
 
 class H3Origin:
@@ -48,6 +52,7 @@ class H3Origin:
         self.conns: dict[tuple[str, int], _Conn] = {}
         self.connections_accepted = 0
         self.requests_received = 0
+        self.websockets_live = 0
         self._sock: anyio.abc.UDPSocket | None = None
         self._send_lock = anyio.Lock()  # the datagram loop and the timer task both send
 
@@ -101,9 +106,15 @@ class H3Origin:
                 if isinstance(h, h3e.HeadersReceived):
                     if conn.goaway_id is not None and h.stream_id >= conn.goaway_id:
                         continue  # after our GOAWAY: never processed
-                    conn.streams[h.stream_id] = _Stream(dict(h.headers))
+                    fields = dict(h.headers)
+                    if fields.get(b":method") == b"CONNECT":
+                        self._websocket(conn, h.stream_id, fields)
+                        continue
+                    conn.streams[h.stream_id] = _Stream(fields)
                     if h.stream_ended:
                         self._answer(conn, h.stream_id)
+                elif isinstance(h, h3e.DataReceived) and h.stream_id in conn.websockets:
+                    self._websocket_data(conn, h.stream_id, h.data, h.stream_ended)
                 elif isinstance(h, h3e.DataReceived):
                     st = conn.streams.get(h.stream_id)
                     if st is not None:
@@ -132,6 +143,36 @@ class H3Origin:
             conn.goaway_id = sid + 4
             frame = encode_frame(FrameType.GOAWAY, encode_uint_var(sid + 4))
             conn.quic.send_stream_data(conn.h3._local_control_stream_id, frame)  # type: ignore[arg-type]
+
+
+    def _websocket(self, conn: _Conn, sid: int, fields: dict[bytes, bytes]) -> None:
+        """RFC 9220: an extended CONNECT stream carrying a WebSocket (echoed by wsproto)."""
+        self.requests_received += 1
+        if fields.get(b":protocol") != b"websocket":
+            conn.h3.send_headers(sid, [(b":status", b"400")], end_stream=True)
+            return
+        conn.h3.send_headers(sid, [(b":status", b"200")])
+        conn.websockets[sid] = WSProtocol(ConnectionType.SERVER)
+        self.websockets_live += 1
+
+    def _websocket_data(self, conn: _Conn, sid: int, data: bytes, ended: bool) -> None:
+        ws = conn.websockets[sid]
+        ws.receive_data(data)
+        out = b""
+        closed = ended
+        for ev in ws.events():
+            if isinstance(ev, TextMessage | BytesMessage):
+                out += ws.send(ev)
+            elif isinstance(ev, Ping):
+                out += ws.send(ev.response())
+            elif isinstance(ev, CloseConnection):
+                out += ws.send(ev.response())
+                closed = True
+        if out or closed:
+            conn.h3.send_data(sid, out, end_stream=closed)
+        if closed:
+            del conn.websockets[sid]
+            self.websockets_live -= 1
 
 
 def _dcid(datagram: bytes) -> bytes:
