@@ -13,10 +13,10 @@ the raw bytes of every request head are checked here *before* h11 sees them:
   byte per read costs O(n), not O(n²)) and refused as soon as it holds a bare CR or LF, a
   control character or a folded line, rather than when the timeout ends it.
 * Then the head, and everything after it, is fed to h11, which frames the body.  A chunked
-  body's raw bytes also pass through :class:`ChunkedScanner`, which refuses what h11 would
-  accept but must not be (chunk-size lines over 16 hex digits, bare CR in a chunk extension,
-  a malformed trailer section) before h11 parses them.  The scanner is strictly narrower than
-  h11's grammar, so wherever it accepts, both agree on every chunk boundary.
+  body's raw bytes also pass through :class:`~.chunked.ChunkedScanner`, which refuses what h11
+  would accept but must not be (chunk-size lines over 16 hex digits, bare CR in a chunk
+  extension, a malformed trailer section) before h11 parses them.  A body error in the bytes
+  that came with the head refuses the request before its head is forwarded.
 * Request trailers are never forwarded: h11 unfolds and accepts trailer bytes that a head
   would be refused for, and fields such as ``content-length`` or ``host`` in trailers are a
   known way to confuse the next hop.  A well-formed trailer section is dropped; a malformed
@@ -42,6 +42,7 @@ from typing import Final, Literal
 import h11
 
 from ..errors import REASONS, ClientError
+from .chunked import ChunkedScanner
 from .headers import FORWARDING, HOP_BY_HOP, Header
 
 # What to do with a field name containing "_" (RFC-valid, but CGI-style backends map "_" and
@@ -239,117 +240,6 @@ def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
     return head if head_only else head + body
 
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
-# value ] ).  At most 16 hex digits (2^64 - 1): a longer size is refused, not reduced, since
-# parsers that truncate or wrap it are a known smuggling vector.  Trailing whitespace before
-# the CRLF is tolerated (h11 and nginx accept it too, and it cannot move a boundary).
-_CHUNK_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*[ \t]*\r\n"
-    % (_TOKEN, _TOKEN, _QUOTED)
-)
-_TRAILER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r\n" % _TOKEN)
-MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; nothing legitimate comes close
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
-
-
-class ChunkedScanner:
-    """Checks the raw bytes of one chunked request body before h11 parses them.
-
-    It follows chunk boundaries only (data is skipped, not copied), so it costs O(1) per
-    chunk.  ``feed`` raises ClientError at the first byte that h11 would accept but an edge
-    proxy must refuse; bytes after the end of the body (a pipelined request) are ignored.
-    """
-
-    __slots__ = ("_declared", "_line", "_remaining", "_state", "_trailer_bytes", "_trailers")
-
-    def __init__(self) -> None:
-        self._state = _SIZE
-        self._line = bytearray()
-        self._remaining = 0
-        self._declared = 0
-        self._trailer_bytes = 0
-        self._trailers = 0
-
-    @property
-    def done(self) -> bool:
-        return self._state == _DONE
-
-    def feed(self, data: bytes, limits: HeadLimits) -> None:
-        i, n = 0, len(data)
-        while i < n:
-            state = self._state
-            if state == _DATA:
-                take = min(self._remaining, n - i)
-                i += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _DATA_END
-            elif state == _DATA_END:
-                take = min(2 - len(self._line), n - i)
-                self._line += data[i : i + take]
-                i += take
-                if self._line != b"\r\n"[: len(self._line)]:
-                    raise ClientError("chunk data not followed by CRLF")
-                if len(self._line) == 2:
-                    self._line.clear()
-                    self._state = _SIZE
-            elif state == _DONE:
-                return
-            else:
-                j = data.find(b"\n", i)
-                if j < 0:
-                    self._line += data[i:]
-                    self._check_partial_line(limits)
-                    return
-                self._line += data[i : j + 1]
-                i = j + 1
-                line = bytes(self._line)
-                self._line.clear()
-                if state == _SIZE:
-                    self._size_line(line, limits)
-                else:
-                    self._trailer_line(line, limits)
-
-    def _check_partial_line(self, limits: HeadLimits) -> None:
-        if self._state == _SIZE:
-            if len(self._line) > MAX_CHUNK_LINE:
-                raise ClientError("chunk-size line too long")
-        elif self._trailer_bytes + len(self._line) > limits.max_header_bytes:
-            raise ClientError("request trailers too large", 431)
-
-    def _size_line(self, line: bytes, limits: HeadLimits) -> None:
-        if len(line) > MAX_CHUNK_LINE:
-            raise ClientError("chunk-size line too long")
-        m = _CHUNK_LINE.fullmatch(line)
-        if m is None:
-            digits = len(line) - len(line.lstrip(b"0123456789abcdefABCDEF"))
-            if digits > 16:
-                raise ClientError("chunk size longer than 16 hex digits")
-            raise ClientError("malformed chunk-size line")
-        size = int(m.group(1), 16)
-        self._declared += size
-        if self._declared > limits.max_body:
-            raise ClientError("request body too large", 413)
-        if size:
-            self._remaining = size
-            self._state = _DATA
-        else:
-            self._state = _TRAILER
-
-    def _trailer_line(self, line: bytes, limits: HeadLimits) -> None:
-        if line == b"\r\n":
-            self._state = _DONE
-            return
-        self._trailer_bytes += len(line)
-        self._trailers += 1
-        if self._trailer_bytes > limits.max_header_bytes or self._trailers > limits.max_headers:
-            raise ClientError("request trailers too large", 431)
-        if _TRAILER_LINE.fullmatch(line) is None:
-            raise ClientError("malformed request trailer field")
-
-
 class ClientSession:
     """Sans-IO server side of one HTTP/1.1 client connection."""
 
@@ -398,7 +288,7 @@ class ClientSession:
         scanner = self._chunks
         if scanner is not None and data and self._body_error is None:
             try:
-                scanner.feed(data, self.limits)
+                scanner.feed(data)
             except ClientError as exc:
                 self._body_error = exc  # raised by next_event, before h11 parses those bytes
 
@@ -474,7 +364,9 @@ class ClientSession:
         self._in_head = False
         self._body_bytes = 0
         if head.has_body and head.content_length is None:
-            self._chunks = ChunkedScanner()
+            self._chunks = ChunkedScanner(
+                limits.max_body, limits.max_header_bytes, limits.max_headers
+            )
         if rest:
             self._feed_body(rest)
             if self._body_error is not None:

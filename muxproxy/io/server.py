@@ -148,9 +148,10 @@ class Proxy:
 
     def _handler(self, lc: ListenerConfig) -> Callable[[anyio.abc.ByteStream], object]:
         cap = lc.limits.max_connections
+        open_here: set[ClientConnection] = set()  # this listener's share of self.clients
 
         async def handle(stream: anyio.abc.ByteStream) -> None:
-            if len(self.clients) >= cap or self.draining:
+            if len(open_here) >= cap or self.draining:
                 self.refused_connections += 1
                 await stream.aclose()
                 return
@@ -164,6 +165,7 @@ class Proxy:
                 return
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
             self.clients.add(client)
+            open_here.add(client)
             try:
                 await client.run()
             except Exception as exc:  # a bug must cost one connection, never the proxy
@@ -171,6 +173,7 @@ class Proxy:
                 self.internal_errors += 1
             finally:
                 self.clients.discard(client)
+                open_here.discard(client)
                 if self.draining and not self.clients:
                     self._no_clients.set()
 

@@ -141,11 +141,10 @@ def _head(
     if host is not None and HOST.fullmatch(host) is None:
         raise Invalid("Host syntax")
     te, cl = values(b"transfer-encoding"), values(b"content-length")
-    if te:
-        # RFC 9112 §6.1, §6.3: only a lone, final "chunked" frames a request we can read, and
-        # never beside Content-Length or in HTTP/1.0.
-        if len(te) != 1 or te[0].lower() != b"chunked" or cl or version == b"1.0":
-            raise Invalid("Transfer-Encoding")
+    # RFC 9112 §6.1, §6.3: only a lone, final "chunked" frames a request we can read, and
+    # never beside Content-Length or in HTTP/1.0.
+    if te and (len(te) != 1 or te[0].lower() != b"chunked" or cl or version == b"1.0"):
+        raise Invalid("Transfer-Encoding")
     if cl and (len(cl) != 1 or not re.fullmatch(rb"[0-9]+", cl[0])):
         raise Invalid("Content-Length")
     if b"#" in target:

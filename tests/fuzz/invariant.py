@@ -10,6 +10,7 @@ something the reference reads differently, or not at all, is a smuggling bug.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +42,10 @@ class Outcome:
     error: ClientError | None
 
 
-def run_session(pieces: Sequence[bytes], limits: HeadLimits = HeadLimits()) -> Outcome:
+DEFAULT = HeadLimits()
+
+
+def run_session(pieces: Sequence[bytes], limits: HeadLimits = DEFAULT) -> Outcome:
     """Feed ``pieces`` one ``receive_data`` each; answer every complete request with a 204."""
     s = ClientSession(limits)
     forwarded: list[Forwarded] = []
@@ -79,10 +83,10 @@ def reserialise(fwd: Forwarded) -> bytes:
     return out + (c.send(h11.EndOfMessage()) or b"")
 
 
-def check(data: bytes, cuts: Sequence[int] = (), limits: HeadLimits = HeadLimits()) -> Outcome:
+def check(data: bytes, cuts: Sequence[int] = (), limits: HeadLimits = DEFAULT) -> Outcome:
     """Assert the invariant for ``data`` fed in pieces split at ``cuts``; return the outcome."""
     points = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
-    pieces = [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    pieces = [data[a:b] for a, b in itertools.pairwise(points)]
     outcome = run_session(pieces, limits)
     ref = reference.parse(data)
     for i, fwd in enumerate(outcome.forwarded):

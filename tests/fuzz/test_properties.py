@@ -31,7 +31,7 @@ SEEDS = [
     b"\r\nPUT /e HTTP/1.1\r\nHost: [::1]:80\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
 ]
 # Bytes and fragments that sit on the boundaries parsers disagree about.
-ALPHABET = b"\r\n\t :;,_-\"\\\x00\x01\x0b\x0c\x7f\x80\xa0\xff0159aAfFxX/?#@*"
+ALPHABET = b'\r\n\t :;,_-"\\\x00\x01\x0b\x0c\x7f\x80\xa0\xff0159aAfFxX/?#@*'
 FRAGMENTS = [
     b"\r\n",
     b"\n",

@@ -915,8 +915,9 @@ def test_chunked_body_at_max_body_passes() -> None:
 )
 def test_malformed_chunked_body(body: bytes) -> None:
     s = ClientSession()
-    s.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    s.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert isinstance(s.next_event(), RequestHead)
+    s.receive_data(body)
     with pytest.raises(ClientError) as info:
         while s.next_event() is not NEED_DATA:
             pass
@@ -966,3 +967,205 @@ def test_well_formed_trailers_are_dropped_even_framing_ones() -> None:
     assert isinstance(s.next_event(), RequestHead)
     assert s.next_event() == Body(b"abc")
     assert s.next_event() == EndOfRequest([])
+
+
+# --- edge hardening: what h11 accepts and an edge proxy must not -------------------------------
+
+
+def events_of(raw: bytes, limits: HeadLimits | None = None) -> list[Event]:
+    s = ClientSession(limits or HeadLimits())
+    s.receive_data(raw)
+    return drain(s)
+
+
+def refusal(raw: bytes, limits: HeadLimits | None = None, *, one_byte: bool = False) -> int:
+    """The status a session refuses ``raw`` with (fed whole or bytewise); no head may come out."""
+    s = ClientSession(limits or HeadLimits())
+    chunks = [raw[i : i + 1] for i in range(len(raw))] if one_byte else [raw]
+    with pytest.raises(ClientError) as info:
+        for chunk in chunks:
+            s.receive_data(chunk)
+            assert drain(s) == []
+    return info.value.status_hint
+
+
+def test_te_mutation_matrix_is_refused_or_unambiguous() -> None:
+    """All 1520 variants of the smuggling scanners' exhaustive Transfer-Encoding matrix:
+    refused at the head (nothing forwarded), or forwarded once, framed by Content-Length, in
+    agreement with a strict RFC 9112 reading (which sees no Transfer-Encoding field)."""
+    from tests.corpus import reference
+    from tests.corpus.te_matrix import BODY, matrix
+
+    forwarded = []
+    for name, raw in matrix():
+        s = ClientSession()
+        s.receive_data(raw)
+        try:
+            events = drain(s)
+        except ClientError as exc:
+            assert exc.status_hint in (400, 501), name
+            continue
+        forwarded.append(name)
+        assert merge_bodies(events)[1:] == [Body(BODY), EndOfRequest([])], name
+        (ref,) = reference.parse(raw).requests
+        assert ref.complete and ref.body == BODY, name
+        assert b"transfer-encoding" not in [n for n, _ in ref.headers], name
+    assert len(forwarded) == 10
+
+
+CHUNKED = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"000000000000000F\r\n" + b"x" * 15 + b"\r\n0\r\n\r\n",  # 16 hex digits: the most
+        b"5;name\r\nhello\r\n0\r\n\r\n",
+        b'5; a=b ;c="d \\" e"\r\nhello\r\n0\r\n\r\n',
+        b"5 \r\nhello\r\n0 \r\n\r\n",  # trailing whitespace: h11 and nginx accept it too
+        b"5\r\nhello\r\n0\r\nX-T: a\tb \xc3\xa9\r\nX-U:\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("one_byte", [False, True], ids=["whole", "bytewise"])
+def test_valid_chunked_bodies_pass_the_scanner(body: bytes, one_byte: bool) -> None:
+    p = ConnectionPair()
+    events = p.feed(CHUNKED + body, one_byte=one_byte)
+    assert isinstance(events[0], RequestHead)
+    assert isinstance(events[-1], EndOfRequest) and events[-1].trailers == []
+    assert len(events[1].data) in (5, 15) if isinstance(events[1], Body) else False
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"00000000000000005\r\nhello\r\n0\r\n\r\n", 400),
+        (b"5;\r\nhello\r\n0\r\n\r\n", 400),  # ";" without a name: h11 takes it
+        (b"5 ;a\r\nhello\r\n0\r\n\r\n", 400),  # space before ";": h11 refuses, so do we
+        (b"5;a=\r\nhello\r\n0\r\n\r\n", 400),
+        (b'5;a="b\r\nhello\r\n0\r\n\r\n', 400),
+        (b"5;a\rb\r\nhello\r\n0\r\n\r\n", 400),
+        (b"5;a=\x7f\r\nhello\r\n0\r\n\r\n", 400),
+        (b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n", 400),
+        (b"5;" + b"a" * 5000, 400),  # too long before its end even arrives
+        (b"5\r\nhelloXX", 400),
+        (b"40000001\r\n", 413),  # declared past max_body: refused before any data
+        (b"3e8\r\n" + b"x" * 1000 + b"\r\n1\r\n", 413),
+        (b"0\r\n" + b"X-T: v\r\n" * 9 + b"\r\n", 431),  # more trailer fields than max_headers
+        (b"0\r\nX-T: " + b"v" * 1100 + b"\r\n\r\n", 431),
+    ],
+    ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(v),
+)
+@pytest.mark.parametrize("one_byte", [False, True], ids=["whole", "bytewise"])
+def test_chunked_bodies_the_scanner_refuses(body: bytes, status: int, one_byte: bool) -> None:
+    small = status == 431 or body.startswith(b"3e8")  # LIMITS: 1000-byte body, 8 fields
+    s = ClientSession(LIMITS if small else HeadLimits())
+    chunks = [body[i : i + 1] for i in range(len(body))] if one_byte else [body]
+    s.receive_data(CHUNKED)
+    assert isinstance(s.next_event(), RequestHead)
+    with pytest.raises(ClientError) as info:
+        for chunk in chunks:
+            s.receive_data(chunk)
+            for ev in drain(s):
+                assert not isinstance(ev, EndOfRequest)
+    assert info.value.status_hint == status
+
+
+def test_bad_body_in_the_same_read_as_its_head_refuses_the_head() -> None:
+    """Nothing is forwarded when the body that came with the head is already known bad."""
+    assert refusal(CHUNKED + b"00000000000000005\r\nhello\r\n0\r\n\r\n") == 400
+
+
+def test_scanner_stops_at_the_end_of_the_body() -> None:
+    """The bytes after a chunked body are the next request's: checked as a head, not a chunk."""
+    events, _ = serve([CHUNKED + b"3\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n"])
+    assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/", b"/next"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a.test", b"A.Test:8080", b"127.0.0.1:80", b"[::1]", b"[2001:db8::1]:443", b"a%41.test",
+     b"xn--bcher-kva.example", b"a.test:"],
+)
+def test_valid_hosts(host: bytes) -> None:
+    rh = events_of(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")[0]
+    assert isinstance(rh, RequestHead) and rh.authority == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"", b"a b", b"a/b", b"u@a", b"a\\b", b"a%zz", b"[::1", b"a:80:80", b"a:123456", b'"a"'],
+)
+def test_invalid_hosts_are_refused(host: bytes) -> None:
+    assert refusal(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n") == 400
+
+
+def test_absolute_form_authority_is_checked_like_a_host() -> None:
+    assert refusal(b"GET http://a%zz/ HTTP/1.0\r\n\r\n") == 400
+
+
+@pytest.mark.parametrize("one_byte", [False, True])
+def test_two_empty_lines_are_ignored_a_third_is_refused(one_byte: bool) -> None:
+    ok = b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    p = ConnectionPair()
+    assert isinstance(p.feed(ok, one_byte=one_byte)[0], RequestHead)
+    assert refusal(b"\r\n" + ok, one_byte=one_byte) == 400
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"GET / HTTP/1.1\r\nHost: h\n",
+        b"GET / HTTP/1.1\r\nHost: h\rX",
+        b"GET / HTTP/1.1\r\nHost: h\r\n X",
+        b"GET / HTTP/1.1\r\nHost: h\x01",
+        b"\n",
+    ],
+)
+def test_incomplete_heads_are_refused_as_soon_as_they_are_bad(partial: bytes) -> None:
+    """Not when header_timeout ends them: the bad byte is seen in the read that brings it."""
+    assert refusal(partial) == 400
+    assert refusal(partial, one_byte=True) == 400
+
+
+def test_a_cr_at_the_end_of_a_read_waits_for_its_lf() -> None:
+    s = ClientSession()
+    for piece in (b"GET / HTTP/1.1\r", b"\nHost: h\r", b"\n\r"):
+        s.receive_data(piece)
+        assert s.next_event() is NEED_DATA
+    s.receive_data(b"\n")
+    assert isinstance(s.next_event(), RequestHead)
+
+
+def test_a_large_head_trickled_byte_by_byte_is_read_once() -> None:
+    raw = GET + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500) for i in range(60)) + b"\r\n"
+    s = ClientSession()
+    for i in range(len(raw)):
+        s.receive_data(raw[i : i + 1])
+        ev = s.next_event()
+        assert ev is NEED_DATA or i == len(raw) - 1
+    assert isinstance(ev, RequestHead) and len(ev.headers) == 61
+    assert s._scanned == 0  # reset for the next head
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "outcome"),
+    [
+        ("reject", b"X_A: 1", 400),
+        ("drop", b"X_A: 1", []),
+        ("allow", b"X_A: 1", [(b"x_a", b"1")]),
+        ("allow", b"X_Forwarded_For: 1", 400),
+        ("allow", b"Content_Length: 1", 400),
+        ("allow", b"Transfer_Encoding: chunked", 400),
+        ("drop", b"Transfer_Encoding: chunked", []),
+    ],
+)
+def test_underscore_policies(
+    policy: Any, field: bytes, outcome: int | list[Header]
+) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + field + b"\r\n\r\n"
+    limits = HeadLimits(underscore_headers=policy)
+    if isinstance(outcome, int):
+        assert refusal(raw, limits) == outcome
+    else:
+        rh = events_of(raw, limits)[0]
+        assert isinstance(rh, RequestHead) and rh.headers == [(b"host", b"h"), *outcome]
