@@ -181,7 +181,7 @@ class Limits(_Section, frozen=True):
     body_timeout: Duration = Duration(30.0)  # no request-body progress for this long → 408
     send_timeout: Duration = Duration(60.0)  # a client that reads nothing for this long is dropped
     max_connections: int = 100_000
-    # A field name with "_": refuse the request, drop the field, or forward it (see README.md, "Security")
+    # A field name with "_": refuse the request, drop the field, or forward it (README: Security)
     underscore_headers: Literal["reject", "drop", "allow"] = "reject"
 
 
