@@ -15,7 +15,7 @@ import trustme
 from muxproxy.io.h1client import H1Client
 from muxproxy.io.h2server import H2Origin
 
-from .harness import running
+from .harness import running, wait_for
 from .origin import Script
 
 pytestmark = pytest.mark.anyio
@@ -90,9 +90,7 @@ def test_run_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
                 result.append((await client.request("GET", "/block")).status)
 
             tg.start_soon(in_flight)
-            with anyio.fail_after(10):
-                while not script.started:
-                    await anyio.sleep(0.01)
+            await wait_for(lambda: bool(script.started))
             proc.send_signal(signal.SIGTERM)
             script.release.set()
             with anyio.fail_after(20):
@@ -134,9 +132,7 @@ def test_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path) -> None:
                 client = await H1Client.connect("127.0.0.1", listen)
                 assert (await client.request("GET", "/hello")).status == 200
                 await client.aclose()
-            with anyio.fail_after(10):
-                while origin.connections_accepted < 2:
-                    await anyio.sleep(0.01)
+            await wait_for(lambda: origin.connections_accepted >= 2)
             assert origin.connections_accepted == 2  # 2 workers × connections = 1
             proc.send_signal(signal.SIGTERM)
             with anyio.fail_after(30):
