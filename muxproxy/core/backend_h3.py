@@ -238,7 +238,7 @@ class H3Backend:
                 up.capacity_changed = True
             elif isinstance(ev, qe.ConnectionTerminated):
                 why = ev.reason_phrase or f"error {ev.error_code:#x}"
-                self._terminate(f"backend closed the QUIC connection ({why})", up)
+                self._terminate(f"QUIC connection closed ({why})", up)
             elif isinstance(ev, qe.StreamReset):
                 st = streams.pop(ev.stream_id, None)
                 self.resets_received += 1

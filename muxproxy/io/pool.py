@@ -300,7 +300,9 @@ class ClusterPool:
         if connect_protocol and not self.supports_connect_protocol():
             raise NoExtendedConnect("backend does not support WebSockets over HTTP/2 (RFC 8441)")
         if self._unreachable():
-            raise BackendUnavailable(f"no backend reachable ({self._last_error()})")
+            # The details (addresses, errors) are for the log, not for clients.
+            log.info("cluster %s: no backend reachable: %s", self.cfg.name, self._last_error())
+            raise BackendUnavailable("no backend reachable")
         if self._pending_live >= self.cfg.max_pending:
             self.counters["pending_overflow"] += 1
             raise BackendUnavailable("too many requests waiting for a backend stream")
@@ -393,7 +395,8 @@ class ClusterPool:
     def _fail_pending_if_unreachable(self) -> None:
         if not self._unreachable():
             return
-        reason = f"no backend reachable ({self._last_error()})"
+        reason = "no backend reachable"
+        log.info("cluster %s: no backend reachable: %s", self.cfg.name, self._last_error())
         while self._pending:
             w = self._pending.popleft()
             if not w.done:
