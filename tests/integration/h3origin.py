@@ -53,6 +53,7 @@ class H3Origin:
         self.connections_accepted = 0
         self.requests_received = 0
         self.websockets_live = 0
+        self.stalled: list[int] = []
         self._sock: anyio.abc.UDPSocket | None = None
         self._send_lock = anyio.Lock()  # the datagram loop and the timer task both send
 
@@ -128,6 +129,9 @@ class H3Origin:
         conn.processed += 1
         path = st.headers.get(b":path", b"").decode()
         route, _, query = path.partition("?")
+        if route == "/stall":
+            self.stalled.append(sid)  # never answered: the proxy's request_timeout must act
+            return
         if route == "/hello":
             status, body = 200, b"hello\n"
         elif route == "/echo":

@@ -186,3 +186,28 @@ async def test_h3_slow_reader_is_capped_then_reset(
             assert received < size  # cut short: never a truncated body that looks complete
             assert (await h.get("/hello")).status == 200  # the connection serves the rest
         tg.cancel_scope.cancel()
+
+
+async def test_h3_stall_is_504_and_neighbours_unaffected(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    origin = H3Origin(ca[0], tmp_path)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=1,
+                                              request_timeout="500ms")) as h:
+            statuses: list[int] = []
+
+            async def stalled() -> None:
+                statuses.append((await h.get("/stall")).status)
+
+            async with anyio.create_task_group() as clients:
+                clients.start_soon(stalled)
+                await wait_for(lambda: len(origin.stalled) == 1)
+                for _ in range(20):  # the same QUIC connection keeps serving the others
+                    assert (await h.get("/hello")).status == 200
+            assert statuses == [504]
+            await wait_for(lambda: h.pool().statistics().streams_open == 0)
+            assert origin.connections_accepted == 1
+        tg.cancel_scope.cancel()
