@@ -1,11 +1,17 @@
-"""The client role of one pooled HTTP/2 backend connection, sans-IO, on top of h2.
+"""The client role of one pooled HTTP/2 backend connection (RFC 9113), sans-IO.
 
 Theory of operation
 -------------------
-:class:`H2Backend` wraps ``h2.H2Connection(client_side=True)`` and owns the per-stream state the
-proxy needs: the response head, the response body chunks not yet written to the client, the
-end or reset of the stream.  The I/O layer feeds it bytes (:meth:`receive_data`), asks it for
-bytes to write (:meth:`data_to_send`) and wakes the exchanges whose streams changed.
+:class:`H2Backend` is a purpose-built HTTP/2 client: it frames requests, parses responses and
+keeps the per-stream state the proxy relays (the response head, body chunks not yet written to
+the client, the end or reset of the stream).  The I/O layer feeds it bytes
+(:meth:`receive_data`), asks it for bytes to write (:meth:`data_to_send`) and wakes the
+exchanges whose streams changed, as listed in the returned :class:`Update`.
+
+It does only what a client needs — no server role, no push, no priority tree — which is what
+makes it several times cheaper per request than a general HTTP/2 library (``bench/
+protocol_floor.py``); ``tests/unit/test_backend_h2.py`` drives it against h2's server role as
+the reference peer.
 
 Invariants:
 
@@ -13,103 +19,86 @@ Invariants:
   DATA is acknowledged (:meth:`consumed`) only once the exchange has written it to the client,
   so a stream never buffers more than W.  The connection window is ``max_streams × W``, so one
   slow stream never starves the others.
-* **Capacity comes from h2.**  ``streams`` holds exactly the streams h2 still counts as open
-  (an entry is dropped when h2 says the stream closed), and :meth:`free_streams` checks h2's own
-  (O(streams)) count whenever the cheap estimate comes near the limit.
+* **Capacity is exact.**  ``streams`` holds exactly the streams that count against the peer's
+  SETTINGS_MAX_CONCURRENT_STREAMS (open or half-closed, RFC 9113 §5.1.2): an entry leaves when
+  both sides ended it or either side reset it.
 * **GOAWAY means drain.**  After GOAWAY no stream is opened; streams above ``last_stream_id``
   are failed as *refused* (never processed, so replayable whatever the method).
-* Peer-caused problems are reported in :class:`Update` and on the streams, never raised.
+* **Errors are scoped** (RFC 9113 §5.4): a malformed response fails its stream alone (RST_STREAM
+  PROTOCOL_ERROR, the client gets a 502); only a broken connection (bad framing, HPACK, flow
+  control, SETTINGS) fails every stream.  Peer-caused problems are reported in :class:`Update`
+  and on the streams, never raised.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from .headers import Header
+from .hpack_codec import Decoder, Encoder, HPACKError
 
-_S = h2.settings.SettingCodes
-
-
-def _cache_huffman_decoding() -> None:
-    """Memoise hpack's pure-Python Huffman decoder.
-
-    Backends such as nginx send their response fields as Huffman-coded literals without
-    indexing, so the same few values (server, content-type, etag, date within a second) are
-    decoded again on every response; profiling showed this among the top costs of a request.
-    The decoder is a pure function of its input, so a bounded cache is safe.
-    """
-    import hpack.hpack
-
-    original = getattr(hpack.hpack, "decode_huffman")  # noqa: B009 - not re-exported
-    if getattr(original, "muxproxy_cached", False):
-        return
-    cache: dict[bytes, bytes] = {}
-
-    def decode_huffman(data: bytes | bytearray | memoryview | None) -> bytes:
-        if not data:
-            return b""
-        key = bytes(data)
-        out = cache.get(key)
-        if out is None:
-            out = original(key)
-            if len(cache) >= 4096:
-                cache.clear()
-            cache[key] = out
-        return out
-
-    decode_huffman.muxproxy_cached = True  # type: ignore[attr-defined]
-    setattr(hpack.hpack, "decode_huffman", decode_huffman)  # noqa: B010
-
-
-_cache_huffman_decoding()
 MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
 # Drain a connection this many stream ids before they run out (RFC 9113 §5.1.1).
 STREAM_ID_RESERVE = 1000
-CANCEL = h2.errors.ErrorCodes.CANCEL
-REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DEFAULT_WINDOW = 65535
+MAX_FRAME_SIZE = 16384  # what we accept (the protocol default; we never raise it)
+
+# Frame types (RFC 9113 §6) and flags.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+
+# Error codes (RFC 9113 §7).
+ERROR_NAMES = (
+    "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
+    "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
+)  # fmt: skip
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 11
+
+# SETTINGS identifiers.
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
+SETTINGS_MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, ENABLE_CONNECT_PROTOCOL = 5, 6, 8
+
+_FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+_U32 = struct.Struct(">L")
+_U32x2 = struct.Struct(">LL")
+_SETTING = struct.Struct(">HL")
+
+# RFC 9113 §8.2.2: connection-specific fields make a message malformed.
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
 
 
-class _DrainableStateMachine(h2.connection.H2ConnectionStateMachine):
-    """h2 closes the whole connection on receiving GOAWAY, so the streams the backend promised
-    to finish (≤ last_stream_id) could no longer receive or send a frame.  RFC 9113 §6.8 says
-    they go on: we keep the connection open and stop opening streams ourselves (``draining``)."""
-
-    _transitions = {
-        **h2.connection.H2ConnectionStateMachine._transitions,
-        (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionInputs.RECV_GOAWAY): (
-            None,
-            h2.connection.ConnectionState.CLIENT_OPEN,
-        ),
-    }
+def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return _FRAME.pack(n >> 8, n & 0xFF, type_, flags, stream_id) + payload
 
 
-class _Connection(h2.connection.H2Connection):
-    """h2 counts its open streams by walking all of them (O(streams)) on every new stream, which
-    made opening the 5,000th WebSocket on a connection cost milliseconds (measured).  The count
-    comes from our per-stream table instead while it is clearly below the peer's limit; near the
-    limit, and every 256th time (h2 purges closed streams only during the walk), h2 walks."""
+class StreamLimitError(Exception):
+    """open_stream() beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS, or while draining
+    (callers check :meth:`H2Backend.free_streams` first)."""
 
-    def __init__(self, config: h2.config.H2Configuration, open_streams: dict[int, object]) -> None:
-        super().__init__(config=config)
-        self._ours = open_streams
-        self._calls = 0
 
-    @property
-    def open_outbound_streams(self) -> int:
-        self._calls += 1
-        estimate = len(self._ours)
-        if self._calls % 256 and estimate + 8 < self.remote_settings.max_concurrent_streams:
-            return estimate
-        return int(super().open_outbound_streams)
+class _ConnectionError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _StreamError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -142,13 +131,14 @@ class BackendCore(Protocol):
     """What the pool and the exchanges need of a backend connection's protocol core; both
     :class:`H2Backend` and :class:`~muxproxy.core.backend_h3.H3Backend` provide it."""
 
-    streams: dict[int, StreamState]  # open streams, as the protocol counts them
     closed: bool
     close_reason: str
     goaway_last_stream_id: int | None
     resets_received: int
     refused_received: int
 
+    @property
+    def streams(self) -> Mapping[int, StreamState]: ...  # open, as the protocol counts them
     @property
     def settings_received(self) -> bool: ...
     @property
@@ -169,6 +159,19 @@ class BackendCore(Protocol):
     def abort(self, reason: str) -> Update: ...
 
 
+@dataclass(slots=True)
+class _H2Stream(StreamState):
+    """A stream's relay state plus what HTTP/2 needs to know of it."""
+
+    send_window: int = DEFAULT_WINDOW  # bytes we may still send
+    recv_window: int = DEFAULT_WINDOW  # bytes the backend may still send
+    recv_unacked: int = 0  # consumed by the client, not yet given back as WINDOW_UPDATE
+    local_closed: bool = False  # we sent END_STREAM
+    head_request: bool = False  # a response to HEAD has no content whatever content-length says
+    content_length: int | None = None
+    received: int = 0  # DATA payload bytes
+
+
 class H2Backend:
     """Sans-IO HTTP/2 client connection with per-stream relay state."""
 
@@ -179,49 +182,63 @@ class H2Backend:
         max_streams: int = 1000,
         max_header_list_size: int = 256 * 1024,
     ) -> None:
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            validate_outbound_headers=True,
-            normalize_outbound_headers=False,
-        )
-        self.streams: dict[int, StreamState] = {}
-        self.h2 = _Connection(config, self.streams)  # type: ignore[arg-type]
-        self.h2.state_machine = _DrainableStateMachine()
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                _S.ENABLE_PUSH: 0,
-                _S.INITIAL_WINDOW_SIZE: stream_window,
-                _S.MAX_CONCURRENT_STREAMS: 100,
-                _S.MAX_HEADER_LIST_SIZE: max_header_list_size,
-            },
-        )
+        self.streams: dict[int, _H2Stream] = {}
         self.stream_window = stream_window
         self.max_streams = max_streams
+        self.max_header_list_size = max_header_list_size
         self.settings_received = False
         self.goaway_last_stream_id: int | None = None
         self.goaway_error: int | None = None
         self.closed = False
         self.close_reason = ""
-        self._out = bytearray()  # bytes h2 queued before a GOAWAY (h2 would discard them)
-        self._first_frame_checked = False
         self.resets_received = 0
         self.refused_received = 0
+        self.highest_stream_id = 0  # the last stream we opened
+        # The backend's settings.
+        self.peer_max_concurrent_streams = 2**31 - 1  # unlimited until it says (RFC 9113 §6.5.2)
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame_size = 16384
+        self.peer_connect_protocol = False
+        # Flow control, connection level.
+        self.send_window_conn = DEFAULT_WINDOW
+        self.recv_window_max = max(DEFAULT_WINDOW, min(MAX_WINDOW, max_streams * stream_window))
+        self.recv_window_conn = DEFAULT_WINDOW  # until our WINDOW_UPDATE in initiate()
+        self._recv_unacked_conn = 0
+        # A stream's receive window is the protocol default until the backend acknowledges
+        # our SETTINGS (RFC 9113 §6.9.2), then ``stream_window``.
+        self._stream_recv_initial = DEFAULT_WINDOW
+        self._settings_acked = False
+        self._out: list[bytes] = []
+        self._in = b""
+        self._block: list[bytes] | None = None  # header block fragments awaiting CONTINUATION
+        self._block_stream = 0
+        self._block_end_stream = False
+        self._block_size = 0
+        self._encoder = Encoder()
+        self._decoder = Decoder(max_header_list_size=max_header_list_size)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def initiate(self) -> None:
         """Queue the preface, our SETTINGS and the connection window (max_streams × W)."""
-        self.h2.initiate_connection()
-        window = min(MAX_STREAM_ID, self.max_streams * self.stream_window)
-        if window > 65535:
-            self.h2.increment_flow_control_window(window - 65535)
+        settings = b"".join(
+            _SETTING.pack(k, v)
+            for k, v in (
+                (ENABLE_PUSH, 0),
+                (MAX_CONCURRENT_STREAMS, 100),
+                (INITIAL_WINDOW_SIZE, self.stream_window),
+                (MAX_HEADER_LIST_SIZE, self.max_header_list_size),
+            )
+        )
+        self._out.append(PREFACE + frame(SETTINGS, 0, 0, settings))
+        if self.recv_window_max > DEFAULT_WINDOW:
+            increment = self.recv_window_max - DEFAULT_WINDOW
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
+            self.recv_window_conn = self.recv_window_max
 
     @property
     def enable_connect_protocol(self) -> bool:
-        return bool(self.h2.remote_settings.get(_S.ENABLE_CONNECT_PROTOCOL, 0))
+        return self.peer_connect_protocol
 
     @property
     def draining(self) -> bool:
@@ -229,64 +246,98 @@ class H2Backend:
         return (
             self.closed
             or self.goaway_last_stream_id is not None
-            or self.h2.highest_outbound_stream_id >= MAX_STREAM_ID - 2 * STREAM_ID_RESERVE
+            or self.highest_stream_id >= MAX_STREAM_ID - 2 * STREAM_ID_RESERVE
         )
 
     def stream_limit(self) -> int:
-        return min(self.h2.remote_settings.max_concurrent_streams, self.max_streams)
+        return min(self.peer_max_concurrent_streams, self.max_streams)
 
     def free_streams(self) -> int:
         """How many more streams may be opened now (0 while draining)."""
         if self.draining or not self.settings_received:
             return 0
-        limit = self.stream_limit()
-        estimate = len(self.streams)
-        if estimate + 8 < limit:
-            return limit - estimate
-        return max(0, limit - self.h2.open_outbound_streams)
+        return max(0, self.stream_limit() - len(self.streams))
+
+    def unacknowledged(self) -> int:
+        """Connection-level bytes received and not yet consumed or discarded by anyone: zero
+        once every exchange is done (what a leak would make grow)."""
+        return self.recv_window_max - self.recv_window_conn - self._recv_unacked_conn
 
     # --- actions -----------------------------------------------------------------------
 
     def open_stream(self, headers: list[Header], end_stream: bool) -> StreamState:
-        """Send a request head on a new stream.  Raises h2.exceptions.TooManyStreamsError
-        if the backend's limit was reached (callers check :meth:`free_streams` first)."""
-        sid = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(sid, headers, end_stream=end_stream)
-        st = StreamState(sid)
+        """Send a request head on a new stream."""
+        if self.draining or len(self.streams) >= self.stream_limit():
+            raise StreamLimitError("no stream may be opened on this connection now")
+        block = self._encoder.encode(headers)  # ValueError before any state changes
+        sid = self.highest_stream_id + 2 if self.highest_stream_id else 1
+        self.highest_stream_id = sid
+        self._send_block(sid, block, end_stream)
+        method = headers[0][1] if headers and headers[0][0] == b":method" else b""
+        st = _H2Stream(
+            sid,
+            send_window=self.peer_initial_window,
+            recv_window=self._stream_recv_initial,
+            local_closed=end_stream,
+            head_request=method == b"HEAD",
+        )
         self.streams[sid] = st
         return st
 
+    def _send_block(self, sid: int, block: bytes, end_stream: bool) -> None:
+        limit = self.peer_max_frame_size
+        flags = END_STREAM if end_stream else 0
+        if len(block) <= limit:
+            self._out.append(frame(HEADERS, flags | END_HEADERS, sid, block))
+            return
+        self._out.append(frame(HEADERS, flags, sid, block[:limit]))
+        for pos in range(limit, len(block), limit):
+            last = pos + limit >= len(block)
+            self._out.append(
+                frame(CONTINUATION, END_HEADERS if last else 0, sid, block[pos : pos + limit])
+            )
+
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on the stream now (stream and connection windows)."""
-        try:
-            return min(
-                self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
-            )
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        st = self.streams.get(stream_id)
+        if st is None or st.local_closed:
             return 0
+        return max(0, min(st.send_window, self.send_window_conn, self.peer_max_frame_size))
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Send body bytes; ``len(data)`` must not exceed :meth:`send_window`."""
-        self.h2.send_data(stream_id, data, end_stream=end_stream)
+        st = self.streams.get(stream_id)
+        if st is None or st.local_closed:
+            return
+        n = len(data)
+        if n > min(st.send_window, self.send_window_conn, self.peer_max_frame_size):
+            raise ValueError("send_data beyond the send window")
+        st.send_window -= n
+        self.send_window_conn -= n
+        self._out.append(frame(DATA, END_STREAM if end_stream else 0, stream_id, data))
         if end_stream:
-            self._maybe_forget(stream_id)
+            st.local_closed = True
+            self._maybe_forget(st)
 
     def end_stream(self, stream_id: int, trailers: list[Header] | None = None) -> None:
+        st = self.streams.get(stream_id)
+        if st is None or st.local_closed:
+            return
         if trailers:
-            self.h2.send_headers(stream_id, trailers, end_stream=True)
+            self._send_block(stream_id, self._encoder.encode(trailers), True)
         else:
-            self.h2.end_stream(stream_id)
-        self._maybe_forget(stream_id)
+            self._out.append(frame(DATA, END_STREAM, stream_id))
+        st.local_closed = True
+        self._maybe_forget(st)
 
     def reset_stream(self, stream_id: int, code: int = CANCEL) -> None:
         """Abandon a stream: RST_STREAM, and give back the credit of unconsumed data."""
         st = self.streams.pop(stream_id, None)
-        try:
-            self.h2.reset_stream(stream_id, error_code=code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        if st is not None:
-            self._discard(st)
+        if st is None:
+            return
+        if not self.closed:
+            self._out.append(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
+        self._discard(st)
 
     def discard(self, st: StreamState) -> None:
         """The exchange is done with a stream: return credit for what it never consumed."""
@@ -295,16 +346,40 @@ class H2Backend:
     def _discard(self, st: StreamState) -> None:
         pending = sum(n for _, n in st.chunks)
         st.chunks.clear()
-        if pending and not self.closed:
-            self.h2.acknowledge_received_data(pending, st.stream_id)
+        if pending:
+            self._ack_conn(pending)
 
     def consumed(self, stream_id: int, flow_length: int) -> None:
         """The exchange wrote ``flow_length`` bytes of this stream to its client."""
-        if flow_length and not self.closed:
-            self.h2.acknowledge_received_data(flow_length, stream_id)
+        if not flow_length or self.closed:
+            return
+        self._ack_conn(flow_length)
+        st = self.streams.get(stream_id)
+        if st is not None and not st.ended:
+            st.recv_unacked += flow_length
+            unacked = st.recv_unacked
+            if unacked >= self.stream_window >> 1 or (
+                st.recv_window == 0 and unacked > min(1024, self.stream_window >> 2)
+            ):
+                st.recv_window += unacked
+                st.recv_unacked = 0
+                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(unacked)))
+
+    def _ack_conn(self, n: int) -> None:
+        if self.closed:
+            return
+        unacked = self._recv_unacked_conn + n
+        if unacked >= self.recv_window_max >> 1 or (
+            self.recv_window_conn == 0 and unacked > min(1024, self.recv_window_max >> 2)
+        ):
+            self.recv_window_conn += unacked
+            self._recv_unacked_conn = 0
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(unacked)))
+        else:
+            self._recv_unacked_conn = unacked
 
     def ping(self, opaque: bytes = b"muxproxy") -> None:
-        self.h2.ping(opaque)
+        self._out.append(frame(PING, 0, 0, opaque[:8].ljust(8, b"\0")))
 
     def abort(self, reason: str) -> Update:
         """The connection is dead (e.g. no PING ACK): fail every stream with ``reason``."""
@@ -313,17 +388,18 @@ class H2Backend:
             self._terminate(reason, up)
         return up
 
-    def close(self, code: int = 0) -> None:
+    def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
-            self.h2.close_connection(error_code=code)
+            self._out.append(frame(GOAWAY, 0, 0, _U32x2.pack(0, code)))
             self._terminate("closed by the proxy")
 
     def data_to_send(self) -> bytes:
-        if self._out:
-            out = bytes(self._out) + self.h2.data_to_send()
-            self._out.clear()
-            return out
-        return self.h2.data_to_send()
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
     # --- input -------------------------------------------------------------------------
 
@@ -335,77 +411,311 @@ class H2Backend:
         if not data:
             self._terminate("backend closed the connection", up)
             return up
-        if not self.settings_received and not self._first_frame_checked:
-            # RFC 9113 §3.4: the server's first frame is SETTINGS.  An HTTP/1.1 server
-            # answering our preface would otherwise look like a huge frame header to h2.
-            if len(data) >= 4 and data[3] != 0x4:
-                self._terminate("backend did not answer with HTTP/2 SETTINGS", up)
-                return up
-            self._first_frame_checked = len(data) >= 4
-        pending = self.h2.data_to_send()
-        if pending:
-            self._out += pending
+        buf = self._in + data if self._in else data
+        pos = 0
+        end = len(buf)
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            while end - pos >= 9:
+                hi, lo, type_, flags, sid = _FRAME.unpack_from(buf, pos)
+                if not self.settings_received and type_ != SETTINGS:
+                    # RFC 9113 §3.4: the server's first frame is SETTINGS.  An HTTP/1.1 server
+                    # answering our preface would otherwise look like a huge frame.
+                    raise _ConnectionError(
+                        PROTOCOL_ERROR, "backend did not answer with HTTP/2 SETTINGS"
+                    )
+                length = hi << 8 | lo
+                if length > MAX_FRAME_SIZE:
+                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if end - pos - 9 < length:
+                    break
+                payload = buf[pos + 9 : pos + 9 + length]
+                pos += 9 + length
+                self._frame(type_, flags, sid & MAX_STREAM_ID, payload, up)
+                if self.closed:
+                    return up
+        except _ConnectionError as exc:
+            self._out.append(frame(GOAWAY, 0, 0, _U32x2.pack(0, exc.code)))
             self._terminate(f"backend protocol error: {exc}", up)
             return up
-        streams = self.streams
-        for ev in events:
-            if isinstance(ev, h2.events.DataReceived):
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st.chunks.append((ev.data, ev.flow_controlled_length))
-                    up.streams.append(st)
-                elif ev.flow_controlled_length:
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.ResponseReceived):
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st.headers = ev.headers
-                    up.streams.append(st)
-            elif isinstance(ev, h2.events.StreamEnded):
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st.ended = True
-                    up.streams.append(st)
-                    self._maybe_forget(ev.stream_id)
-                    up.capacity_changed = True
-            elif isinstance(ev, h2.events.WindowUpdated):
-                up.window_opened = True
-            elif isinstance(ev, h2.events.TrailersReceived):
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st.trailers = ev.headers
-            elif isinstance(ev, h2.events.StreamReset):
-                st = streams.pop(ev.stream_id, None)
-                self.resets_received += 1
-                if ev.error_code == REFUSED:
-                    self.refused_received += 1
-                if st is not None:
-                    st.reset_code = ev.error_code
-                    st.refused = ev.error_code == REFUSED and st.headers is None
-                    st.error = f"backend reset the stream ({_code_name(ev.error_code)})"
-                    up.streams.append(st)
-                    up.capacity_changed = True
-            elif isinstance(ev, h2.events.RemoteSettingsChanged):
-                self.settings_received = True
-                up.capacity_changed = True
-                up.window_opened = True
-            elif isinstance(ev, h2.events.PingAckReceived):
-                up.ping_acked = True
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                self._goaway(ev, up)
-            # InformationalResponseReceived (1xx), SettingsAcknowledged, PriorityUpdated,
-            # UnknownFrameReceived: nothing to relay.
+        self._in = buf[pos:] if pos < end else b""
         return up
 
-    def _goaway(self, ev: h2.events.ConnectionTerminated, up: Update) -> None:
-        last = ev.last_stream_id if ev.last_stream_id is not None else MAX_STREAM_ID
+    def _frame(self, type_: int, flags: int, sid: int, payload: bytes, up: Update) -> None:
+        if self._block is not None and type_ != CONTINUATION:
+            raise _ConnectionError(PROTOCOL_ERROR, "header block interrupted")
+        if type_ == DATA:
+            self._on_data(flags, sid, payload, up)
+        elif type_ == HEADERS:
+            self._on_headers(flags, sid, payload, up)
+        elif type_ == CONTINUATION:
+            self._on_continuation(flags, sid, payload, up)
+        elif type_ == WINDOW_UPDATE:
+            self._on_window_update(sid, payload, up)
+        elif type_ == SETTINGS:
+            self._on_settings(flags, sid, payload, up)
+        elif type_ == RST_STREAM:
+            self._on_rst_stream(sid, payload, up)
+        elif type_ == PING:
+            if sid:
+                raise _ConnectionError(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "PING of the wrong size")
+            if flags & ACK:
+                up.ping_acked = True
+            else:
+                self._out.append(frame(PING, ACK, 0, payload))
+        elif type_ == GOAWAY:
+            if sid:
+                raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "GOAWAY too short")
+            last, code = _U32x2.unpack_from(payload)
+            self._goaway(last & MAX_STREAM_ID, code, up)
+        elif type_ == PUSH_PROMISE:
+            raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+        elif type_ == PRIORITY and not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        # Unknown frame types are ignored (RFC 9113 §4.1).
+
+    def _stream_for(self, sid: int, what: str) -> _H2Stream | None:
+        """The open stream a frame is for; None if it is gone (reset or ended)."""
+        if not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, f"{what} on stream 0")
+        if not sid & 1 or sid > self.highest_stream_id:
+            raise _ConnectionError(PROTOCOL_ERROR, f"{what} on idle stream {sid}")
+        return self.streams.get(sid)
+
+    def _on_data(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
+        flow = len(payload)
+        st = self._stream_for(sid, "DATA")
+        self.recv_window_conn -= flow
+        if self.recv_window_conn < 0:
+            raise _ConnectionError(FLOW_CONTROL_ERROR, "backend overran the connection window")
+        if flags & PADDED:
+            payload = _unpad(payload)
+        if st is None:
+            self._ack_conn(flow)  # a stream we reset or finished: the credit comes straight back
+            return
+        try:
+            if st.ended:
+                raise _StreamError(STREAM_CLOSED, "DATA after END_STREAM")
+            if st.headers is None:
+                raise _StreamError(PROTOCOL_ERROR, "DATA before the response head")
+            st.recv_window -= flow
+            if st.recv_window < 0:
+                raise _StreamError(FLOW_CONTROL_ERROR, "backend overran the stream window")
+            st.received += len(payload)
+            cl = st.content_length
+            if cl is not None and st.received > cl:
+                raise _StreamError(PROTOCOL_ERROR, "more DATA than content-length")
+            if flags & END_STREAM:
+                self._check_length(st)
+        except _StreamError as exc:
+            self._ack_conn(flow)
+            self._stream_error(st, exc, up)
+            return
+        if flow:
+            st.chunks.append((payload, flow))
+        up.streams.append(st)
+        if flags & END_STREAM:
+            self._ended(st, up)
+
+    def _check_length(self, st: _H2Stream) -> None:
+        cl = st.content_length
+        if cl is not None and st.received != cl and not st.head_request:
+            status = st.headers[0][1] if st.headers else b""
+            if status not in (b"204", b"304"):
+                raise _StreamError(PROTOCOL_ERROR, "body shorter than content-length")
+
+    def _ended(self, st: _H2Stream, up: Update) -> None:
+        st.ended = True
+        up.capacity_changed = True
+        self._maybe_forget(st)
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
+        if not sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
+        if flags & PADDED:
+            payload = _unpad(payload)
+        if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            payload = payload[5:]
+        if flags & END_HEADERS:
+            self._on_block(sid, payload, bool(flags & END_STREAM), up)
+        else:
+            self._block = [payload]
+            self._block_stream = sid
+            self._block_end_stream = bool(flags & END_STREAM)
+            self._block_size = len(payload)
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
+        if self._block is None or sid != self._block_stream:
+            raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        self._block.append(payload)
+        self._block_size += len(payload)
+        if self._block_size > self.max_header_list_size + MAX_FRAME_SIZE:
+            # A CONTINUATION flood: bounded, whatever the peer means to send.
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+        if flags & END_HEADERS:
+            block = b"".join(self._block)
+            self._block = None
+            self._on_block(sid, block, self._block_end_stream, up)
+
+    def _on_block(self, sid: int, block: bytes, end_stream: bool, up: Update) -> None:
+        try:  # always decoded, even for a stream that is gone: HPACK state is shared
+            fields, too_large, bad = self._decoder.decode(block)
+        except HPACKError as exc:
+            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        st = self._stream_for(sid, "HEADERS")
+        if st is None:
+            return
+        try:
+            if st.ended:
+                raise _StreamError(STREAM_CLOSED, "HEADERS after END_STREAM")
+            if too_large:
+                raise _StreamError(PROTOCOL_ERROR, "response head too large")
+            if bad is not None:
+                raise _StreamError(PROTOCOL_ERROR, f"invalid header field {bad[:20]!r}")
+            if st.headers is None:
+                self._on_head(st, fields, end_stream, up)
+            else:  # trailers
+                if not end_stream:
+                    raise _StreamError(PROTOCOL_ERROR, "trailers without END_STREAM")
+                _check_fields(fields, trailers=True)
+                st.trailers = fields
+                self._check_length(st)
+        except _StreamError as exc:
+            self._stream_error(st, exc, up)
+            return
+        if end_stream:
+            up.streams.append(st)
+            self._ended(st, up)
+
+    def _on_head(self, st: _H2Stream, fields: list[Header], end_stream: bool, up: Update) -> None:
+        _check_fields(fields, trailers=False)
+        status = fields[0][1]
+        if len(status) != 3 or not status.isdigit():
+            raise _StreamError(PROTOCOL_ERROR, f"malformed :status {status[:16]!r}")
+        if status[0] == 0x31:  # 1xx: informational, never relayed
+            if end_stream or status == b"101":
+                raise _StreamError(PROTOCOL_ERROR, f"status {status.decode()} ending the stream")
+            return
+        cl: int | None = None
+        for name, value in fields:
+            if name == b"content-length":
+                if not value.isdigit() or (cl is not None and int(value) != cl):
+                    raise _StreamError(PROTOCOL_ERROR, "malformed content-length")
+                cl = int(value)
+        st.content_length = cl
+        st.headers = fields
+        if end_stream:
+            self._check_length(st)
+        else:
+            up.streams.append(st)
+
+    def _stream_error(self, st: _H2Stream, exc: _StreamError, up: Update) -> None:
+        """RFC 9113 §5.4.2: reset this stream alone; its client gets a 502."""
+        self.streams.pop(st.stream_id, None)
+        self._out.append(frame(RST_STREAM, 0, st.stream_id, _U32.pack(exc.code)))
+        self._discard(st)
+        st.reset_code = exc.code
+        st.error = f"backend sent a malformed response: {exc}"
+        up.streams.append(st)
+        up.capacity_changed = True
+
+    def _on_rst_stream(self, sid: int, payload: bytes, up: Update) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
+        st = self._stream_for(sid, "RST_STREAM")
+        (code,) = _U32.unpack(payload)
+        self.resets_received += 1
+        if code == REFUSED:
+            self.refused_received += 1
+        if st is None:
+            return
+        del self.streams[sid]
+        st.reset_code = code
+        st.refused = code == REFUSED and st.headers is None
+        st.error = f"backend reset the stream ({_code_name(code)})"
+        up.streams.append(st)
+        up.capacity_changed = True
+
+    def _on_window_update(self, sid: int, payload: bytes, up: Update) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        increment = _U32.unpack(payload)[0] & MAX_WINDOW
+        if not sid:
+            if not increment:
+                raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window_conn += increment
+            if self.send_window_conn > MAX_WINDOW:
+                raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
+            up.window_opened = True
+            return
+        st = self._stream_for(sid, "WINDOW_UPDATE")
+        if st is None:
+            return
+        if not increment:
+            self._stream_error(st, _StreamError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"), up)
+            return
+        st.send_window += increment
+        if st.send_window > MAX_WINDOW:
+            self._stream_error(st, _StreamError(FLOW_CONTROL_ERROR, "stream window overflow"), up)
+            return
+        up.window_opened = True
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
+        if sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if not self._settings_acked:
+                self._settings_acked = True
+                delta = self.stream_window - DEFAULT_WINDOW
+                self._stream_recv_initial = self.stream_window
+                for st in self.streams.values():
+                    st.recv_window += delta
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        for pos in range(0, len(payload), 6):
+            key, value = _SETTING.unpack_from(payload, pos)
+            if key == MAX_CONCURRENT_STREAMS:
+                self.peer_max_concurrent_streams = value
+            elif key == INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for st in self.streams.values():
+                    st.send_window += delta
+                    if st.send_window > MAX_WINDOW:
+                        raise _ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not 16384 <= value <= 2**24 - 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
+                self.peer_max_frame_size = value
+            elif key == ENABLE_PUSH:
+                if value != 0:  # a server may only say 0 (RFC 9113 §6.5.2)
+                    raise _ConnectionError(PROTOCOL_ERROR, f"ENABLE_PUSH {value} from a server")
+            elif key == ENABLE_CONNECT_PROTOCOL:
+                if value > 1 or (self.peer_connect_protocol and not value):
+                    raise _ConnectionError(PROTOCOL_ERROR, f"ENABLE_CONNECT_PROTOCOL {value}")
+                self.peer_connect_protocol = bool(value)
+            # HEADER_TABLE_SIZE: our encoder uses no dynamic table.  MAX_HEADER_LIST_SIZE is
+            # advisory.  Unknown settings are ignored (RFC 9113 §6.5.2).
+        self._out.append(frame(SETTINGS, ACK, 0))
+        self.settings_received = True
+        up.capacity_changed = True
+        up.window_opened = True
+
+    def _goaway(self, last: int, code: int, up: Update) -> None:
         if self.goaway_last_stream_id is not None:
             last = min(last, self.goaway_last_stream_id)  # a second GOAWAY may only lower it
         self.goaway_last_stream_id = last
-        self.goaway_error = ev.error_code
+        self.goaway_error = code
         up.goaway = True
         up.capacity_changed = True
         # Streams above last_stream_id were never processed (RFC 9113 §6.8): replayable,
@@ -415,18 +725,18 @@ class H2Backend:
             if sid > last:
                 del self.streams[sid]
                 st.reset_code = REFUSED
-                st.refused = st.headers is None and not (ev.error_code and sid == 1)
+                st.refused = st.headers is None and not (code and sid == 1)
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
-        if ev.error_code:
-            self._terminate(f"backend sent GOAWAY ({_code_name(ev.error_code)})", up)
+        if code:
+            self._terminate(f"backend sent GOAWAY ({_code_name(code)})", up)
 
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
         self.close_reason = reason
         for st in self.streams.values():
             if st.reset_code is None and not st.ended:
-                st.reset_code = h2.errors.ErrorCodes.INTERNAL_ERROR
+                st.reset_code = INTERNAL_ERROR
                 st.error = reason
             if up is not None:
                 up.streams.append(st)
@@ -435,14 +745,35 @@ class H2Backend:
             up.closed = True
             up.capacity_changed = True
 
-    def _maybe_forget(self, stream_id: int) -> None:
-        s = self.h2.streams.get(stream_id)
-        if s is None or s.closed:
-            self.streams.pop(stream_id, None)
+    def _maybe_forget(self, st: _H2Stream) -> None:
+        if st.ended and st.local_closed:
+            self.streams.pop(st.stream_id, None)
+
+
+def _unpad(payload: bytes) -> bytes:
+    if not payload:
+        raise _ConnectionError(FRAME_SIZE_ERROR, "padded frame without a pad length")
+    pad = payload[0]
+    if pad >= len(payload):
+        raise _ConnectionError(PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1 : len(payload) - pad]
+
+
+def _check_fields(fields: list[Header], *, trailers: bool) -> None:
+    """RFC 9113 §8.2.2 and §8.3: a response head has exactly one pseudo-header, ``:status``,
+    first; trailers have none; neither has a connection-specific field.  (Names and values
+    were checked as they were decoded.)"""
+    first = True
+    for name, value in fields:
+        if name[0] == 0x3A:  # ":"
+            if trailers or not first or name != b":status":
+                raise _StreamError(PROTOCOL_ERROR, f"pseudo-header {name[:20]!r} misplaced")
+        elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            raise _StreamError(PROTOCOL_ERROR, f"connection-specific field {name.decode()}")
+        first = False
+    if not trailers and (not fields or fields[0][0] != b":status"):
+        raise _StreamError(PROTOCOL_ERROR, "response without :status")
 
 
 def _code_name(code: int) -> str:
-    try:
-        return h2.errors.ErrorCodes(code).name
-    except ValueError:
-        return f"error {code}"
+    return ERROR_NAMES[code] if 0 <= code < len(ERROR_NAMES) else f"error {code}"

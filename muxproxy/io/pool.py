@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
-import h2.exceptions
 
 from ..config import Address, ClusterConfig
 from ..core.backend_h2 import StreamState
@@ -277,14 +276,10 @@ class ClusterPool:
     def _try_open(
         self, headers: Headers, end_stream: bool, connect_protocol: bool = False
     ) -> tuple[BackendConnection, StreamState] | None:
-        while True:
-            conn = self._pick(connect_protocol)
-            if conn is None:
-                return None
-            try:
-                return conn, conn.open_stream(headers, end_stream)
-            except h2.exceptions.TooManyStreamsError:
-                continue  # our estimate was stale; free_streams() now asks h2 exactly
+        conn = self._pick(connect_protocol)
+        if conn is None:
+            return None
+        return conn, conn.open_stream(headers, end_stream)
 
     async def open_stream(
         self, headers: Headers, end_stream: bool, *, connect_protocol: bool = False

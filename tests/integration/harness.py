@@ -121,5 +121,4 @@ def unacknowledged(conn: Any) -> int:
 
     (h2 batches the WINDOW_UPDATE itself; what must reach zero is what we never processed.)
     """
-    mgr = conn.core.h2._inbound_flow_control_window_manager
-    return int(mgr.max_window_size - mgr.current_window_size - mgr._bytes_processed)
+    return int(conn.core.unacknowledged())

@@ -435,7 +435,8 @@ async def test_backend_trailers_with_control_characters_are_dropped() -> None:
 
 
 async def test_backend_trailers_that_could_inject_cut_the_response() -> None:
-    """h2 refuses CR/LF in a field value as a protocol error, so the stream fails mid-body:
+    """CR/LF in a field value makes the message malformed (RFC 9113 §8.2.1), so the stream
+    fails mid-body:
     the chunked response is cut before its last chunk (the client sees it truncated), and no
     injected line ever appears."""
     bad = [(b"x-a", b"a\r\nset-cookie: injected=1")]

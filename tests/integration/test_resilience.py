@@ -70,7 +70,7 @@ async def test_stream_id_exhaustion_drains_and_replaces() -> None:
     async with running(script, cluster={"connections": 1}) as h:
         assert (await h.get("/hello")).status == 200
         conn = h.pool().backends[0].conns[0]
-        conn.core.h2.highest_outbound_stream_id = MAX_STREAM_ID - 2 * STREAM_ID_RESERVE - 6
+        conn.core.highest_stream_id = MAX_STREAM_ID - 2 * STREAM_ID_RESERVE - 6
         c = await h.client()
         for _ in range(10):
             assert (await c.request("GET", "/hello")).status == 200

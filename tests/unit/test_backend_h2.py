@@ -19,7 +19,8 @@ from hyperframe.frame import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from muxproxy.core.backend_h2 import H2Backend, StreamState, Update
+from muxproxy.core.backend_h2 import H2Backend, StreamLimitError, StreamState, Update, frame
+from muxproxy.core.hpack_codec import encode_field
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CANCEL = h2.errors.ErrorCodes.CANCEL
@@ -180,7 +181,7 @@ def test_free_streams_honours_max_concurrent_streams() -> None:
     assert p.core.free_streams() == 3
     streams = [p.open() for _ in range(3)]
     assert p.core.free_streams() == 0
-    with pytest.raises(h2.exceptions.TooManyStreamsError):
+    with pytest.raises(StreamLimitError):
         p.core.open_stream(REQ, end_stream=True)
     up = p.respond(streams[1].stream_id, b"done")
     assert up.capacity_changed
@@ -569,3 +570,162 @@ def test_property_peer_bytes_never_raise(chunks: list[bytes]) -> None:
     p.core.data_to_send()
     if up.closed:
         assert all(s.reset_code is not None or s.ended for s in streams)
+
+
+# --- what a broken backend sends: the stream or the connection, never more -------------------
+
+
+def block(fields: list[Header]) -> bytes:
+    """A header block that leaves the HPACK tables alone (so the real server's stay in step)."""
+    return b"".join(encode_field(n, v) for n, v in fields)
+
+
+def raw(type_: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return frame(type_, flags, sid, payload)
+
+
+def rst_codes(data: bytes) -> dict[int, int]:
+    return {f.stream_id: f.error_code for f in frames(data) if isinstance(f, RstStreamFrame)}
+
+
+MALFORMED: list[tuple[str, bytes]] = [
+    ("upper-case name", raw(1, 5, 1, block([(b":status", b"200")]) + b"\x00\x01X\x011")),
+    ("connection field", raw(1, 5, 1, block([(b":status", b"200"), (b"connection", b"close")]))),
+    ("te other than trailers", raw(1, 5, 1, block([(b":status", b"200"), (b"te", b"gzip")]))),
+    ("CR in a value", raw(1, 5, 1, block([(b":status", b"200")]) + b"\x00\x01x\x03a\rb")),
+    ("no :status", raw(1, 5, 1, block([(b"x", b"1")]))),
+    ("two :status", raw(1, 5, 1, block([(b":status", b"200"), (b":status", b"204")]))),
+    ("request pseudo", raw(1, 5, 1, block([(b":status", b"200"), (b":path", b"/")]))),
+    ("pseudo after field", raw(1, 5, 1, block([(b"x", b"1"), (b":status", b"200")]))),
+    ("bad :status", raw(1, 5, 1, block([(b":status", b"2x0")]))),
+    ("1xx ending the stream", raw(1, 5, 1, block([(b":status", b"103")]))),
+    ("101 over HTTP/2", raw(1, 4, 1, block([(b":status", b"101")]))),
+    ("DATA before the head", raw(0, 1, 1, b"x")),
+    (
+        "body longer than content-length (caught before the end)",
+        raw(1, 4, 1, block([(b":status", b"200"), (b"content-length", b"1")]))
+        + raw(0, 0, 1, b"xy"),
+    ),
+    (
+        "body shorter than content-length",
+        raw(1, 4, 1, block([(b":status", b"200"), (b"content-length", b"3")]))
+        + raw(0, 1, 1, b"xy"),
+    ),
+    (
+        "two content-lengths",
+        raw(
+            1,
+            4,
+            1,
+            block([(b":status", b"200"), (b"content-length", b"1"), (b"content-length", b"2")]),
+        ),
+    ),
+    (
+        "trailers without END_STREAM",
+        raw(1, 4, 1, block([(b":status", b"200")])) + raw(1, 4, 1, block([(b"x", b"1")])),
+    ),
+    (
+        "pseudo-header in trailers",
+        raw(1, 4, 1, block([(b":status", b"200")])) + raw(1, 5, 1, block([(b":status", b"200")])),
+    ),
+    (
+        "DATA after END_STREAM",
+        raw(1, 4, 1, block([(b":status", b"200")])) + raw(0, 1, 1, b"a") + raw(0, 0, 1, b"b"),
+    ),
+    ("stream WINDOW_UPDATE of 0", raw(8, 0, 1, b"\x00\x00\x00\x00")),
+]
+
+
+@pytest.mark.parametrize("frames_", [f for _, f in MALFORMED], ids=[n for n, _ in MALFORMED])
+def test_a_malformed_response_fails_its_stream_alone(frames_: bytes) -> None:
+    """RFC 9113 §8.1.1: a malformed response is a stream error: RST_STREAM(PROTOCOL_ERROR) on
+    that stream, its exchange told why; the stream next to it and the connection go on."""
+    p = Pair()
+    bad = p.open(POST, end_stream=False)  # stream 1, still sending: nothing ends it early
+    good = p.open()
+    assert bad.stream_id == 1
+    up = p.core.receive_data(frames_)
+    assert not up.closed and not p.core.closed
+    assert bad in up.streams and bad.reset_code is not None and not bad.refused
+    assert "malformed" in (bad.error or "")
+    assert 1 not in p.core.streams
+    assert rst_codes(p.core.data_to_send()).get(1) in (1, 3, 5)  # PROTOCOL, FLOW_CONTROL, CLOSED
+    p.respond(good.stream_id, b"fine")
+    assert good.ended and body_of(good) == b"fine" and good.reset_code is None
+
+
+def test_response_to_head_may_announce_a_length_it_does_not_send() -> None:
+    p = Pair()
+    st = p.open([(b":method", b"HEAD"), *REQ[1:]])
+    p.core.receive_data(raw(1, 5, 1, block([(b":status", b"200"), (b"content-length", b"9")])))
+    assert st.ended and st.reset_code is None
+
+
+CONNECTION_ERRORS: list[tuple[str, bytes]] = [
+    ("DATA on stream 0", raw(0, 0, 0, b"x")),
+    ("HEADERS on an idle stream", raw(1, 5, 7, block([(b":status", b"200")]))),
+    ("server-initiated stream", raw(1, 5, 2, block([(b":status", b"200")]))),
+    ("PUSH_PROMISE", raw(5, 4, 1, b"\x00\x00\x00\x02" + block([(b":method", b"GET")]))),
+    ("frame above MAX_FRAME_SIZE", raw(0, 0, 1, b"x" * 16385)),
+    (
+        "header block interrupted",
+        raw(1, 0, 1, block([(b":status", b"200")])) + raw(6, 0, 0, b"8bytes!!"),
+    ),
+    ("CONTINUATION out of the blue", raw(9, 4, 1, block([(b":status", b"200")]))),
+    ("undecodable HPACK", raw(1, 5, 1, b"\x80")),
+    ("connection WINDOW_UPDATE of 0", raw(8, 0, 0, b"\x00\x00\x00\x00")),
+    ("connection window overflow", raw(8, 0, 0, b"\x7f\xff\xff\xff")),
+    ("SETTINGS on a stream", raw(4, 0, 1)),
+    ("SETTINGS of a wrong length", raw(4, 0, 0, b"\x00\x03\x00")),
+    ("ENABLE_PUSH = 1 from a server", raw(4, 0, 0, b"\x00\x02\x00\x00\x00\x01")),
+    ("MAX_FRAME_SIZE too small", raw(4, 0, 0, b"\x00\x05\x00\x00\x10\x00")),
+    ("INITIAL_WINDOW_SIZE too large", raw(4, 0, 0, b"\x00\x04\x80\x00\x00\x00")),
+    ("PING of a wrong length", raw(6, 0, 0, b"1234")),
+    ("RST_STREAM of a wrong length", raw(3, 0, 1, b"\x00\x00\x08")),
+    ("GOAWAY too short", raw(7, 0, 0, b"\x00\x00\x00\x01")),
+    ("padding longer than the frame", raw(0, 8, 1, b"\x09abc")),
+]
+
+
+@pytest.mark.parametrize(
+    "frames_", [f for _, f in CONNECTION_ERRORS], ids=[n for n, _ in CONNECTION_ERRORS]
+)
+def test_connection_errors_fail_every_stream_with_goaway(frames_: bytes) -> None:
+    p = Pair()
+    streams = [p.open(), p.open(POST, end_stream=False)]
+    up = p.core.receive_data(frames_)
+    assert_all_failed(p, up, streams)
+    assert "protocol error" in p.core.close_reason
+    assert any(isinstance(f, GoAwayFrame) for f in frames(p.core.data_to_send()))
+
+
+def test_continuation_flood_is_bounded() -> None:
+    """An endless header block (CONTINUATION without END_HEADERS, CVE-2024-27316 and kin) is
+    cut at max_header_list_size + one frame, whatever the peer means to send."""
+    p = Pair()
+    st_ = p.open()
+    p.core.max_header_list_size = 32 * 1024
+    flood = raw(1, 0, 1, b"\x00" * 16) + raw(9, 0, 1, b"\x00" * 16384) * 4
+    up = p.core.receive_data(flood)
+    assert up.closed and st_.reset_code is not None
+    assert "too large" in p.core.close_reason
+
+
+def test_a_peer_can_lower_the_stream_windows_below_zero_and_recover() -> None:
+    """RFC 9113 §6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE change moves every open stream's window,
+    possibly below zero; sending resumes when WINDOW_UPDATEs bring it back."""
+    p = Pair()
+    st_ = p.open(POST, end_stream=False)
+    p.core.send_data(st_.stream_id, b"x" * 1000)
+    p.core.receive_data(raw(4, 0, 0, b"\x00\x04\x00\x00\x00\x64"))  # INITIAL_WINDOW_SIZE 100
+    assert p.core.send_window(st_.stream_id) == 0
+    p.core.receive_data(raw(8, 0, st_.stream_id, (1000).to_bytes(4, "big")))
+    assert p.core.send_window(st_.stream_id) == 100
+
+
+def test_connect_protocol_cannot_be_withdrawn() -> None:
+    p = Pair()
+    p.core.receive_data(raw(4, 0, 0, b"\x00\x08\x00\x00\x00\x01"))
+    assert p.core.enable_connect_protocol
+    up = p.core.receive_data(raw(4, 0, 0, b"\x00\x08\x00\x00\x00\x00"))
+    assert up.closed

@@ -1,0 +1,270 @@
+"""HPACK (RFC 7541) for the client role of a backend connection, tuned for the proxy's hot path.
+
+Theory of operation
+-------------------
+**Encoding** never uses the dynamic table: the first header block says "my table is 0 bytes"
+(a dynamic table size update, §6.3) and every field is either a static-table index or a literal
+*without indexing* (a literal *never indexed* for credentials, §7.1.3).  With no table there is
+no state, so the encoding of each ``(name, value)`` pair is a pure function and is memoised: a
+request whose fields were seen before is encoded by a few dictionary lookups and one join.
+Values are sent raw, not Huffman-coded: a few bytes more on loopback-class links, far less CPU.
+
+**Decoding** is complete: indexed fields, the three literal forms, Huffman strings, the dynamic
+table with eviction, and table size updates (only at the start of a block, never above what we
+advertised).  Huffman strings are memoised too: backends such as nginx send the same few values
+(``server``, ``content-type``, the ``date`` of this second) as Huffman literals on every response.
+A block that decodes past ``max_header_list_size`` (§6.5.2 of RFC 9113, 32 bytes of overhead
+per field) is still decoded to the end, so the table stays in step with the peer, but its fields
+are dropped and the caller is told: a decompression bomb costs the peer a stream, not us memory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+Header = tuple[bytes, bytes]
+
+STATIC_TABLE: tuple[Header, ...] = HeaderTable.STATIC_TABLE
+_STATIC_LEN = len(STATIC_TABLE)  # 61
+_STATIC_FULL = {field: i + 1 for i, field in reversed(list(enumerate(STATIC_TABLE)))}
+_STATIC_NAME = {name: i + 1 for i, (name, _) in reversed(list(enumerate(STATIC_TABLE)))}
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
+
+# RFC 9113 §8.2.1: a name is a lower-case token (pseudo-headers start with one colon); a value
+# has no NUL, CR or LF and neither starts nor ends with whitespace.
+FIELD_NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+
+_CACHE_MAX = 4096
+
+
+class HPACKError(Exception):
+    """The peer's header block cannot be decoded: a connection error (COMPRESSION_ERROR)."""
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer (§5.1) whose first byte carries ``first`` in the bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(data: bytes) -> bytes:
+    return _integer(len(data), 7, 0) + data
+
+
+def encode_field(name: bytes, value: bytes) -> bytes:
+    """One field, without using the dynamic table.  Raises ValueError for a field HTTP/2
+    forbids (the proxy validates what it forwards; this is the last line)."""
+    index = _STATIC_FULL.get((name, value))
+    if index is not None:
+        return _integer(index, 7, 0x80)
+    if not FIELD_NAME.match(name) or BAD_FIELD_VALUE.search(value):
+        raise ValueError(f"refusing to send the header field {name[:40]!r}")
+    first = 0x10 if name in _SENSITIVE else 0x00
+    index = _STATIC_NAME.get(name)
+    if index is not None:
+        return _integer(index, 4, first) + _literal(value)
+    return bytes((first,)) + _literal(name) + _literal(value)
+
+
+class Encoder:
+    """Stateless HPACK encoding with a memo of every field it encoded."""
+
+    __slots__ = ("_announced", "_cache")
+
+    def __init__(self) -> None:
+        self._cache: dict[Header, bytes] = {}
+        self._announced = False
+
+    def encode(self, headers: list[Header]) -> bytes:
+        cache = self._cache
+        parts: list[bytes] = []
+        if not self._announced:
+            parts.append(b"\x20")  # dynamic table size update: 0 — we never index
+            self._announced = True
+        for field in headers:
+            enc = cache.get(field)
+            if enc is None:
+                enc = encode_field(*field)
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[field] = enc
+            parts.append(enc)
+        return b"".join(parts)
+
+
+class Decoder:
+    """HPACK decoding with a dynamic table of at most ``max_table_size`` bytes."""
+
+    __slots__ = (
+        "_huffman",
+        "_limit",
+        "_max",
+        "_size",
+        "_table",
+        "_tainted",
+        "max_header_list_size",
+    )
+
+    def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 1 << 20) -> None:
+        self._table: list[Header] = []  # newest first
+        self._size = 0
+        self._max = max_table_size  # current maximum, changed by size updates
+        self._limit = max_table_size  # what we advertised: size updates may not exceed it
+        self.max_header_list_size = max_header_list_size
+        self._tainted = False  # a malformed field entered the dynamic table
+        self._huffman: dict[bytes, tuple[bytes, bool]] = {}  # raw → (decoded, valid)
+
+    def _add(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 32
+        table = self._table
+        if size > self._max:
+            table.clear()
+            self._size = 0
+            return
+        table.insert(0, (name, value))
+        self._size += size
+        while self._size > self._max:
+            n, v = table.pop()
+            self._size -= len(n) + len(v) + 32
+
+    def _resize(self, size: int) -> None:
+        if size > self._limit:
+            raise HPACKError(f"table size update to {size} above the advertised {self._limit}")
+        self._max = size
+        table = self._table
+        while self._size > size:
+            n, v = table.pop()
+            self._size -= len(n) + len(v) + 32
+
+    def _field(self, index: int) -> Header:
+        if index <= 0:
+            raise HPACKError("index 0")
+        if index <= _STATIC_LEN:
+            return STATIC_TABLE[index - 1]
+        try:
+            return self._table[index - _STATIC_LEN - 1]
+        except IndexError:
+            raise HPACKError(f"index {index} outside the tables") from None
+
+    def decode(self, data: bytes) -> tuple[list[Header], bool, bytes | None]:
+        """Decode one complete header block: ``(fields, too_large, bad)``, where ``bad`` names
+        a field whose name or value RFC 9113 §8.2.1 forbids (the block is malformed, but it was
+        decoded to the end: the dynamic table is in step).  Raises HPACKError."""
+        out: list[Header] = []
+        total = 0
+        limit = self.max_header_list_size
+        too_large = False
+        bad: bytes | None = None
+        pos = 0
+        end = len(data)
+        fields_seen = False
+        try:
+            while pos < end:
+                b = data[pos]
+                if b & 0x80:  # indexed field: checked when it entered a table
+                    if b != 0xFF:
+                        index = b & 0x7F
+                        pos += 1
+                    else:
+                        index, pos = _read_int(data, pos, 7)
+                    name, value = self._field(index)
+                    if self._tainted and index > _STATIC_LEN and not _valid(name, value):
+                        bad = bad or name
+                else:
+                    if b & 0x40:  # literal with incremental indexing
+                        index, pos = _read_int(data, pos, 6)
+                        indexing = True
+                    elif b & 0x20:  # dynamic table size update
+                        if fields_seen:
+                            raise HPACKError("table size update after a field")
+                        size, pos = _read_int(data, pos, 5)
+                        self._resize(size)
+                        continue
+                    else:  # literal without indexing (0000) or never indexed (0001)
+                        index, pos = _read_int(data, pos, 4)
+                        indexing = False
+                    if index:
+                        name = self._field(index)[0]
+                    else:
+                        name, pos, ok = self._string(data, pos)
+                        if not FIELD_NAME.match(name):
+                            bad = bad or name
+                    value, pos, ok = self._string(data, pos)
+                    if not ok:
+                        bad = bad or name
+                    if indexing:
+                        self._add(name, value)
+                        if bad is not None:
+                            self._tainted = True  # indexed fields need checking from now on
+                fields_seen = True
+                total += len(name) + len(value) + 32
+                if total > limit:
+                    too_large = True
+                    out.clear()
+                elif not too_large:
+                    out.append((name, value))
+        except IndexError:
+            raise HPACKError("header block truncated") from None
+        return out, too_large, bad
+
+    def _string(self, data: bytes, pos: int) -> tuple[bytes, int, bool]:
+        """A string literal at ``pos``: ``(value, next position, valid as a field value)``."""
+        b = data[pos]
+        if b & 0x7F != 0x7F:
+            length = b & 0x7F
+            pos += 1
+        else:
+            length, pos = _read_int(data, pos, 7)
+        end = pos + length
+        if end > len(data):
+            raise HPACKError("string runs past the header block")
+        raw = data[pos:end]
+        if not b & 0x80:
+            return raw, end, BAD_FIELD_VALUE.search(raw) is None
+        cache = self._huffman
+        hit = cache.get(raw)
+        if hit is None:
+            try:
+                out = decode_huffman(raw)
+            except HPACKDecodingError as exc:
+                raise HPACKError(f"bad Huffman string: {exc}") from None
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            hit = cache[raw] = (out, BAD_FIELD_VALUE.search(out) is None)
+        return hit[0], end, hit[1]
+
+
+def _valid(name: bytes, value: bytes) -> bool:
+    return FIELD_NAME.match(name) is not None and BAD_FIELD_VALUE.search(value) is None
+
+
+def _read_int(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """Decode an HPACK integer at ``pos``; returns ``(value, next position)``."""
+    mask = (1 << prefix_bits) - 1
+    value = data[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value += (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:
+            raise HPACKError("integer too large")

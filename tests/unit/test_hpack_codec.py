@@ -1,0 +1,112 @@
+"""Our HPACK codec against the hpack library as the reference peer, both directions."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from muxproxy.core.hpack_codec import Decoder, Encoder, HPACKError, encode_field
+
+Header = tuple[bytes, bytes]
+
+NAME = st.one_of(
+    st.sampled_from([b"content-type", b"server", b"date", b"etag", b"x-a", b"set-cookie"]),
+    st.from_regex(rb"\A[a-z0-9\-_.]{1,30}\Z"),
+)
+VALUE = st.from_regex(rb"\A([!-~]([ !-~]{0,60}[!-~])?)?\Z")
+FIELDS = st.lists(st.tuples(NAME, VALUE), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FIELDS, min_size=1, max_size=6), st.booleans())
+def test_decoder_follows_the_reference_encoder(blocks: list[list[Header]], huffman: bool) -> None:
+    """Blocks from hpack's encoder (incremental indexing, Huffman or raw, table eviction with a
+    small table) decode to what was encoded, block after block: the dynamic tables stay in
+    step."""
+    ref = hpack.Encoder()
+    ref.header_table_size = 256  # small: entries are evicted all the time
+    ours = Decoder(max_table_size=4096)
+    for block in blocks:
+        data = ref.encode(block, huffman=huffman)
+        fields, too_large, bad = ours.decode(data)
+        assert (fields, too_large, bad) == (block, False, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FIELDS, min_size=1, max_size=6))
+def test_reference_decoder_reads_our_encoder(blocks: list[list[Header]]) -> None:
+    ours = Encoder()
+    ref = hpack.Decoder()
+    for block in blocks:
+        assert ref.decode(ours.encode(block), raw=True) == block
+
+
+def test_never_indexed_for_credentials_and_static_indexes() -> None:
+    assert encode_field(b":method", b"GET") == b"\x82"  # fully indexed (static 2)
+    assert encode_field(b"cookie", b"a=1")[0] & 0xF0 == 0x10  # never indexed
+    assert encode_field(b"x-a", b"1")[0] == 0x00  # literal without indexing, new name
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [(b"X-Upper", b"1"), (b"x a", b"1"), (b"x", b"a\r\nb"), (b"x", b"\x00"), (b"x", b" lead")],
+)
+def test_encoder_refuses_what_http2_forbids(name: bytes, value: bytes) -> None:
+    with pytest.raises(ValueError):
+        encode_field(name, value)
+
+
+def test_our_blocks_announce_a_zero_table_once() -> None:
+    enc = Encoder()
+    assert enc.encode([(b":method", b"GET")]) == b"\x20\x82"
+    assert enc.encode([(b":method", b"GET")]) == b"\x82"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x80",  # index 0
+        b"\xbf",  # index 63: beyond static (61) + empty dynamic table
+        b"\x40\x05abc",  # string runs past the block
+        b"\x3f\xe2\x1f",  # size update to 4097, above the 4096 we advertised
+        b"\x82\x20",  # size update after a field
+        b"\x00\x81\xff\x01a",  # invalid Huffman (EOS)
+        b"\xff\xff\xff\xff\xff\xff\x01",  # integer overflow
+        b"\x82\xff",  # truncated integer
+    ],
+)
+def test_undecodable_blocks(block: bytes) -> None:
+    with pytest.raises(HPACKError):
+        Decoder().decode(block)
+
+
+def test_malformed_fields_are_flagged_even_through_the_table() -> None:
+    """A bad value entered with incremental indexing is flagged, and so is every later
+    reference to that table entry (the table must still hold it to stay in step)."""
+    dec = Decoder()
+    fields, _, bad = dec.decode(b"\x40\x01x\x03a\nb")
+    assert bad == b"x" and fields == [(b"x", b"a\nb")]
+    _, _, bad = dec.decode(b"\xbe")  # index 62: that entry
+    assert bad == b"x"
+    _, _, bad = dec.decode(b"\x00\x01X\x011")  # upper-case literal name
+    assert bad == b"X"
+
+
+def test_header_list_size_is_bounded_but_the_table_kept_in_step() -> None:
+    ref = hpack.Encoder()
+    dec = Decoder(max_header_list_size=200)
+    big = [(b"x-%d" % i, b"v" * 40) for i in range(10)]
+    fields, too_large, _ = dec.decode(ref.encode(big))
+    assert too_large and fields == []
+    small = [(b"x-9", b"v" * 40)]  # now an indexed reference into the table
+    assert dec.decode(ref.encode(small)) == (small, False, None)
+
+
+def test_table_eviction_matches_sizes() -> None:
+    ref = hpack.Encoder()
+    dec = Decoder(max_table_size=4096)
+    for i in range(200):  # ~ 200 × 70 bytes: the 4 KiB table evicts continuously
+        block = [(b"x-name-%d" % i, b"value-%d" % i), (b"x-name-%d" % (i // 2), b"v")]
+        assert dec.decode(ref.encode(block))[0] == block
