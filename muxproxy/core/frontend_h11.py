@@ -1,18 +1,21 @@
-"""One client connection speaking HTTP/1.1, on top of h11, hardened for the edge.
+"""One client connection speaking HTTP/1.1, hardened for the edge; h11 frames request bodies.
 
 Theory of operation
 -------------------
-h11 parses and frames; this module decides what an edge proxy accepts.  h11 ≥ 0.16 lets
-through heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare LF,
-control characters in values, a whole head over the limit when it comes in one read, ...), so
-the raw bytes of every request head are checked here *before* h11 sees them:
+Heads are parsed here (:func:`parse_head`), bodies are framed by h11.  h11 ≥ 0.16 lets through
+heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare LF, control
+characters in values, a whole head over the limit when it comes in one read, ...), and parsing
+a head through h11 was the largest single cost of a proxied request, so every head is checked
+raw and parsed by this module; ``tests/unit/test_head_parser.py`` holds it to never accepting a
+head h11 would refuse.  A request without a body never meets h11 at all:
 
 * While a head is expected, received bytes wait in ``_buf``; nothing reaches h11 until the
   blank line ending the head is found and the raw head has passed :func:`check_raw_head`.
   The incomplete head is scanned incrementally (each byte once, so trickling a 64 KiB head one
   byte per read costs O(n), not O(n²)) and refused as soon as it holds a bare CR or LF, a
   control character or a folded line, rather than when the timeout ends it.
-* Then the head, and everything after it, is fed to h11, which frames the body.  A chunked
+* A request with a body then has its head, and everything after it, fed to h11, which frames
+  the body.  A chunked
   body's raw bytes also pass through :class:`~.chunked.ChunkedScanner`, which refuses what h11
   would accept but must not be (chunk-size lines over 16 hex digits, bare CR in a chunk
   extension, a malformed trailer section) before h11 parses them.  A body error in the bytes
@@ -21,9 +24,9 @@ the raw bytes of every request head are checked here *before* h11 sees them:
   would be refused for, and fields such as ``content-length`` or ``host`` in trailers are a
   known way to confuse the next hop.  A well-formed trailer section is dropped; a malformed
   one is refused like a malformed head.
-* When the exchange is over and keep-alive allows, the bytes h11 holds beyond the request
-  (``trailing_data``: pipelined requests) move back into ``_buf`` and a fresh h11 connection
-  starts the next cycle, so every head, pipelined or not, passes the same raw check.
+* When the exchange is over and keep-alive allows, the bytes beyond the request (pipelined
+  requests: h11's ``trailing_data``, or ``_after`` for a body-less request) move back into
+  ``_buf`` and the next cycle starts, so every head, pipelined or not, passes the same checks.
 
 Requests are answered strictly in order: the next head is not even parsed until the current
 response has been sent in full.
@@ -108,6 +111,8 @@ _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name or an IP literal.  No
 # userinfo, no path, no whitespace: the value becomes :authority and is what routes match.
+_BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
+_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
 )
@@ -148,14 +153,43 @@ def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
         raise ClientError("duplicate Content-Length")
 
 
-def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
-    """Checks on the parsed head that h11 does not make; builds our RequestHead."""
-    headers: list[Header] = list(req.headers)
+def parse_head(raw: bytes, limits: HeadLimits) -> RequestHead:
+    """Parse a complete head that passed :func:`check_raw_head` (RFC 9112 §2–§3, §5).
+
+    Refuses, as h11 does, a field line that is not ``token ":" OWS value OWS`` (whitespace
+    before the colon included), a target with anything but VCHAR, and an HTTP/1.1 request
+    without exactly one Host; then makes the checks h11 does not (see :func:`_request_head`).
+    """
+    lines = raw[:-4].split(b"\r\n")
+    method, target, version = lines[0].split(b" ")
+    if _BAD_TARGET.search(target) is not None:
+        raise ClientError("illegal characters in request target")
+    headers: list[Header] = []
+    append = headers.append
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _FIELD_NAME.fullmatch(name) is None:
+            raise ClientError(f"illegal header line: {line[:40]!r}")
+        value = value.strip(b" \t")
+        if b"\x00" in value:  # (check_raw_head refused every other control character)
+            raise ClientError(f"illegal header line: {line[:40]!r}")
+        name = name.lower()
+        if name == b"transfer-encoding":
+            value = value.lower()  # codings are case-insensitive; h11 lower-cases it too
+        append((name, value))
+    return _request_head(method, target, version[5:], headers, limits)
+
+
+def _request_head(
+    method: bytes, target: bytes, http_version: bytes, headers: list[Header], limits: HeadLimits
+) -> RequestHead:
+    """Checks on the parsed head beyond the grammar; builds our RequestHead."""
     cl: list[bytes] = []
     te: list[bytes] = []
     host: bytes | None = None
     connection = b""
     expect = b""
+    upgrade = False
     underscored = False
     for name, value in headers:
         if name == b"connection":
@@ -163,10 +197,19 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         elif name == b"expect":
             expect = value.lower()
         elif name == b"content-length":
+            if cl or not value.isdigit() or len(value) > 20:
+                raise ClientError("duplicate or malformed Content-Length")
             cl.append(value)
         elif name == b"transfer-encoding":
+            # In field order, as h11 does: a second field, or any coding but chunked, is 501.
+            if te or value.lower() != b"chunked":
+                raise ClientError("unsupported Transfer-Encoding", 501)
             te.append(value)
+        elif name == b"upgrade":
+            upgrade = upgrade or bool(value.strip(b", \t"))
         elif name == b"host":
+            if host is not None:
+                raise ClientError("more than one Host")
             host = value
         elif b"_" in name:
             policy = limits.underscore_headers
@@ -177,22 +220,19 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
             underscored = True
     if underscored and limits.underscore_headers == "drop":
         headers = [(n, v) for n, v in headers if b"_" not in n]
+    if host is None and http_version == b"1.1":
+        raise ClientError("missing Host")
     if host is not None and _HOST.fullmatch(host) is None:
         raise ClientError("invalid Host")
     if te:
         if cl:
             raise ClientError("both Content-Length and Transfer-Encoding")
-        if req.http_version == b"1.0":
+        if http_version == b"1.0":
             raise ClientError("Transfer-Encoding on an HTTP/1.0 request")
-        if len(te) != 1 or te[0].lower() != b"chunked":
-            raise ClientError("unsupported Transfer-Encoding", 501)
-    if len(cl) > 1 or (cl and not cl[0].isdigit()):
-        raise ClientError("duplicate or malformed Content-Length")
     content_length = int(cl[0]) if cl else None
     if content_length is not None and content_length > limits.max_body:
         raise ClientError("request body too large", 413)
 
-    method, target = req.method, req.target
     if method == b"CONNECT":
         raise ClientError("CONNECT is not served here", 501)
     if b"#" in target:
@@ -213,18 +253,19 @@ def _request_head(req: h11.Request, limits: HeadLimits) -> RequestHead:
         if target[:1] != b"/":
             target = b"/" + target
     tokens = {t.strip() for t in connection.split(b",")}
-    # HTTP/1.0 connections are closed after one exchange (h11 does not keep them alive).
-    keep_alive = req.http_version == b"1.1" and b"close" not in tokens
+    # HTTP/1.0 connections are closed after one exchange, and so is one that asked for an
+    # Upgrade: a client may follow it with bytes of the new protocol, never to be read as HTTP.
+    keep_alive = http_version == b"1.1" and b"close" not in tokens and not upgrade
     return RequestHead(
         method=method,
         target=target,
         authority=host or b"",
         headers=headers,
-        http_version=req.http_version,
+        http_version=http_version,
         has_body=bool(te) or bool(content_length),
         content_length=content_length,
         keep_alive=keep_alive,
-        expects_continue=req.http_version == b"1.1" and expect == b"100-continue",
+        expects_continue=http_version == b"1.1" and expect == b"100-continue",
     )
 
 
@@ -245,7 +286,11 @@ class ClientSession:
 
     def __init__(self, limits: HeadLimits = HeadLimits()) -> None:
         self.limits = limits
-        self._h11 = self._new_h11()
+        # h11 frames request bodies only: a request without one (most of them) never meets
+        # it, and its bytes after the head wait in ``_after`` for the next cycle.
+        self._h11: h11.Connection | None = None
+        self._after = bytearray()  # bytes after a body-less request (pipelined, or a tunnel's)
+        self._ended = False  # EndOfRequest was returned for the body-less request
         self._buf = bytearray()
         self._eof = False
         self._in_head = True
@@ -275,9 +320,9 @@ class ClientSession:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the client; ``b""`` means the client closed its side."""
-        if self._in_head:
+        if self._in_head or self._h11 is None:
             if data:
-                self._buf += data
+                (self._buf if self._in_head else self._after).extend(data)
             else:
                 self._eof = True
         else:
@@ -296,6 +341,11 @@ class ClientSession:
         """The next request event, NEED_DATA, or CLOSED.  Raises ClientError."""
         if self._in_head:
             return self._next_head()
+        if self._h11 is None:
+            if self._ended:
+                return NEED_DATA
+            self._ended = True
+            return EndOfRequest([])
         if self._body_error is not None:
             raise self._body_error
         try:
@@ -353,17 +403,24 @@ class ClientSession:
         self._scanned = 0
         self._first_eol = -1
         check_raw_head(raw, limits)
-        self._h11.receive_data(raw)
+        head = parse_head(raw, limits)
+        self._in_head = False
+        self._body_bytes = 0
+        self.request = head
+        if not head.has_body:
+            self._after = bytearray(rest)
+            return head
+        # h11 frames the body: it parses the same head again (agreeing with parse_head,
+        # which refuses a superset of what h11 does) and then the bytes after it.
+        self._h11 = conn = self._new_h11()
+        conn.receive_data(raw)
         try:
-            ev = self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
+            ev = conn.next_event()
+        except h11.RemoteProtocolError as exc:  # pragma: no cover - parse_head refused it
             raise ClientError(f"malformed request: {exc}", exc.error_status_hint) from None
         if type(ev) is not h11.Request:  # pragma: no cover - a full head always parses
             raise ClientError("malformed request")
-        head = _request_head(ev, limits)
-        self._in_head = False
-        self._body_bytes = 0
-        if head.has_body and head.content_length is None:
+        if head.content_length is None:
             self._chunks = ChunkedScanner(
                 limits.max_body, limits.max_header_bytes, limits.max_headers
             )
@@ -373,10 +430,9 @@ class ClientSession:
                 # The body that came with the head is already known to be bad: refuse the
                 # request before anything of it is forwarded.
                 raise self._body_error
-            self._h11.receive_data(rest)
+            conn.receive_data(rest)
         if self._eof:
-            self._h11.receive_data(b"")
-        self.request = head
+            conn.receive_data(b"")
         return head
 
     # --- output ---------------------------------------------------------------------
@@ -387,7 +443,9 @@ class ClientSession:
 
     @property
     def request_complete(self) -> bool:
-        return not self._in_head and self._h11.their_state in _COMPLETE
+        if self._in_head:
+            return False
+        return self._h11 is None or self._h11.their_state in _COMPLETE
 
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
@@ -452,8 +510,10 @@ class ClientSession:
 
     def detach(self) -> bytes:
         """Hand the connection over to a tunnel: the bytes received after the request."""
-        data, _ = self._h11.trailing_data
         self._must_close = True
+        if self._h11 is None:
+            return bytes(self._after)
+        data, _ = self._h11.trailing_data
         return bytes(data)
 
     def error_response(self, status: int, reason: str, extra: tuple[Header, ...] = ()) -> bytes:
@@ -484,12 +544,18 @@ class ClientSession:
         """After a response: True when the connection may serve another request."""
         if self._must_close or not self._response_done or not self.request_complete:
             return False
-        if self._h11.their_state is not h11.DONE:
-            return False
-        data, closed = self._h11.trailing_data
-        self._h11 = self._new_h11()
-        self._buf = bytearray(data)
-        self._eof = closed
+        conn = self._h11
+        if conn is None:
+            self._buf = self._after
+            self._after = bytearray()
+            self._ended = False
+        else:
+            if conn.their_state is not h11.DONE:
+                return False
+            data, closed = conn.trailing_data
+            self._h11 = None
+            self._buf = bytearray(data)
+            self._eof = self._eof or closed
         self._in_head = True
         self._scanned = 0
         self._first_eol = -1
