@@ -22,6 +22,7 @@ from anyio.streams.tls import TLSAttribute
 from ..config import Address, ClusterConfig
 from ..core.backend_h2 import BackendCore, H2Backend, StreamState, Update
 from ..errors import BackendUnavailable
+from .fast_stream import fast_stream
 from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.backend")
@@ -148,7 +149,7 @@ class BackendConnection:
                         await stream.aclose()
                         raise BackendUnavailable(f"backend {addr} did not negotiate h2 (ALPN)")
                 else:
-                    stream = await anyio.connect_tcp(addr.host, addr.port)
+                    stream = fast_stream(await anyio.connect_tcp(addr.host, addr.port))
                 self._stream = stream
                 core = self.h2core
                 core.initiate()

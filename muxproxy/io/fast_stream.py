@@ -1,0 +1,196 @@
+"""A leaner byte stream for plain TCP sockets on asyncio (and uvloop).
+
+anyio's asyncio ``SocketStream`` pauses the transport after every ``receive`` and resumes it
+before the next (two ``epoll_ctl`` calls per read under uvloop), yields to the event loop twice
+on every ``send`` and takes resource guards on both: profiled, that was the largest single cost
+of the I/O layer per proxied request.  :class:`FastStream` takes over the same transport with a
+protocol of its own:
+
+* Reading stays on; received chunks queue up to ``READ_AHEAD`` bytes, then the transport is
+  paused until the consumer catches up, so a client that sends faster than we forward is held
+  to that much, as before.
+* ``send`` writes and returns at once when the kernel took everything; otherwise it waits until
+  the transport's buffer is empty again (write-buffer limits of 0, as anyio sets them): the
+  proxy never holds more of a response than the chunk being written, so backpressure still
+  reaches the backend through HTTP/2 flow control.
+* ``aclose`` closes gracefully when nothing is left to write and aborts otherwise (a client
+  that stopped reading must not keep its socket forever).
+
+Errors are anyio's (``EndOfStream``, ``BrokenResourceError``, ``ClosedResourceError``), so the
+rest of the proxy cannot tell the two streams apart.  On trio, and for TLS, anyio's own streams
+are used unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+
+READ_AHEAD = 256 * 1024
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.eof = False
+        self.lost = False
+        self.exception: BaseException | None = None
+        self.paused = False
+        self.reader: asyncio.Future[None] | None = None
+        self.writer: asyncio.Future[None] | None = None
+        self.write_paused = False
+
+    def _wake_reader(self) -> None:
+        fut = self.reader
+        if fut is not None:
+            self.reader = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def _wake_writer(self) -> None:
+        fut = self.writer
+        if fut is not None:
+            self.writer = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > READ_AHEAD and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return True  # keep the write side open: a half-closed client still gets its response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.exception = exc
+        self._wake_reader()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_writer()
+
+
+class FastStream(anyio.abc.ByteStream):
+    """An anyio byte stream over an asyncio transport, without per-call pause/resume."""
+
+    def __init__(self, transport: asyncio.Transport, origin: anyio.abc.ByteStream) -> None:
+        self._transport = transport
+        self._origin = origin  # anyio's stream, for its extra attributes
+        self._closed = False
+        proto = _Protocol(transport)
+        old: Any = transport.get_protocol()
+        # Whatever anyio's protocol already received moves over, in order.
+        for chunk in getattr(old, "read_queue", ()):
+            proto.chunks.append(chunk)
+            proto.buffered += len(chunk)
+        proto.eof = bool(getattr(old, "is_at_eof", False))
+        proto.exception = getattr(old, "exception", None)
+        transport.set_protocol(proto)
+        transport.set_write_buffer_limits(0)
+        self._proto = proto
+        if transport.is_closing():
+            proto.lost = True
+        else:
+            transport.resume_reading()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        proto = self._proto
+        while not proto.chunks:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if proto.eof:
+                raise anyio.EndOfStream
+            if proto.lost:
+                if proto.exception is not None:
+                    raise anyio.BrokenResourceError from proto.exception
+                raise anyio.EndOfStream
+            if proto.reader is not None:
+                raise anyio.BusyResourceError("reading from")
+            fut = proto.reader = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                if proto.reader is fut:
+                    proto.reader = None
+        chunk = proto.chunks.popleft()
+        if len(chunk) > max_bytes:
+            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
+            proto.chunks.appendleft(rest)
+        proto.buffered -= len(chunk)
+        if proto.paused and proto.buffered <= READ_AHEAD // 2 and not proto.lost:
+            proto.paused = False
+            self._transport.resume_reading()
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        proto = self._proto
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if proto.lost or self._transport.is_closing():
+            raise anyio.BrokenResourceError from proto.exception
+        self._transport.write(item)
+        while proto.write_paused:
+            if proto.lost:
+                raise anyio.BrokenResourceError from proto.exception
+            if proto.writer is not None:
+                raise anyio.BusyResourceError("writing to")
+            fut = proto.writer = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                if proto.writer is fut:
+                    proto.writer = None
+        if proto.lost:
+            raise anyio.BrokenResourceError from proto.exception
+
+    async def send_eof(self) -> None:
+        try:
+            self._transport.write_eof()
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._transport
+        if transport.get_write_buffer_size():
+            transport.abort()  # a client that stopped reading: nothing to wait for
+        else:
+            transport.close()
+        self._proto._wake_reader()
+        self._proto._wake_writer()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._origin.extra_attributes
+
+
+def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+    """``stream`` as a :class:`FastStream` when it is anyio's plain TCP stream on asyncio."""
+    transport = getattr(stream, "_transport", None)
+    if (
+        type(stream).__module__ == "anyio._backends._asyncio"
+        and hasattr(transport, "set_protocol")  # asyncio's or uvloop's (not a subclass)
+        and not transport.is_closing()  # type: ignore[union-attr]
+    ):
+        return FastStream(transport, stream)  # type: ignore[arg-type]
+    return stream

@@ -1,0 +1,112 @@
+"""FastStream: the asyncio byte stream client and backend sockets are switched to.
+
+On trio (and for TLS) anyio's own stream is kept; on asyncio the transport is taken over, and
+these tests pin what must not change: order, bounded read-ahead, half-close, closing a socket
+whose peer stopped reading."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import pytest
+
+from muxproxy.io.fast_stream import READ_AHEAD, FastStream, fast_stream
+
+from .harness import wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def pair() -> AsyncIterator[tuple[anyio.abc.ByteStream, anyio.abc.SocketStream]]:
+    """(server side through fast_stream, plain client side) over loopback."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.raw_socket).getsockname()[1]
+    client = await anyio.connect_tcp("127.0.0.1", port)
+    server = fast_stream(await listener.listeners[0].accept())
+    try:
+        yield server, client
+    finally:
+        await server.aclose()
+        await client.aclose()
+        await listener.aclose()
+
+
+async def test_used_on_asyncio_only(anyio_backend: str) -> None:
+    async with pair() as (server, _):
+        assert isinstance(server, FastStream) == (anyio_backend == "asyncio")
+        assert server.extra(anyio.abc.SocketAttribute.remote_address)[0] == "127.0.0.1"
+
+
+async def test_bytes_arrive_whole_and_in_order_both_ways() -> None:
+    async with pair() as (server, client):
+        data = bytes(range(256)) * 4096  # 1 MiB
+        got = bytearray()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.send, data)
+            while len(got) < len(data):
+                got += await server.receive(65536)
+        assert got == data
+        await server.send(data)
+        back = bytearray()
+        while len(back) < len(data):
+            back += await client.receive()
+        assert back == data
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # FastStream exists on asyncio only
+async def test_read_ahead_is_bounded() -> None:
+    """A peer that sends far more than we read is held to READ_AHEAD (+ one read) in memory;
+    the rest waits in the kernel, and nothing is lost."""
+    async with pair() as (server, client):
+        assert isinstance(server, FastStream)
+        total = 16 * 1024 * 1024
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.send, b"x" * total)
+            await wait_for(lambda: server._proto.paused)
+            assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+            got = 0
+            while got < total:
+                got += len(await server.receive(65536))
+                assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+        assert got == total
+
+
+async def test_half_close_still_gets_the_answer() -> None:
+    async with pair() as (server, client):
+        await client.send(b"request")
+        await client.send_eof()
+        assert await server.receive() == b"request"
+        with pytest.raises(anyio.EndOfStream):
+            await server.receive()
+        await server.send(b"answer")
+        assert await client.receive() == b"answer"
+
+
+async def test_peer_reset_is_a_broken_resource() -> None:
+    async with pair() as (server, client):
+        sock = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await client.aclose()  # linger 0: RST
+        with pytest.raises((anyio.BrokenResourceError, anyio.EndOfStream)):
+            await server.receive()
+        with pytest.raises((anyio.BrokenResourceError, anyio.ClosedResourceError)):
+            for _ in range(100):  # the first writes may still be accepted by the kernel
+                await server.send(b"x" * 65536)
+
+
+async def test_close_does_not_wait_for_a_peer_that_stopped_reading() -> None:
+    """A send blocked on a full socket ends when the stream is closed (the send_timeout path),
+    and the close does not wait for the peer to drain."""
+    async with pair() as (server, _client):
+        with anyio.move_on_after(0.5):  # a deadline, not a sleep: the send blocks forever
+            while True:
+                await server.send(b"x" * 65536)
+        with anyio.fail_after(5):
+            await server.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            await server.send(b"x")
