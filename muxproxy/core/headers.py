@@ -61,6 +61,11 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
 
+# Response fields already found safe: backends repeat the same few (server, content-type, the
+# date of this second), and checking each was a measurable share of a request's CPU.
+_SAFE: set[Header] = set()
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarding:
     """What the proxy adds to every forwarded request."""
@@ -160,9 +165,14 @@ def response_from_h2(
             continue
         if name in RESPONSE_DROP:
             continue
-        if _BAD_VALUE.search(value) is not None or not _TOKEN.match(name):
-            raise BackendError("backend sent a header field that cannot be forwarded")
-        out.append((name, value))
+        field = (name, value)
+        if field not in _SAFE:
+            if _BAD_VALUE.search(value) is not None or not _TOKEN.match(name):
+                raise BackendError("backend sent a header field that cannot be forwarded")
+            if len(_SAFE) >= 4096:
+                _SAFE.clear()
+            _SAFE.add(field)
+        out.append(field)
     if not 100 <= status <= 599 or (status == 101 and not allow_101):
         raise BackendError(f"backend sent status {status}")
     return status, out

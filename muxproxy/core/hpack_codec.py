@@ -21,6 +21,7 @@ are dropped and the caller is told: a decompression bomb costs the peer a stream
 from __future__ import annotations
 
 import re
+from collections import deque
 
 from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
@@ -40,6 +41,7 @@ FIELD_NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 
 _CACHE_MAX = 4096
+_BLOCKS_MAX = 256
 
 
 class HPACKError(Exception):
@@ -109,6 +111,7 @@ class Decoder:
     """HPACK decoding with a dynamic table of at most ``max_table_size`` bytes."""
 
     __slots__ = (
+        "_blocks",
         "_huffman",
         "_limit",
         "_max",
@@ -119,12 +122,16 @@ class Decoder:
     )
 
     def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 1 << 20) -> None:
-        self._table: list[Header] = []  # newest first
+        self._table: deque[Header] = deque()  # newest first
         self._size = 0
         self._max = max_table_size  # current maximum, changed by size updates
         self._limit = max_table_size  # what we advertised: size updates may not exceed it
         self.max_header_list_size = max_header_list_size
         self._tainted = False  # a malformed field entered the dynamic table
+        # Whole blocks that only use the static table and literals: the same bytes always mean
+        # the same fields and the same insertions (nginx sends identical blocks, inserting
+        # every field, for every response within a second).
+        self._blocks: dict[bytes, tuple[tuple[Header, ...], tuple[Header, ...]]] = {}
         self._huffman: dict[bytes, tuple[bytes, bool]] = {}  # raw → (decoded, valid)
 
     def _add(self, name: bytes, value: bytes) -> None:
@@ -134,7 +141,7 @@ class Decoder:
             table.clear()
             self._size = 0
             return
-        table.insert(0, (name, value))
+        table.appendleft((name, value))
         self._size += size
         while self._size > self._max:
             n, v = table.pop()
@@ -163,7 +170,14 @@ class Decoder:
         """Decode one complete header block: ``(fields, too_large, bad)``, where ``bad`` names
         a field whose name or value RFC 9113 §8.2.1 forbids (the block is malformed, but it was
         decoded to the end: the dynamic table is in step).  Raises HPACKError."""
+        hit = self._blocks.get(data)
+        if hit is not None:  # seen before, and its meaning does not depend on the table
+            for name, value in hit[1]:
+                self._add(name, value)
+            return list(hit[0]), False, None
         out: list[Header] = []
+        inserts: list[Header] = []
+        cacheable = True  # no reference into the dynamic table, no size update
         total = 0
         limit = self.max_header_list_size
         too_large = False
@@ -180,6 +194,8 @@ class Decoder:
                         pos += 1
                     else:
                         index, pos = _read_int(data, pos, 7)
+                    if index > _STATIC_LEN:
+                        cacheable = False
                     name, value = self._field(index)
                     if self._tainted and index > _STATIC_LEN and not _valid(name, value):
                         bad = bad or name
@@ -192,11 +208,14 @@ class Decoder:
                             raise HPACKError("table size update after a field")
                         size, pos = _read_int(data, pos, 5)
                         self._resize(size)
+                        cacheable = False
                         continue
                     else:  # literal without indexing (0000) or never indexed (0001)
                         index, pos = _read_int(data, pos, 4)
                         indexing = False
                     if index:
+                        if index > _STATIC_LEN:
+                            cacheable = False
                         name = self._field(index)[0]
                     else:
                         name, pos, ok = self._string(data, pos)
@@ -207,6 +226,7 @@ class Decoder:
                         bad = bad or name
                     if indexing:
                         self._add(name, value)
+                        inserts.append((name, value))
                         if bad is not None:
                             self._tainted = True  # indexed fields need checking from now on
                 fields_seen = True
@@ -218,6 +238,11 @@ class Decoder:
                     out.append((name, value))
         except IndexError:
             raise HPACKError("header block truncated") from None
+        if cacheable and not too_large and bad is None:
+            blocks = self._blocks
+            if len(blocks) >= _BLOCKS_MAX:
+                blocks.clear()
+            blocks[bytes(data)] = (tuple(out), tuple(inserts))
         return out, too_large, bad
 
     def _string(self, data: bytes, pos: int) -> tuple[bytes, int, bool]:

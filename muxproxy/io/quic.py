@@ -117,7 +117,6 @@ class QuicBackendConnection(BackendConnection):
         try:
             while True:
                 await self._flush.wait()
-                self._flush = anyio.Event()
                 try:
                     await self._send_datagrams()
                 except NETWORK_ERRORS:

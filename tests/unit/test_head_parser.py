@@ -18,7 +18,9 @@ NAME = st.one_of(
     st.binary(min_size=0, max_size=8).filter(lambda b: b":" not in b and b"\r" not in b),
 )
 VALUE = st.one_of(
-    st.sampled_from([b"a.test", b"5", b"chunked", b"Chunked", b" x ", b"\tv\t", b"", b"a\x00b", b"\xff"]),
+    st.sampled_from(
+        [b"a.test", b"5", b"chunked", b"Chunked", b" x ", b"\tv\t", b"", b"a\x00b", b"\xff"]
+    ),
     st.binary(max_size=12).filter(lambda b: b"\r" not in b and b"\n" not in b),
 )
 LINE = st.one_of(

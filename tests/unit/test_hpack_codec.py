@@ -110,3 +110,26 @@ def test_table_eviction_matches_sizes() -> None:
     for i in range(200):  # ~ 200 × 70 bytes: the 4 KiB table evicts continuously
         block = [(b"x-name-%d" % i, b"value-%d" % i), (b"x-name-%d" % (i // 2), b"v")]
         assert dec.decode(ref.encode(block))[0] == block
+
+
+def test_repeated_blocks_replay_their_insertions() -> None:
+    """nginx sends the same block for every response within a second, inserting each field
+    into the table (literal with incremental indexing).  A block seen before comes from the
+    cache, and its insertions must still happen: a later reference by index sees them."""
+    dec = Decoder(max_table_size=200)  # room for about two entries: evictions too
+    nginx_like = (
+        b"\x88"  # :status 200, static
+        + b"\x76\x05nginx"  # server, incremental indexing
+        + b"\x61\x1dMon, 23 Nov 2026 11:37:29 GMT"  # date, incremental indexing
+    )
+    want = [
+        (b":status", b"200"),
+        (b"server", b"nginx"),
+        (b"date", b"Mon, 23 Nov 2026 11:37:29 GMT"),
+    ]
+    for _ in range(3):
+        assert dec.decode(nginx_like) == (want, False, None)
+    # Now the same bytes are a cache hit; a different block inserting one entry, then refs.
+    assert dec.decode(b"\x40\x01x\x011")[0] == [(b"x", b"1")]
+    assert dec.decode(nginx_like)[0] == want  # hit: inserts server, date (evicting x)
+    assert dec.decode(b"\xbe\xbf")[0] == [want[2], want[1]]  # 62 = newest (date), 63 = server
