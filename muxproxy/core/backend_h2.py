@@ -33,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import struct
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -107,7 +106,8 @@ class StreamState:
 
     stream_id: int
     headers: list[Header] | None = None  # the final response head, once received
-    chunks: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, flow length)
+    # (data, flow length); a list, not a deque: an empty deque costs ~600 bytes per stream
+    chunks: list[tuple[bytes, int]] = field(default_factory=list)
     trailers: list[Header] | None = None
     ended: bool = False  # END_STREAM received
     reset_code: int | None = None  # RST_STREAM received or connection lost

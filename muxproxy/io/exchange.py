@@ -246,11 +246,11 @@ class Exchange:
             # Decide from one snapshot: the reader may add chunks or the end during the send.
             finished = st.ended
             try:
-                while chunks:
-                    data, n = chunks.popleft()
+                for data, n in chunks:
                     credit += n
                     if not is_head and data:
                         out.append(session.response_body(data))
+                chunks.clear()  # (left whole on a framing error: release() returns that credit)
                 if finished:
                     trailers = trailers_from_h2(st.trailers) if st.trailers and chunked_ok else None
                     out.append(session.response_end(trailers))

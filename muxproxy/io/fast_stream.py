@@ -24,8 +24,7 @@ are used unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Callable, Mapping
+import socket
 from typing import Any
 
 import anyio
@@ -37,7 +36,7 @@ READ_AHEAD = 256 * 1024
 class _Protocol(asyncio.Protocol):
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.chunks: deque[bytes] = deque()
+        self.chunks: list[bytes] = []  # few at a time; an empty deque would cost ~600 bytes
         self.buffered = 0
         self.eof = False
         self.lost = False
@@ -88,12 +87,14 @@ class _Protocol(asyncio.Protocol):
         self._wake_writer()
 
 
-class FastStream(anyio.abc.ByteStream):
-    """An anyio byte stream over an asyncio transport, without per-call pause/resume."""
+class FastStream(anyio.abc.SocketStream):
+    """An anyio socket stream over an asyncio transport, without per-call pause/resume.
 
-    def __init__(self, transport: asyncio.Transport, origin: anyio.abc.ByteStream) -> None:
+    anyio's stream and protocol objects are dropped once the transport is taken over (an idle
+    connection would otherwise keep two Events and three deques alive for nothing)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._origin = origin  # anyio's stream, for its extra attributes
         self._closed = False
         proto = _Protocol(transport)
         old: Any = transport.get_protocol()
@@ -130,10 +131,11 @@ class FastStream(anyio.abc.ByteStream):
             finally:
                 if proto.reader is fut:
                     proto.reader = None
-        chunk = proto.chunks.popleft()
+        chunk = proto.chunks[0]
         if len(chunk) > max_bytes:
-            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
-            proto.chunks.appendleft(rest)
+            chunk, proto.chunks[0] = chunk[:max_bytes], chunk[max_bytes:]
+        else:
+            del proto.chunks[0]
         proto.buffered -= len(chunk)
         if proto.paused and proto.buffered <= READ_AHEAD // 2 and not proto.lost:
             proto.paused = False
@@ -180,8 +182,9 @@ class FastStream(anyio.abc.ByteStream):
         self._proto._wake_writer()
 
     @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self._origin.extra_attributes
+    def _raw_socket(self) -> socket.socket:
+        sock: socket.socket = self._transport.get_extra_info("socket")
+        return sock
 
 
 def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
@@ -192,5 +195,5 @@ def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
         and hasattr(transport, "set_protocol")  # asyncio's or uvloop's (not a subclass)
         and not transport.is_closing()  # type: ignore[union-attr]
     ):
-        return FastStream(transport, stream)  # type: ignore[arg-type]
+        return FastStream(transport)  # type: ignore[arg-type]
     return stream

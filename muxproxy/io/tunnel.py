@@ -154,12 +154,12 @@ class Tunnel(Exchange):
             finished = st.ended
             credit = 0
             out = []
-            while chunks:
-                data, n = chunks.popleft()
+            for data, n in chunks:
                 credit += n
                 if data:
                     out.append(data)
                     down.feed(data)
+            chunks.clear()
             if out:
                 client.wheel.start(self, self.cfg.tunnel_idle_timeout)
                 try:
