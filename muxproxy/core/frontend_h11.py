@@ -511,10 +511,14 @@ class ClientSession:
     def detach(self) -> bytes:
         """Hand the connection over to a tunnel: the bytes received after the request."""
         self._must_close = True
+        self.request = None  # the tunnel keeps what it needs; an idle one should hold no more
         if self._h11 is None:
-            return bytes(self._after)
-        data, _ = self._h11.trailing_data
-        return bytes(data)
+            data = bytes(self._after)
+            self._after = bytearray()
+            return data
+        data = bytes(self._h11.trailing_data[0])
+        self._h11 = None
+        return data
 
     def error_response(self, status: int, reason: str, extra: tuple[Header, ...] = ()) -> bytes:
         """A proxy-generated error with a short plain-text reason.  Keeps the connection when

@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -52,6 +53,12 @@ class ConnectionStatistics:
     resets_received: int
     refused_received: int
     ping_timeouts: int
+
+
+class Waker(Protocol):
+    """What the reader wakes for a stream: a :class:`Signal`, or a detached tunnel."""
+
+    def set(self) -> None: ...
 
 
 class Signal:
@@ -128,8 +135,8 @@ class BackendConnection:
         self.tls = tls
         self.core: BackendCore = self._make_core()
         self.on_capacity = on_capacity
-        self.news: dict[int, Signal] = {}  # stream id → the exchange waiting on it
-        self.blocked: dict[int, Signal] = {}  # stream id → exchange waiting for send window
+        self.news: dict[int, Waker] = {}  # stream id → the exchange waiting on it
+        self.blocked: dict[int, Waker] = {}  # stream id → exchange waiting for send window
         self.retired = anyio.Event()  # no new streams: draining or dead
         self.closed = anyio.Event()  # socket closed, every stream failed or finished
         self._stream: anyio.abc.ByteStream | None = None
@@ -283,7 +290,7 @@ class BackendConnection:
             if sig is not None:
                 sig.set()
         if up.window_opened and self.blocked:
-            for sig in self.blocked.values():
+            for sig in list(self.blocked.values()):
                 sig.set()
         self.schedule_flush()
         if up.goaway or up.closed:
@@ -327,9 +334,9 @@ class BackendConnection:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        for sig in self.news.values():
+        for sig in list(self.news.values()):
             sig.set()
-        for sig in self.blocked.values():
+        for sig in list(self.blocked.values()):
             sig.set()
 
     # --- used by exchanges ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -34,9 +35,14 @@ from .exchange import ClientGone, Exchange
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from .detached import DetachedTunnel
     from .server import Proxy
 
 log = logging.getLogger("muxproxy.client")
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Timer:
@@ -52,7 +58,9 @@ class _Timer:
 
     def on_deadline(self) -> None:
         self.conn.timed_out = self.kind
-        self.conn.scope.cancel()
+        scope = self.conn.scope
+        if scope is not None:
+            scope.cancel()
 
 
 class ClientConnection:
@@ -86,16 +94,22 @@ class ClientConnection:
         )
         self.must_close = False
         self.idle = False  # waiting for the first byte of a request: a shutdown may close it
-        self.scope = anyio.CancelScope()  # cancelled by a passed deadline or a shutdown
+        # Cancelled by a passed deadline or a shutdown; exists while run() runs.
+        self.scope: anyio.CancelScope | None = None
         self.timed_out = ""  # which deadline passed: idle, header, body or send
         self.read_timer = _Timer(self)
         self.write_timer = _Timer(self)
         self.write_timer.kind = "send"
+        # Set when a WebSocket tunnel took the connection over (asyncio): this task ends, the
+        # tunnel closes the socket and calls ``forget`` when it is done.
+        self.detached: DetachedTunnel | None = None
+        self.forget: Callable[[], None] = _nothing
 
     async def run(self) -> None:
         try:
-            with self.scope:
+            with anyio.CancelScope() as self.scope:
                 await self._serve()
+            self.scope = None
             if self.timed_out in ("header", "body"):
                 what = "request head" if self.timed_out == "header" else "request body"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
@@ -103,8 +117,9 @@ class ClientConnection:
         finally:
             self.wheel.discard(self.read_timer)
             self.wheel.discard(self.write_timer)
-            with anyio.CancelScope(shield=True):
-                await self.stream.aclose()
+            if self.detached is None:
+                with anyio.CancelScope(shield=True):
+                    await self.stream.aclose()
 
     async def _serve(self) -> None:
         session = self.session

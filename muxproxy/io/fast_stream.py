@@ -45,6 +45,8 @@ class _Protocol(asyncio.Protocol):
         self.reader: asyncio.Future[None] | None = None
         self.writer: asyncio.Future[None] | None = None
         self.write_paused = False
+        # A detached tunnel (muxproxy.io.detached) takes the events directly, with no task.
+        self.sink: Any = None
 
     def _wake_reader(self) -> None:
         fut = self.reader
@@ -61,6 +63,9 @@ class _Protocol(asyncio.Protocol):
                 fut.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_client_data(data)
+            return
         self.chunks.append(data)
         self.buffered += len(data)
         if self.buffered > READ_AHEAD and not self.paused:
@@ -70,6 +75,8 @@ class _Protocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.sink is not None:
+            self.sink.on_client_eof()
         self._wake_reader()
         return True  # keep the write side open: a half-closed client still gets its response
 
@@ -78,6 +85,8 @@ class _Protocol(asyncio.Protocol):
         self.exception = exc
         self._wake_reader()
         self._wake_writer()
+        if self.sink is not None:
+            self.sink.on_client_lost()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -85,6 +94,8 @@ class _Protocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake_writer()
+        if self.sink is not None:
+            self.sink.on_drained()
 
 
 class FastStream(anyio.abc.SocketStream):

@@ -74,7 +74,7 @@ class Proxy:
             log.info("shutting down: draining %d client connections", len(self.clients))
             self.draining = True
             for c in self.clients:
-                if c.idle:
+                if c.idle and c.scope is not None:
                     c.scope.cancel()
             self._stop.set()
 
@@ -115,6 +115,9 @@ class Proxy:
                 with anyio.move_on_after(self.config.proxy.grace_period):
                     if self.clients:
                         await self._no_clients.wait()
+                for client in list(self.clients):  # tunnels with no task of their own
+                    if client.detached is not None:
+                        client.detached.finish()
                 clients_tg.cancel_scope.cancel()
             pools_tg.cancel_scope.cancel()
 
@@ -168,16 +171,24 @@ class Proxy:
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
             self.clients.add(client)
             open_here.add(client)
+
+            def forget() -> None:
+                self.clients.discard(client)
+                open_here.discard(client)
+                if self.draining and not self.clients:
+                    self._no_clients.set()
+
+            client.forget = forget
             try:
                 await client.run()
             except Exception as exc:  # a bug must cost one connection, never the proxy
                 log.error("client %s: internal error: %r", peer, exc, exc_info=log.isEnabledFor(10))
                 self.internal_errors += 1
+                if client.detached is not None:
+                    client.detached.finish()
             finally:
-                self.clients.discard(client)
-                open_here.discard(client)
-                if self.draining and not self.clients:
-                    self._no_clients.set()
+                if client.detached is None:  # else the tunnel forgets it when it ends
+                    forget()
 
         return handle
 

@@ -31,7 +31,9 @@ from ..core.headers import Header, request_to_h2, response_from_h2
 from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
 from ..errors import BackendError, ClientError, NoExtendedConnect
 from .backend import NETWORK_ERRORS, BackendConnection, Signal
+from .detached import DetachedTunnel
 from .exchange import ClientGone, Exchange
+from .fast_stream import FastStream
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -88,10 +90,27 @@ class Tunnel(Exchange):
                 await self._relay_response(conn, st, news, status, headers)
                 return
             self.pool.counters["websockets"] += 1
-            await self.client.send(switching_protocols(self.key, headers))
+            client = self.client
+            await client.send(switching_protocols(self.key, headers))
+            if isinstance(client.stream, FastStream):
+                # asyncio: callbacks drive the tunnel from here, and this task ends.
+                tunnel = DetachedTunnel(
+                    client.stream,
+                    conn,
+                    st,
+                    wheel=client.wheel,
+                    idle_timeout=self.cfg.tunnel_idle_timeout,
+                    send_timeout=client.limits.send_timeout,
+                    on_finished=client.forget,
+                )
+                client.detached = tunnel
+                self.tunnelling = True
+                tunnel.start(client.session.detach())
+                return
             await self._relay(conn, st, news)
         finally:
-            conn.release(st)
+            if client_detached(self.client) is None:
+                conn.release(st)
 
     async def _relay(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
         self.tunnelling = True
@@ -264,6 +283,10 @@ class Tunnel(Exchange):
                     return
         except (ClientGone, *NETWORK_ERRORS):
             return
+
+
+def client_detached(client: ClientConnection) -> DetachedTunnel | None:
+    return client.detached
 
 
 def _h1_head(response: h11.Response | h11.InformationalResponse) -> bytes:

@@ -352,3 +352,37 @@ async def test_shutdown_waits_for_tunnels_up_to_grace_then_closes_them() -> None
         with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
             await ws.receive()  # the grace period ends: the tunnel is closed
         await wait_for(lambda: script.live == 0)
+
+
+async def test_websocket_client_that_stops_reading_holds_one_window_then_is_dropped() -> None:
+    """A backend floods a WebSocket whose client reads nothing: the proxy holds at most the
+    stream window of it (credit goes back only as the client takes bytes), the backend is
+    throttled by flow control, and after send_timeout the client is dropped and the stream
+    reset; the connection's credit is all back."""
+    script = WSScript()
+    window = 65535
+    async with running(
+        script,
+        origin={"connect_protocol": True},
+        listener={"send_timeout": "500ms"},
+        cluster={"connections": 1, "stream_window": window},
+        routes=ws_routes(),
+    ) as h:
+        ws = await WSClient.connect(h.addr.host, h.addr.port, path="/flood")
+        conn = h.pool().backends[0].conns[0]
+        await wait_for(lambda: script.flooded > 0)
+        with anyio.fail_after(20):
+            while h.origin.resets_received == 0:
+                # Held by the proxy: unconsumed chunks, plus what waits in the transport of a
+                # callback-driven tunnel (asyncio); never more than one window.
+                held = sum(len(d) for st in conn.core.streams.values() for d, _ in st.chunks)
+                for c in h.proxy.clients:
+                    if c.detached is not None:
+                        held += c.detached.stream._transport.get_write_buffer_size()
+                assert held <= window + 16384
+                await anyio.sleep(0.005)  # polling a condition, bounded by fail_after
+        await wait_for(lambda: script.live == 0 and not h.proxy.clients)
+        await wait_for(lambda: h.pool().statistics().streams_open == 0)
+        assert unacknowledged(conn) == 0
+        assert script.flooded < 64 * 1024 * 1024  # throttled: kernel buffers + one window
+        await ws.abort()

@@ -29,6 +29,7 @@ class WSScript(Script):
         self.live = 0  # echo handlers running now
         self.opened = 0
         self.http1_upgrades = 0
+        self.flooded = 0  # bytes /flood managed to send
 
     async def __call__(self, req: OriginRequest) -> None:
         if req.method != b"CONNECT":
@@ -42,6 +43,15 @@ class WSScript(Script):
         await req.respond(200, [(b"sec-websocket-protocol", chosen)] if chosen else [], end=False)
         self.live += 1
         self.opened += 1
+        if req.path == b"/flood":  # binary messages of 16 KiB, as fast as flow control allows
+            frame = b"\x82\x7e\x40\x00" + b"x" * 16384
+            try:
+                while req.reset_by_peer is None and not req.conn.closed:
+                    await req.send_data(frame)
+                    self.flooded += len(frame)
+            finally:
+                self.live -= 1
+            return
         try:
             ws = Connection(ConnectionType.SERVER)
             while True:
