@@ -8,9 +8,9 @@ fields in their original order, minus every connection-specific field.  Strippin
 *before* the proxy adds its forwarding fields, so a client naming ``X-Forwarded-For`` in
 ``Connection`` can only remove its own copy, never ours.
 
-A response head from h2 goes the other way: ``:status`` is checked (three digits, 100–599,
+A response head from the backend goes the other way: ``:status`` is checked (three digits, 100–599,
 never 101 on a plain request), connection-specific fields are dropped, and every value is
-checked for control characters, because h2 does not validate values it receives and nothing a
+checked for control characters, because HTTP/2 and HTTP/3 forbid only CR, LF and NUL and nothing a
 backend sends may inject a line into the HTTP/1.1 response.
 
 Everything here is pure: bytes in, bytes out, no I/O.

@@ -9,7 +9,7 @@ remembers anything but the round-robin cursor, so every rule is a table test.
 * ``least_streams``: the usable connection with the fewest open streams, across backends.
 * ``round_robin``: backends in turn (skipping full ones); within one, the fewest open streams.
 * A connection is *usable* when it has a free slot (the backend's SETTINGS_MAX_CONCURRENT_STREAMS
-  and our cap, as h2 counts them) and is not draining.
+  and our cap, counting open and half-closed streams) and is not draining.
 * Growth past ``connections`` happens only when no connection anywhere has a free slot, one
   connection at a time, never past ``max_connections``.
 """

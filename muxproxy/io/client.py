@@ -9,15 +9,15 @@ request-body reads (408), ``send_timeout`` for each write to the client.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
-from ..config import ListenerConfig
+from ..config import Limits, ListenerConfig
 from ..core.frontend_h11 import (
     CLOSED,
     NEED_DATA,
@@ -41,8 +41,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("muxproxy.client")
 
 
-def _nothing() -> None:
-    pass
+_UNLISTED: set[ClientConnection] = set()
+
+
+@functools.cache
+def _head_limits(lim: Limits) -> HeadLimits:
+    """One HeadLimits per listener's limits, shared by its connections."""
+    return HeadLimits(
+        lim.max_header_bytes,
+        lim.max_headers,
+        lim.max_uri_bytes,
+        lim.max_body,
+        underscore_headers=lim.underscore_headers,
+    )
 
 
 class _Timer:
@@ -64,6 +75,25 @@ class _Timer:
 
 
 class ClientConnection:
+    # Slots: an idle WebSocket keeps its ClientConnection, and a __dict__ would double its size.
+    __slots__ = (
+        "detached",
+        "fwd",
+        "idle",
+        "limits",
+        "listener",
+        "must_close",
+        "open_here",
+        "proxy",
+        "read_timer",
+        "scope",
+        "session",
+        "stream",
+        "timed_out",
+        "wheel",
+        "write_timer",
+    )
+
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
@@ -77,15 +107,7 @@ class ClientConnection:
         self.wheel = proxy.wheel
         lim = listener.limits
         self.limits = lim
-        self.session = ClientSession(
-            HeadLimits(
-                lim.max_header_bytes,
-                lim.max_headers,
-                lim.max_uri_bytes,
-                lim.max_body,
-                underscore_headers=lim.underscore_headers,
-            )
-        )
+        self.session = ClientSession(_head_limits(lim))
         ip = peer[0]
         self.fwd = Forwarding(
             client_ip=ip,
@@ -103,7 +125,13 @@ class ClientConnection:
         # Set when a WebSocket tunnel took the connection over (asyncio): this task ends, the
         # tunnel closes the socket and calls ``forget`` when it is done.
         self.detached: DetachedTunnel | None = None
-        self.forget: Callable[[], None] = _nothing
+        # Its listener's connections, set by server.py (a shared empty set until then: an
+        # idle WebSocket should not pay for a set of its own).
+        self.open_here: set[ClientConnection] = _UNLISTED
+
+    def forget(self) -> None:
+        """Called by a detached tunnel when it has closed the connection."""
+        self.proxy.forget(self)
 
     async def run(self) -> None:
         try:

@@ -171,14 +171,7 @@ class Proxy:
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
             self.clients.add(client)
             open_here.add(client)
-
-            def forget() -> None:
-                self.clients.discard(client)
-                open_here.discard(client)
-                if self.draining and not self.clients:
-                    self._no_clients.set()
-
-            client.forget = forget
+            client.open_here = open_here
             try:
                 await client.run()
             except Exception as exc:  # a bug must cost one connection, never the proxy
@@ -188,9 +181,16 @@ class Proxy:
                     client.detached.finish()
             finally:
                 if client.detached is None:  # else the tunnel forgets it when it ends
-                    forget()
+                    self.forget(client)
 
         return handle
+
+    def forget(self, client: ClientConnection) -> None:
+        """The client connection is closed: it counts no more."""
+        self.clients.discard(client)
+        client.open_here.discard(client)
+        if self.draining and not self.clients:
+            self._no_clients.set()
 
 
 class _QuietTLSListener(TLSListener):
