@@ -284,6 +284,29 @@ def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
 class ClientSession:
     """Sans-IO server side of one HTTP/1.1 client connection."""
 
+    __slots__ = (
+        "_after",
+        "_body_bytes",
+        "_body_error",
+        "_buf",
+        "_chunks",
+        "_continued",
+        "_empty_lines",
+        "_ended",
+        "_eof",
+        "_first_eol",
+        "_framing",
+        "_h11",
+        "_in_head",
+        "_must_close",
+        "_remaining",
+        "_response_done",
+        "_scanned",
+        "limits",
+        "request",
+        "response_started",
+    )
+
     def __init__(self, limits: HeadLimits = HeadLimits()) -> None:
         self.limits = limits
         # h11 frames request bodies only: a request without one (most of them) never meets

@@ -26,7 +26,7 @@ import anyio.abc
 import h11
 
 from ..core.backend_h2 import StreamState
-from ..core.frontend_h11 import RequestHead
+from ..core.frontend_h11 import ClientSession, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2
 from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
 from ..errors import BackendError, ClientError, NoExtendedConnect
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.tunnel")
+
+_SPENT = ClientSession()  # what a detached client connection keeps instead of its session
 
 
 class Tunnel(Exchange):
@@ -105,7 +107,9 @@ class Tunnel(Exchange):
                 )
                 client.detached = tunnel
                 self.tunnelling = True
-                tunnel.start(client.session.detach())
+                first = client.session.detach()
+                client.session = _SPENT  # the HTTP/1.1 session is over; an idle tunnel is small
+                tunnel.start(first)
                 return
             await self._relay(conn, st, news)
         finally:
