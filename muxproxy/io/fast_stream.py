@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -98,15 +99,49 @@ class _Protocol(asyncio.Protocol):
             self.sink.on_drained()
 
 
+class _Accepted(_Protocol):
+    """The protocol of a connection accepted by :func:`serve_fast`: it wraps itself in a
+    FastStream and hands that to the handler as soon as the connection is made."""
+
+    def __init__(self, spawn: Callable[[FastStream], object]) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self._spawn = spawn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._spawn(FastStream(self.transport, self))
+
+
+async def serve_fast(
+    sock: socket.socket, spawn: Callable[[FastStream], object], backlog: int = 4096
+) -> None:
+    """Accept on a listening socket with the event loop's own server until cancelled.
+
+    anyio's listener awaits once per accepted connection (one event-loop turn each, and then
+    builds its own stream that FastStream would replace); asyncio's and uvloop's servers
+    accept in a loop on each readiness of the listening socket, as nginx and HAProxy do, and
+    the connection gets its FastStream protocol from the start.  ``spawn`` gets each one."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Accepted(spawn), sock=sock, backlog=backlog)
+    try:
+        await anyio.sleep_forever()
+    finally:
+        server.close()
+
+
 class FastStream(anyio.abc.SocketStream):
     """An anyio socket stream over an asyncio transport, without per-call pause/resume.
 
     anyio's stream and protocol objects are dropped once the transport is taken over (an idle
     connection would otherwise keep two Events and three deques alive for nothing)."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, accepted: _Protocol | None = None) -> None:
         self._transport = transport
         self._closed = False
+        if accepted is not None:  # ours from the start (serve_fast)
+            self._proto = accepted
+            transport.set_write_buffer_limits(0)
+            return
         proto = _Protocol(transport)
         old: Any = transport.get_protocol()
         # Whatever anyio's protocol already received moves over, in order.
@@ -196,6 +231,11 @@ class FastStream(anyio.abc.SocketStream):
     def _raw_socket(self) -> socket.socket:
         sock: socket.socket = self._transport.get_extra_info("socket")
         return sock
+
+
+def asyncio_running() -> bool:
+    """Whether the running loop is asyncio's (or uvloop), not trio."""
+    return asyncio._get_running_loop() is not None
 
 
 def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:

@@ -14,8 +14,9 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,7 +27,7 @@ from ..router import Router
 from .admin import serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
-from .fast_stream import fast_stream
+from .fast_stream import asyncio_running, fast_stream, serve_fast
 from .pool import ClusterPool, PoolStatistics
 from .timers import TimerWheel
 
@@ -148,9 +149,16 @@ class Proxy:
         lc: ListenerConfig,
         tg: anyio.abc.TaskGroup,
     ) -> None:
-        await listener.serve(self._handler(lc), task_group=tg)
+        handler = self._handler(lc)
+        if lc.tls is None and asyncio_running():
+            sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            await serve_fast(sock, lambda stream: tg.start_soon(handler, stream))
+        else:
+            await listener.serve(handler, task_group=tg)
 
-    def _handler(self, lc: ListenerConfig) -> Callable[[anyio.abc.ByteStream], object]:
+    def _handler(
+        self, lc: ListenerConfig
+    ) -> Callable[[anyio.abc.ByteStream], Coroutine[Any, Any, None]]:
         cap = lc.limits.max_connections
         open_here: set[ClientConnection] = set()  # this listener's share of self.clients
 
