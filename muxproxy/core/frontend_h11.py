@@ -130,7 +130,8 @@ def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
     """
     if len(raw) > limits.max_header_bytes:
         raise ClientError("request head too large", 431)
-    if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
+    lines = raw.count(b"\r\n")
+    if raw.count(b"\n") != lines or raw.count(b"\r") != lines:
         raise ClientError("bare CR or LF in request head")
     if b"\r\n " in raw or b"\r\n\t" in raw:
         raise ClientError("obsolete line folding in request head")
@@ -145,7 +146,7 @@ def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
         raise ClientError("only HTTP/1.0 and HTTP/1.1 are served here", 505)
     if len(m.group(2)) > limits.max_uri_bytes:
         raise ClientError("request target too long", 414)
-    if raw.count(b"\r\n") - 2 > limits.max_headers:
+    if lines - 2 > limits.max_headers:
         raise ClientError("too many header fields", 431)
     lengths = _CONTENT_LENGTH.findall(raw)
     if len(lengths) > 1 or (lengths and b"," in lengths[0]):

@@ -32,6 +32,7 @@ from ..core.websocket import is_upgrade
 from ..errors import ClientError, ProxyError
 from .backend import NETWORK_ERRORS
 from .exchange import ClientGone, Exchange
+from .fast_stream import FastStream
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -235,10 +236,20 @@ class ClientConnection:
     async def send(self, data: bytes) -> None:
         """Write to the client; one that reads nothing for ``send_timeout`` is dropped.
         Raises ClientGone."""
+        stream = self.stream
+        try:
+            if isinstance(stream, FastStream):
+                if stream.write_nowait(data):
+                    return  # the kernel took it all: nothing to time
+                pending = stream.drained()
+            else:
+                pending = stream.send(data)
+        except NETWORK_ERRORS:
+            raise ClientGone from None
         timer = self.write_timer
         self.wheel.start(timer, self.limits.send_timeout)
         try:
-            await self.stream.send(data)
+            await pending
         except NETWORK_ERRORS:
             raise ClientGone from None
         finally:

@@ -189,12 +189,23 @@ class FastStream(anyio.abc.SocketStream):
         return chunk
 
     async def send(self, item: bytes) -> None:
+        if not self.write_nowait(item):
+            await self.drained()
+
+    def write_nowait(self, item: bytes) -> bool:
+        """Write ``item``: True when the kernel took all of it, False when the caller must
+        still ``await drained()`` (the bytes are queued either way).  Raises as send() does."""
         proto = self._proto
         if self._closed:
             raise anyio.ClosedResourceError
         if proto.lost or self._transport.is_closing():
             raise anyio.BrokenResourceError from proto.exception
         self._transport.write(item)
+        return not proto.write_paused and not proto.lost
+
+    async def drained(self) -> None:
+        """Wait until the transport's buffer is empty (write limits are 0)."""
+        proto = self._proto
         while proto.write_paused:
             if proto.lost:
                 raise anyio.BrokenResourceError from proto.exception
