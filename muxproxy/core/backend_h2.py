@@ -32,131 +32,65 @@ Invariants:
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
+from .h2wire import (
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    ENABLE_CONNECT_PROTOCOL,
+    ENABLE_PUSH,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
+    INTERNAL_ERROR,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    NO_ERROR,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    SETTINGS_MAX_FRAME_SIZE,
+    STREAM_CLOSED,
+    STREAM_ID_RESERVE,
+    U32,
+    WINDOW_UPDATE,
+    ConnectionError_,
+    StreamError,
+    U32x2,
+    check_fields,
+    code_name,
+    frame,
+    unpad,
+)
 from .headers import Header
 from .hpack_codec import Decoder, Encoder, HPACKError
-
-MAX_STREAM_ID = 2**31 - 1
-MAX_WINDOW = 2**31 - 1
-# Drain a connection this many stream ids before they run out (RFC 9113 §5.1.1).
-STREAM_ID_RESERVE = 1000
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DEFAULT_WINDOW = 65535
-MAX_FRAME_SIZE = 16384  # what we accept (the protocol default; we never raise it)
-
-# Frame types (RFC 9113 §6) and flags.
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-
-# Error codes (RFC 9113 §7).
-ERROR_NAMES = (
-    "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
-    "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
-    "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
-)  # fmt: skip
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
-ENHANCE_YOUR_CALM = 11
-
-# SETTINGS identifiers.
-HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
-SETTINGS_MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, ENABLE_CONNECT_PROTOCOL = 5, 6, 8
-
-_FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
-_U32 = struct.Struct(">L")
-_U32x2 = struct.Struct(">LL")
-_SETTING = struct.Struct(">HL")
-
-# RFC 9113 §8.2.2: connection-specific fields make a message malformed.
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-
-
-def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME.pack(n >> 8, n & 0xFF, type_, flags, stream_id) + payload
+from .relay import StreamState, Update
 
 
 class StreamLimitError(Exception):
     """open_stream() beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS, or while draining
     (callers check :meth:`H2Backend.free_streams` first)."""
-
-
-class _ConnectionError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class _StreamError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-@dataclass(slots=True)
-class StreamState:
-    """What the backend sent on one stream, waiting to be relayed to the client."""
-
-    stream_id: int
-    headers: list[Header] | None = None  # the final response head, once received
-    # (data, flow length); a list, not a deque: an empty deque costs ~600 bytes per stream
-    chunks: list[tuple[bytes, int]] = field(default_factory=list)
-    trailers: list[Header] | None = None
-    ended: bool = False  # END_STREAM received
-    reset_code: int | None = None  # RST_STREAM received or connection lost
-    refused: bool = False  # provably never processed: safe to replay
-    error: str | None = None  # why it failed, for the client's 502
-
-
-@dataclass(slots=True)
-class Update:
-    """What one call of :meth:`H2Backend.receive_data` changed."""
-
-    streams: list[StreamState] = field(default_factory=list)  # streams with news
-    window_opened: bool = False  # send windows may have grown
-    capacity_changed: bool = False  # streams closed, or SETTINGS changed the limit
-    goaway: bool = False
-    ping_acked: bool = False
-    closed: bool = False  # connection is unusable (protocol error or GOAWAY with error)
-
-
-class BackendCore(Protocol):
-    """What the pool and the exchanges need of a backend connection's protocol core; both
-    :class:`H2Backend` and :class:`~muxproxy.core.backend_h3.H3Backend` provide it."""
-
-    closed: bool
-    close_reason: str
-    goaway_last_stream_id: int | None
-    resets_received: int
-    refused_received: int
-
-    @property
-    def streams(self) -> Mapping[int, StreamState]: ...  # open, as the protocol counts them
-    @property
-    def settings_received(self) -> bool: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def enable_connect_protocol(self) -> bool: ...
-    def free_streams(self) -> int: ...
-    def stream_limit(self) -> int: ...
-    def open_stream(self, headers: list[Header], end_stream: bool) -> StreamState: ...
-    def send_window(self, stream_id: int) -> int: ...
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
-    def end_stream(self, stream_id: int, trailers: list[Header] | None = None) -> None: ...
-    def reset_stream(self, stream_id: int, code: int = ...) -> None: ...
-    def discard(self, st: StreamState) -> None: ...
-    def consumed(self, stream_id: int, flow_length: int) -> None: ...
-    def ping(self) -> None: ...
-    def close(self, code: int = ...) -> None: ...
-    def abort(self, reason: str) -> Update: ...
 
 
 @dataclass(slots=True)
@@ -222,7 +156,7 @@ class H2Backend:
     def initiate(self) -> None:
         """Queue the preface, our SETTINGS and the connection window (max_streams × W)."""
         settings = b"".join(
-            _SETTING.pack(k, v)
+            SETTING.pack(k, v)
             for k, v in (
                 (ENABLE_PUSH, 0),
                 (MAX_CONCURRENT_STREAMS, 100),
@@ -233,7 +167,7 @@ class H2Backend:
         self._out.append(PREFACE + frame(SETTINGS, 0, 0, settings))
         if self.recv_window_max > DEFAULT_WINDOW:
             increment = self.recv_window_max - DEFAULT_WINDOW
-            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(increment)))
             self.recv_window_conn = self.recv_window_max
 
     @property
@@ -336,7 +270,7 @@ class H2Backend:
         if st is None:
             return
         if not self.closed:
-            self._out.append(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
+            self._out.append(frame(RST_STREAM, 0, stream_id, U32.pack(code)))
         self._discard(st)
 
     def discard(self, st: StreamState) -> None:
@@ -363,7 +297,7 @@ class H2Backend:
             ):
                 st.recv_window += unacked
                 st.recv_unacked = 0
-                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(unacked)))
+                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(unacked)))
 
     def _ack_conn(self, n: int) -> None:
         if self.closed:
@@ -374,7 +308,7 @@ class H2Backend:
         ):
             self.recv_window_conn += unacked
             self._recv_unacked_conn = 0
-            self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(unacked)))
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(unacked)))
         else:
             self._recv_unacked_conn = unacked
 
@@ -390,7 +324,7 @@ class H2Backend:
 
     def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
-            self._out.append(frame(GOAWAY, 0, 0, _U32x2.pack(0, code)))
+            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, code)))
             self._terminate("closed by the proxy")
 
     def data_to_send(self) -> bytes:
@@ -416,16 +350,16 @@ class H2Backend:
         end = len(buf)
         try:
             while end - pos >= 9:
-                hi, lo, type_, flags, sid = _FRAME.unpack_from(buf, pos)
+                hi, lo, type_, flags, sid = FRAME.unpack_from(buf, pos)
                 if not self.settings_received and type_ != SETTINGS:
                     # RFC 9113 §3.4: the server's first frame is SETTINGS.  An HTTP/1.1 server
                     # answering our preface would otherwise look like a huge frame.
-                    raise _ConnectionError(
+                    raise ConnectionError_(
                         PROTOCOL_ERROR, "backend did not answer with HTTP/2 SETTINGS"
                     )
                 length = hi << 8 | lo
                 if length > MAX_FRAME_SIZE:
-                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
                 payload = buf[pos + 9 : pos + 9 + length]
@@ -433,8 +367,8 @@ class H2Backend:
                 self._frame(type_, flags, sid & MAX_STREAM_ID, payload, up)
                 if self.closed:
                     return up
-        except _ConnectionError as exc:
-            self._out.append(frame(GOAWAY, 0, 0, _U32x2.pack(0, exc.code)))
+        except ConnectionError_ as exc:
+            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, exc.code)))
             self._terminate(f"backend protocol error: {exc}", up)
             return up
         self._in = buf[pos:] if pos < end else b""
@@ -442,7 +376,7 @@ class H2Backend:
 
     def _frame(self, type_: int, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if self._block is not None and type_ != CONTINUATION:
-            raise _ConnectionError(PROTOCOL_ERROR, "header block interrupted")
+            raise ConnectionError_(PROTOCOL_ERROR, "header block interrupted")
         if type_ == DATA:
             self._on_data(flags, sid, payload, up)
         elif type_ == HEADERS:
@@ -457,32 +391,32 @@ class H2Backend:
             self._on_rst_stream(sid, payload, up)
         elif type_ == PING:
             if sid:
-                raise _ConnectionError(PROTOCOL_ERROR, "PING on a stream")
+                raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
             if len(payload) != 8:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "PING of the wrong size")
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PING of the wrong size")
             if flags & ACK:
                 up.ping_acked = True
             else:
                 self._out.append(frame(PING, ACK, 0, payload))
         elif type_ == GOAWAY:
             if sid:
-                raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
             if len(payload) < 8:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "GOAWAY too short")
-            last, code = _U32x2.unpack_from(payload)
+                raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY too short")
+            last, code = U32x2.unpack_from(payload)
             self._goaway(last & MAX_STREAM_ID, code, up)
         elif type_ == PUSH_PROMISE:
-            raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
         elif type_ == PRIORITY and not sid:
-            raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
         # Unknown frame types are ignored (RFC 9113 §4.1).
 
     def _stream_for(self, sid: int, what: str) -> _H2Stream | None:
         """The open stream a frame is for; None if it is gone (reset or ended)."""
         if not sid:
-            raise _ConnectionError(PROTOCOL_ERROR, f"{what} on stream 0")
+            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on stream 0")
         if not sid & 1 or sid > self.highest_stream_id:
-            raise _ConnectionError(PROTOCOL_ERROR, f"{what} on idle stream {sid}")
+            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on idle stream {sid}")
         return self.streams.get(sid)
 
     def _on_data(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
@@ -490,27 +424,27 @@ class H2Backend:
         st = self._stream_for(sid, "DATA")
         self.recv_window_conn -= flow
         if self.recv_window_conn < 0:
-            raise _ConnectionError(FLOW_CONTROL_ERROR, "backend overran the connection window")
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "backend overran the connection window")
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         if st is None:
             self._ack_conn(flow)  # a stream we reset or finished: the credit comes straight back
             return
         try:
             if st.ended:
-                raise _StreamError(STREAM_CLOSED, "DATA after END_STREAM")
+                raise StreamError(STREAM_CLOSED, "DATA after END_STREAM")
             if st.headers is None:
-                raise _StreamError(PROTOCOL_ERROR, "DATA before the response head")
+                raise StreamError(PROTOCOL_ERROR, "DATA before the response head")
             st.recv_window -= flow
             if st.recv_window < 0:
-                raise _StreamError(FLOW_CONTROL_ERROR, "backend overran the stream window")
+                raise StreamError(FLOW_CONTROL_ERROR, "backend overran the stream window")
             st.received += len(payload)
             cl = st.content_length
             if cl is not None and st.received > cl:
-                raise _StreamError(PROTOCOL_ERROR, "more DATA than content-length")
+                raise StreamError(PROTOCOL_ERROR, "more DATA than content-length")
             if flags & END_STREAM:
                 self._check_length(st)
-        except _StreamError as exc:
+        except StreamError as exc:
             self._ack_conn(flow)
             self._stream_error(st, exc, up)
             return
@@ -525,7 +459,7 @@ class H2Backend:
         if cl is not None and st.received != cl and not st.head_request:
             status = st.headers[0][1] if st.headers else b""
             if status not in (b"204", b"304"):
-                raise _StreamError(PROTOCOL_ERROR, "body shorter than content-length")
+                raise StreamError(PROTOCOL_ERROR, "body shorter than content-length")
 
     def _ended(self, st: _H2Stream, up: Update) -> None:
         st.ended = True
@@ -534,12 +468,12 @@ class H2Backend:
 
     def _on_headers(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if not sid:
-            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
+            raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                raise ConnectionError_(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             payload = payload[5:]
         if flags & END_HEADERS:
             self._on_block(sid, payload, bool(flags & END_STREAM), up)
@@ -551,12 +485,12 @@ class H2Backend:
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if self._block is None or sid != self._block_stream:
-            raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
         self._block.append(payload)
         self._block_size += len(payload)
         if self._block_size > self.max_header_list_size + MAX_FRAME_SIZE:
             # A CONTINUATION flood: bounded, whatever the peer means to send.
-            raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             block = b"".join(self._block)
             self._block = None
@@ -566,26 +500,26 @@ class H2Backend:
         try:  # always decoded, even for a stream that is gone: HPACK state is shared
             fields, too_large, bad = self._decoder.decode(block)
         except HPACKError as exc:
-            raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+            raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {exc}") from None
         st = self._stream_for(sid, "HEADERS")
         if st is None:
             return
         try:
             if st.ended:
-                raise _StreamError(STREAM_CLOSED, "HEADERS after END_STREAM")
+                raise StreamError(STREAM_CLOSED, "HEADERS after END_STREAM")
             if too_large:
-                raise _StreamError(PROTOCOL_ERROR, "response head too large")
+                raise StreamError(PROTOCOL_ERROR, "response head too large")
             if bad is not None:
-                raise _StreamError(PROTOCOL_ERROR, f"invalid header field {bad[:20]!r}")
+                raise StreamError(PROTOCOL_ERROR, f"invalid header field {bad[:20]!r}")
             if st.headers is None:
                 self._on_head(st, fields, end_stream, up)
             else:  # trailers
                 if not end_stream:
-                    raise _StreamError(PROTOCOL_ERROR, "trailers without END_STREAM")
-                _check_fields(fields, trailers=True)
+                    raise StreamError(PROTOCOL_ERROR, "trailers without END_STREAM")
+                check_fields(fields, trailers=True)
                 st.trailers = fields
                 self._check_length(st)
-        except _StreamError as exc:
+        except StreamError as exc:
             self._stream_error(st, exc, up)
             return
         if end_stream:
@@ -593,19 +527,19 @@ class H2Backend:
             self._ended(st, up)
 
     def _on_head(self, st: _H2Stream, fields: list[Header], end_stream: bool, up: Update) -> None:
-        _check_fields(fields, trailers=False)
+        check_fields(fields, trailers=False)
         status = fields[0][1]
         if len(status) != 3 or not status.isdigit():
-            raise _StreamError(PROTOCOL_ERROR, f"malformed :status {status[:16]!r}")
+            raise StreamError(PROTOCOL_ERROR, f"malformed :status {status[:16]!r}")
         if status[0] == 0x31:  # 1xx: informational, never relayed
             if end_stream or status == b"101":
-                raise _StreamError(PROTOCOL_ERROR, f"status {status.decode()} ending the stream")
+                raise StreamError(PROTOCOL_ERROR, f"status {status.decode()} ending the stream")
             return
         cl: int | None = None
         for name, value in fields:
             if name == b"content-length":
                 if not value.isdigit() or (cl is not None and int(value) != cl):
-                    raise _StreamError(PROTOCOL_ERROR, "malformed content-length")
+                    raise StreamError(PROTOCOL_ERROR, "malformed content-length")
                 cl = int(value)
         st.content_length = cl
         st.headers = fields
@@ -614,10 +548,10 @@ class H2Backend:
         else:
             up.streams.append(st)
 
-    def _stream_error(self, st: _H2Stream, exc: _StreamError, up: Update) -> None:
+    def _stream_error(self, st: _H2Stream, exc: StreamError, up: Update) -> None:
         """RFC 9113 §5.4.2: reset this stream alone; its client gets a 502."""
         self.streams.pop(st.stream_id, None)
-        self._out.append(frame(RST_STREAM, 0, st.stream_id, _U32.pack(exc.code)))
+        self._out.append(frame(RST_STREAM, 0, st.stream_id, U32.pack(exc.code)))
         self._discard(st)
         st.reset_code = exc.code
         st.error = f"backend sent a malformed response: {exc}"
@@ -626,9 +560,9 @@ class H2Backend:
 
     def _on_rst_stream(self, sid: int, payload: bytes, up: Update) -> None:
         if len(payload) != 4:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
+            raise ConnectionError_(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
         st = self._stream_for(sid, "RST_STREAM")
-        (code,) = _U32.unpack(payload)
+        (code,) = U32.unpack(payload)
         self.resets_received += 1
         if code == REFUSED:
             self.refused_received += 1
@@ -637,40 +571,40 @@ class H2Backend:
         del self.streams[sid]
         st.reset_code = code
         st.refused = code == REFUSED and st.headers is None
-        st.error = f"backend reset the stream ({_code_name(code)})"
+        st.error = f"backend reset the stream ({code_name(code)})"
         up.streams.append(st)
         up.capacity_changed = True
 
     def _on_window_update(self, sid: int, payload: bytes, up: Update) -> None:
         if len(payload) != 4:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
-        increment = _U32.unpack(payload)[0] & MAX_WINDOW
+            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        increment = U32.unpack(payload)[0] & MAX_WINDOW
         if not sid:
             if not increment:
-                raise _ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window_conn += increment
             if self.send_window_conn > MAX_WINDOW:
-                raise _ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
             up.window_opened = True
             return
         st = self._stream_for(sid, "WINDOW_UPDATE")
         if st is None:
             return
         if not increment:
-            self._stream_error(st, _StreamError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"), up)
+            self._stream_error(st, StreamError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"), up)
             return
         st.send_window += increment
         if st.send_window > MAX_WINDOW:
-            self._stream_error(st, _StreamError(FLOW_CONTROL_ERROR, "stream window overflow"), up)
+            self._stream_error(st, StreamError(FLOW_CONTROL_ERROR, "stream window overflow"), up)
             return
         up.window_opened = True
 
     def _on_settings(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if sid:
-            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
             if payload:
-                raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             if not self._settings_acked:
                 self._settings_acked = True
                 delta = self.stream_window - DEFAULT_WINDOW
@@ -679,30 +613,30 @@ class H2Backend:
                     st.recv_window += delta
             return
         if len(payload) % 6:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
         for pos in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, pos)
+            key, value = SETTING.unpack_from(payload, pos)
             if key == MAX_CONCURRENT_STREAMS:
                 self.peer_max_concurrent_streams = value
             elif key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise _ConnectionError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
                     st.send_window += delta
                     if st.send_window > MAX_WINDOW:
-                        raise _ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 if not 16384 <= value <= 2**24 - 1:
-                    raise _ConnectionError(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
+                    raise ConnectionError_(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
                 self.peer_max_frame_size = value
             elif key == ENABLE_PUSH:
                 if value != 0:  # a server may only say 0 (RFC 9113 §6.5.2)
-                    raise _ConnectionError(PROTOCOL_ERROR, f"ENABLE_PUSH {value} from a server")
+                    raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_PUSH {value} from a server")
             elif key == ENABLE_CONNECT_PROTOCOL:
                 if value > 1 or (self.peer_connect_protocol and not value):
-                    raise _ConnectionError(PROTOCOL_ERROR, f"ENABLE_CONNECT_PROTOCOL {value}")
+                    raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_CONNECT_PROTOCOL {value}")
                 self.peer_connect_protocol = bool(value)
             # HEADER_TABLE_SIZE: our encoder uses no dynamic table.  MAX_HEADER_LIST_SIZE is
             # advisory.  Unknown settings are ignored (RFC 9113 §6.5.2).
@@ -729,7 +663,7 @@ class H2Backend:
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
         if code:
-            self._terminate(f"backend sent GOAWAY ({_code_name(code)})", up)
+            self._terminate(f"backend sent GOAWAY ({code_name(code)})", up)
 
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
@@ -748,32 +682,3 @@ class H2Backend:
     def _maybe_forget(self, st: _H2Stream) -> None:
         if st.ended and st.local_closed:
             self.streams.pop(st.stream_id, None)
-
-
-def _unpad(payload: bytes) -> bytes:
-    if not payload:
-        raise _ConnectionError(FRAME_SIZE_ERROR, "padded frame without a pad length")
-    pad = payload[0]
-    if pad >= len(payload):
-        raise _ConnectionError(PROTOCOL_ERROR, "padding longer than the frame")
-    return payload[1 : len(payload) - pad]
-
-
-def _check_fields(fields: list[Header], *, trailers: bool) -> None:
-    """RFC 9113 §8.2.2 and §8.3: a response head has exactly one pseudo-header, ``:status``,
-    first; trailers have none; neither has a connection-specific field.  (Names and values
-    were checked as they were decoded.)"""
-    first = True
-    for name, value in fields:
-        if name[0] == 0x3A:  # ":"
-            if trailers or not first or name != b":status":
-                raise _StreamError(PROTOCOL_ERROR, f"pseudo-header {name[:20]!r} misplaced")
-        elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-            raise _StreamError(PROTOCOL_ERROR, f"connection-specific field {name.decode()}")
-        first = False
-    if not trailers and (not fields or fields[0][0] != b":status"):
-        raise _StreamError(PROTOCOL_ERROR, "response without :status")
-
-
-def _code_name(code: int) -> str:
-    return ERROR_NAMES[code] if 0 <= code < len(ERROR_NAMES) else f"error {code}"

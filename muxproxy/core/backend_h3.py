@@ -31,9 +31,9 @@ from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from .backend_h2 import StreamState, Update
 from .credit import CreditCap
 from .headers import Header
+from .relay import StreamState, Update
 
 REQUEST_CANCELLED = ErrorCode.H3_REQUEST_CANCELLED
 REQUEST_REJECTED = ErrorCode.H3_REQUEST_REJECTED

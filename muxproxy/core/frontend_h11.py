@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-Heads are parsed here (:func:`parse_head`), bodies are framed by h11.  h11 ≥ 0.16 lets through
-heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare LF, control
-characters in values, a whole head over the limit when it comes in one read, ...), and parsing
-a head through h11 was the largest single cost of a proxied request, so every head is checked
-raw and parsed by this module; ``tests/unit/test_head_parser.py`` holds it to never accepting a
-head h11 would refuse.  A request without a body never meets h11 at all:
+Heads are parsed by :mod:`~muxproxy.core.request_head`, bodies are framed by h11.  h11 ≥ 0.16
+lets through heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare
+LF, control characters in values, a whole head over the limit when it comes in one read, ...),
+and parsing a head through h11 was the largest single cost of a proxied request, so every head
+is checked raw and parsed there; ``tests/unit/test_head_parser.py`` holds the parser to never
+accepting a head h11 would refuse.  A request without a body never meets h11 at all:
 
 * While a head is expected, received bytes wait in ``_buf``; nothing reaches h11 until the
   blank line ending the head is found and the raw head has passed :func:`check_raw_head`.
@@ -15,11 +15,10 @@ head h11 would refuse.  A request without a body never meets h11 at all:
   byte per read costs O(n), not O(n²)) and refused as soon as it holds a bare CR or LF, a
   control character or a folded line, rather than when the timeout ends it.
 * A request with a body then has its head, and everything after it, fed to h11, which frames
-  the body.  A chunked
-  body's raw bytes also pass through :class:`~.chunked.ChunkedScanner`, which refuses what h11
-  would accept but must not be (chunk-size lines over 16 hex digits, bare CR in a chunk
-  extension, a malformed trailer section) before h11 parses them.  A body error in the bytes
-  that came with the head refuses the request before its head is forwarded.
+  the body.  A chunked body's raw bytes also pass through :class:`~.chunked.ChunkedScanner`,
+  which refuses what h11 would accept but must not be (chunk-size lines over 16 hex digits,
+  bare CR in a chunk extension, a malformed trailer section) before h11 parses them.  A body
+  error in the bytes that came with the head refuses the request before its head is forwarded.
 * Request trailers are never forwarded: h11 unfolds and accepts trailer bytes that a head
   would be refused for, and fields such as ``content-length`` or ``host`` in trailers are a
   known way to confuse the next hop.  A well-formed trailer section is dropped; a malformed
@@ -40,28 +39,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Literal
+from typing import Final
 
 import h11
 
 from ..errors import REASONS, ClientError
 from .chunked import ChunkedScanner
-from .headers import FORWARDING, HOP_BY_HOP, Header
+from .headers import Header
 
-# What to do with a field name containing "_" (RFC-valid, but CGI-style backends map "_" and
-# "-" to the same variable, so "X_Forwarded_For" can pose as "X-Forwarded-For"):
-# reject the request (the default, as Envoy's edge guidance advises), drop the field (nginx's
-# default), or forward it.
-UnderscorePolicy = Literal["reject", "drop", "allow"]
-
-
-@dataclass(frozen=True, slots=True)
-class HeadLimits:
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 100
-    max_uri_bytes: int = 8 * 1024
-    max_body: int = 1024**3
-    underscore_headers: UnderscorePolicy = "reject"
+# Re-exported: the session's callers and tests name them from here.
+from .request_head import HeadLimits as HeadLimits
+from .request_head import RequestHead as RequestHead
+from .request_head import check_raw_head as check_raw_head
+from .request_head import parse_head as parse_head
 
 
 class _Sentinel:
@@ -77,19 +67,6 @@ CLOSED: Final = _Sentinel("CLOSED")  # the client closed cleanly between request
 
 
 @dataclass(slots=True)
-class RequestHead:
-    method: bytes
-    target: bytes  # origin-form path (absolute-form already reduced), or b"*"
-    authority: bytes  # from Host (or the absolute-form target)
-    headers: list[Header]  # lower-case names, in order, as received
-    http_version: bytes
-    has_body: bool
-    content_length: int | None  # None: chunked (or no body)
-    keep_alive: bool  # the client allows the connection to stay open after this exchange
-    expects_continue: bool  # Expect: 100-continue on HTTP/1.1
-
-
-@dataclass(slots=True)
 class Body:
     data: bytes
 
@@ -101,173 +78,12 @@ class EndOfRequest:
 
 Event = RequestHead | Body | EndOfRequest | _Sentinel
 
-# Control characters anywhere in a head except CR and LF (checked as pairs) and HTAB.
-_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # What refuses an incomplete head early: a bare CR or LF, a folded line, a control character.
 # (A CR as the very last byte is left for the next read: its LF may follow.)
 _EARLY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
-_ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
-# RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name or an IP literal.  No
-# userinfo, no path, no whitespace: the value becomes :authority and is what routes match.
-_BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
-_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_HOST = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
-)
-# Field names that an underscore variant must never stand in for, even when "allow"ed.
-_ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
 # RFC 9112 §2.2 asks to ignore "at least one" empty line before a request-line; a client that
 # sends more is trickling CRLFs to keep an idle connection (each would restart idle_timeout).
 MAX_EMPTY_LINES = 2
-
-
-def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
-    """Refuse what h11 would accept but a proxy must not (RFC 9112 §2.2, §5, §6).
-
-    ``raw`` is one complete head ending in CRLF CRLF.  Raises ClientError.
-    """
-    if len(raw) > limits.max_header_bytes:
-        raise ClientError("request head too large", 431)
-    lines = raw.count(b"\r\n")
-    if raw.count(b"\n") != lines or raw.count(b"\r") != lines:
-        raise ClientError("bare CR or LF in request head")
-    if b"\r\n " in raw or b"\r\n\t" in raw:
-        raise ClientError("obsolete line folding in request head")
-    if _CTL.search(raw) is not None:
-        raise ClientError("control character in request head")
-    line_end = raw.index(b"\r\n")
-    m = _REQUEST_LINE.match(raw[:line_end])
-    if m is None:
-        raise ClientError("malformed request line")
-    major, minor = m.group(3), m.group(4)
-    if major != b"1" or minor not in (b"0", b"1"):
-        raise ClientError("only HTTP/1.0 and HTTP/1.1 are served here", 505)
-    if len(m.group(2)) > limits.max_uri_bytes:
-        raise ClientError("request target too long", 414)
-    if lines - 2 > limits.max_headers:
-        raise ClientError("too many header fields", 431)
-    lengths = _CONTENT_LENGTH.findall(raw)
-    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
-        # h11 merges identical copies; a proxy must not guess (RFC 9112 §6.3, smuggling).
-        raise ClientError("duplicate Content-Length")
-
-
-def parse_head(raw: bytes, limits: HeadLimits) -> RequestHead:
-    """Parse a complete head that passed :func:`check_raw_head` (RFC 9112 §2–§3, §5).
-
-    Refuses, as h11 does, a field line that is not ``token ":" OWS value OWS`` (whitespace
-    before the colon included), a target with anything but VCHAR, and an HTTP/1.1 request
-    without exactly one Host; then makes the checks h11 does not (see :func:`_request_head`).
-    """
-    lines = raw[:-4].split(b"\r\n")
-    method, target, version = lines[0].split(b" ")
-    if _BAD_TARGET.search(target) is not None:
-        raise ClientError("illegal characters in request target")
-    headers: list[Header] = []
-    append = headers.append
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _FIELD_NAME.fullmatch(name) is None:
-            raise ClientError(f"illegal header line: {line[:40]!r}")
-        value = value.strip(b" \t")
-        if b"\x00" in value:  # (check_raw_head refused every other control character)
-            raise ClientError(f"illegal header line: {line[:40]!r}")
-        name = name.lower()
-        if name == b"transfer-encoding":
-            value = value.lower()  # codings are case-insensitive; h11 lower-cases it too
-        append((name, value))
-    return _request_head(method, target, version[5:], headers, limits)
-
-
-def _request_head(
-    method: bytes, target: bytes, http_version: bytes, headers: list[Header], limits: HeadLimits
-) -> RequestHead:
-    """Checks on the parsed head beyond the grammar; builds our RequestHead."""
-    cl: list[bytes] = []
-    te: list[bytes] = []
-    host: bytes | None = None
-    connection = b""
-    expect = b""
-    upgrade = False
-    underscored = False
-    for name, value in headers:
-        if name == b"connection":
-            connection += b"," + value.lower()
-        elif name == b"expect":
-            expect = value.lower()
-        elif name == b"content-length":
-            if cl or not value.isdigit() or len(value) > 20:
-                raise ClientError("duplicate or malformed Content-Length")
-            cl.append(value)
-        elif name == b"transfer-encoding":
-            # In field order, as h11 does: a second field, or any coding but chunked, is 501.
-            if te or value.lower() != b"chunked":
-                raise ClientError("unsupported Transfer-Encoding", 501)
-            te.append(value)
-        elif name == b"upgrade":
-            upgrade = upgrade or bool(value.strip(b", \t"))
-        elif name == b"host":
-            if host is not None:
-                raise ClientError("more than one Host")
-            host = value
-        elif b"_" in name:
-            policy = limits.underscore_headers
-            if policy == "reject":
-                raise ClientError("underscore in header field name")
-            if policy == "allow" and name.replace(b"_", b"-") in _ALIASED:
-                raise ClientError("header field name aliases a framing or forwarding field")
-            underscored = True
-    if underscored and limits.underscore_headers == "drop":
-        headers = [(n, v) for n, v in headers if b"_" not in n]
-    if host is None and http_version == b"1.1":
-        raise ClientError("missing Host")
-    if host is not None and _HOST.fullmatch(host) is None:
-        raise ClientError("invalid Host")
-    if te:
-        if cl:
-            raise ClientError("both Content-Length and Transfer-Encoding")
-        if http_version == b"1.0":
-            raise ClientError("Transfer-Encoding on an HTTP/1.0 request")
-    content_length = int(cl[0]) if cl else None
-    if content_length is not None and content_length > limits.max_body:
-        raise ClientError("request body too large", 413)
-
-    if method == b"CONNECT":
-        raise ClientError("CONNECT is not served here", 501)
-    if b"#" in target:
-        raise ClientError("fragment in request target")
-    if target[:1] == b"/":
-        pass
-    elif target == b"*":
-        if method != b"OPTIONS":
-            raise ClientError("'*' target is only for OPTIONS")
-    else:
-        m = _ABSOLUTE.match(target)
-        if m is None or _HOST.fullmatch(m.group(1)) is None:
-            raise ClientError("malformed request target")
-        if host is not None and m.group(1).lower() != host.lower():
-            raise ClientError("absolute-form target does not match Host")
-        host = m.group(1)
-        target = m.group(2) or b"/"
-        if target[:1] != b"/":
-            target = b"/" + target
-    tokens = {t.strip() for t in connection.split(b",")}
-    # HTTP/1.0 connections are closed after one exchange, and so is one that asked for an
-    # Upgrade: a client may follow it with bytes of the new protocol, never to be read as HTTP.
-    keep_alive = http_version == b"1.1" and b"close" not in tokens and not upgrade
-    return RequestHead(
-        method=method,
-        target=target,
-        authority=host or b"",
-        headers=headers,
-        http_version=http_version,
-        has_body=bool(te) or bool(content_length),
-        content_length=content_length,
-        keep_alive=keep_alive,
-        expects_continue=http_version == b"1.1" and expect == b"100-continue",
-    )
 
 
 def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
@@ -280,6 +96,9 @@ def error_bytes(status: int, reason: str, *, head_only: bool = False) -> bytes:
         f"connection: close\r\n\r\n"
     ).encode("ascii")
     return head if head_only else head + body
+
+
+_DEFAULT_LIMITS = HeadLimits()
 
 
 class ClientSession:
@@ -308,7 +127,7 @@ class ClientSession:
         "response_started",
     )
 
-    def __init__(self, limits: HeadLimits = HeadLimits()) -> None:
+    def __init__(self, limits: HeadLimits = _DEFAULT_LIMITS) -> None:
         self.limits = limits
         # h11 frames request bodies only: a request without one (most of them) never meets
         # it, and its bytes after the head wait in ``_after`` for the next cycle.

@@ -8,7 +8,6 @@ loop turn and writes everything queued in one ``send`` — one syscall for many 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import ssl
@@ -22,9 +21,10 @@ import anyio.abc
 from anyio.streams.tls import TLSAttribute
 
 from ..config import Address, ClusterConfig
-from ..core.backend_h2 import BackendCore, H2Backend, StreamState, Update
+from ..core.backend_h2 import H2Backend
+from ..core.relay import BackendCore, StreamState, Update
 from ..errors import BackendUnavailable
-from .fast_stream import fast_stream
+from .fast_stream import Future, asyncio_future, fast_stream
 from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.backend")
@@ -73,7 +73,7 @@ class Signal:
 
     def __init__(self) -> None:
         self._flag = False
-        self._waiter: asyncio.Future[None] | anyio.Event | None = None
+        self._waiter: Future | anyio.Event | None = None
 
     def set(self) -> None:
         self._flag = True
@@ -87,9 +87,8 @@ class Signal:
 
     async def wait(self) -> None:
         if not self._flag:
-            loop = asyncio._get_running_loop()
-            if loop is not None:
-                fut: asyncio.Future[None] = loop.create_future()
+            fut = asyncio_future()
+            if fut is not None:
                 self._waiter = fut
                 try:
                     await fut

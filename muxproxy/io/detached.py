@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..core.backend_h2 import StreamState
+from ..core.relay import StreamState
 from ..core.websocket import FrameWatcher
 
 if TYPE_CHECKING:

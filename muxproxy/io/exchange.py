@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..config import RouteConfig
-from ..core.backend_h2 import StreamState
 from ..core.frontend_h11 import Body, RequestHead, ResponseFramingError
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
+from ..core.relay import StreamState
 from ..errors import BackendError, BackendTimeout, ProxyError
 from .backend import BackendConnection, Signal
 

@@ -18,7 +18,8 @@ protocol of its own:
 
 Errors are anyio's (``EndOfStream``, ``BrokenResourceError``, ``ClosedResourceError``), so the
 rest of the proxy cannot tell the two streams apart.  On trio, and for TLS, anyio's own streams
-are used unchanged.
+are used unchanged.  This is the one module of the I/O layer that touches asyncio directly:
+everything here is a fast path taken only when asyncio (or uvloop) runs, with anyio behind it.
 """
 
 from __future__ import annotations
@@ -242,6 +243,16 @@ class FastStream(anyio.abc.SocketStream):
     def _raw_socket(self) -> socket.socket:
         sock: socket.socket = self._transport.get_extra_info("socket")
         return sock
+
+
+Future = asyncio.Future[None]
+
+
+def asyncio_future() -> Future | None:
+    """A future on the running asyncio loop, or None under trio (for wake-ups that need no
+    anyio Event: muxproxy.io.backend.Signal)."""
+    loop = asyncio._get_running_loop()
+    return None if loop is None else loop.create_future()
 
 
 def asyncio_running() -> bool:

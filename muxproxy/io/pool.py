@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 
 from ..config import Address, ClusterConfig
-from ..core.backend_h2 import StreamState
+from ..core.relay import StreamState
 from ..core.scheduler import ConnView, Scheduler, should_grow
 from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context

@@ -16,8 +16,8 @@ import anyio.abc
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
-from ..core.backend_h2 import BackendCore, Update
 from ..core.backend_h3 import H3Backend
+from ..core.relay import BackendCore, Update
 from ..errors import BackendUnavailable
 from .backend import NETWORK_ERRORS, BackendConnection, _describe
 

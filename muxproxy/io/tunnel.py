@@ -25,9 +25,9 @@ import anyio
 import anyio.abc
 import h11
 
-from ..core.backend_h2 import StreamState
 from ..core.frontend_h11 import ClientSession, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2
+from ..core.relay import StreamState
 from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
 from ..errors import BackendError, ClientError, NoExtendedConnect
 from .backend import NETWORK_ERRORS, BackendConnection, Signal

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from muxproxy.core.backend_h2 import MAX_STREAM_ID, STREAM_ID_RESERVE
+from muxproxy.core.h2wire import MAX_STREAM_ID, STREAM_ID_RESERVE
 from muxproxy.io.h2server import H2Origin
 
 from .harness import running, unacknowledged, wait_for

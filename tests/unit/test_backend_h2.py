@@ -19,8 +19,10 @@ from hyperframe.frame import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from muxproxy.core.backend_h2 import H2Backend, StreamLimitError, StreamState, Update, frame
+from muxproxy.core.backend_h2 import H2Backend, StreamLimitError
+from muxproxy.core.h2wire import frame
 from muxproxy.core.hpack_codec import encode_field
+from muxproxy.core.relay import StreamState, Update
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CANCEL = h2.errors.ErrorCodes.CANCEL

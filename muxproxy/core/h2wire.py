@@ -1,0 +1,92 @@
+"""The HTTP/2 wire vocabulary (RFC 9113 §4–§7) for muxproxy's client codec: frame types,
+flags, error codes, settings, frame serialisation, and the checks a received header block
+must pass.  No state: :mod:`~muxproxy.core.backend_h2` keeps that."""
+
+from __future__ import annotations
+
+import struct
+
+from .headers import Header
+
+MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+# Drain a connection this many stream ids before they run out (RFC 9113 §5.1.1).
+STREAM_ID_RESERVE = 1000
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DEFAULT_WINDOW = 65535
+MAX_FRAME_SIZE = 16384  # what we accept (the protocol default; we never raise it)
+
+# Frame types (RFC 9113 §6) and flags.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+
+# Error codes (RFC 9113 §7).
+ERROR_NAMES = (
+    "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
+    "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
+)  # fmt: skip
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 11
+
+# SETTINGS identifiers.
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
+SETTINGS_MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, ENABLE_CONNECT_PROTOCOL = 5, 6, 8
+
+FRAME = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+U32 = struct.Struct(">L")
+U32x2 = struct.Struct(">LL")
+SETTING = struct.Struct(">HL")
+
+# RFC 9113 §8.2.2: connection-specific fields make a message malformed.
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return FRAME.pack(n >> 8, n & 0xFF, type_, flags, stream_id) + payload
+
+
+class ConnectionError_(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class StreamError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def unpad(payload: bytes) -> bytes:
+    if not payload:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "padded frame without a pad length")
+    pad = payload[0]
+    if pad >= len(payload):
+        raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1 : len(payload) - pad]
+
+
+def check_fields(fields: list[Header], *, trailers: bool) -> None:
+    """RFC 9113 §8.2.2 and §8.3: a response head has exactly one pseudo-header, ``:status``,
+    first; trailers have none; neither has a connection-specific field.  (Names and values
+    were checked as they were decoded.)"""
+    first = True
+    for name, value in fields:
+        if name[0] == 0x3A:  # ":"
+            if trailers or not first or name != b":status":
+                raise StreamError(PROTOCOL_ERROR, f"pseudo-header {name[:20]!r} misplaced")
+        elif name in CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            raise StreamError(PROTOCOL_ERROR, f"connection-specific field {name.decode()}")
+        first = False
+    if not trailers and (not fields or fields[0][0] != b":status"):
+        raise StreamError(PROTOCOL_ERROR, "response without :status")
+
+
+def code_name(code: int) -> str:
+    return ERROR_NAMES[code] if 0 <= code < len(ERROR_NAMES) else f"error {code}"
