@@ -8,7 +8,8 @@ backend connection's reader drive the relay:
 
 * **client → backend** (``on_client_data``): bytes go out as DATA as far as the stream's send
   window allows; the rest waits in ``_pending`` and the client transport stops being read until
-  a WINDOW_UPDATE (the backend connection wakes ``set_window``) lets it drain.
+  a WINDOW_UPDATE lets it drain (the backend connection wakes the tunnel through ``blocked``,
+  and ``set`` calls ``set_window``).
 * **backend → client** (``set``, woken as ``conn.news``): chunks are written to the transport at
   once; their credit goes back to the backend only when the transport's buffer is empty again
   (write limits are 0), so a client that stops reading holds at most one stream window here,

@@ -27,7 +27,7 @@ from ..router import Router
 from .admin import serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
-from .fast_stream import asyncio_running, fast_stream, serve_fast
+from .fast_stream import asyncio_running, serve_fast
 from .pool import ClusterPool, PoolStatistics
 from .timers import TimerWheel
 
@@ -172,7 +172,6 @@ class Proxy:
                 sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
                 if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                stream = fast_stream(stream)
             except NETWORK_ERRORS:
                 await stream.aclose()
                 return

@@ -113,7 +113,7 @@ class Tunnel(Exchange):
                 return
             await self._relay(conn, st, news)
         finally:
-            if client_detached(self.client) is None:
+            if self.client.detached is None:  # else the detached tunnel releases it
                 conn.release(st)
 
     async def _relay(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
@@ -287,10 +287,6 @@ class Tunnel(Exchange):
                     return
         except (ClientGone, *NETWORK_ERRORS):
             return
-
-
-def client_detached(client: ClientConnection) -> DetachedTunnel | None:
-    return client.detached
 
 
 def _h1_head(response: h11.Response | h11.InformationalResponse) -> bytes:

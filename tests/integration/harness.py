@@ -119,6 +119,6 @@ async def wait_for(predicate: Any, limit: float = 10.0) -> None:
 def unacknowledged(conn: Any) -> int:
     """Connection-level bytes received from the backend and not yet handed back as credit.
 
-    (h2 batches the WINDOW_UPDATE itself; what must reach zero is what we never processed.)
+    (WINDOW_UPDATEs are batched; what must reach zero is what no exchange ever consumed.)
     """
     return int(conn.core.unacknowledged())
