@@ -152,7 +152,7 @@ class Proxy:
         handler = self._handler(lc)
         if lc.tls is None and asyncio_running():
             sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-            await serve_fast(sock, lambda stream: tg.start_soon(handler, stream))
+            await serve_fast(sock, handler, tg)
         else:
             await listener.serve(handler, task_group=tg)
 

@@ -140,3 +140,64 @@ def test_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path) -> None:
             tg.cancel_scope.cancel()
 
     anyio.run(scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path: Path, loop: str) -> None:
+    """EMFILE on accept: the proxy stops accepting for a moment instead of spinning or dropping
+    the waiting connections, and serves them once descriptors are free again.  (Trio's accept
+    goes through anyio and is not this code.)"""
+    limit = 48  # descriptors for the whole proxy process: a few dozen clients at most
+    clients_n = 80
+
+    async def scenario() -> None:
+        origin = H2Origin(Script())
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(origin.serve)
+            cfg = tmp_path / "proxy.toml"
+            cfg.write_text(
+                '[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\n'
+                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
+                '[[routes]]\ncluster = "app"\n'
+            )
+            launcher = (
+                "import resource, runpy, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+                f"sys.argv = ['muxproxy', 'run', '-c', {str(cfg)!r}, '--loop', {loop!r}]; "
+                "runpy.run_module('muxproxy', run_name='__main__')"
+            )
+            proc = await anyio.open_process(
+                [sys.executable, "-c", launcher], stderr=subprocess.PIPE
+            )
+            assert proc.stderr is not None
+            log = b""
+            with anyio.fail_after(20):
+                while b"ready " not in log:
+                    log += await proc.stderr.receive()
+            line = log.split(b"ready ", 1)[1].split(b"\n", 1)[0].decode()
+            host, _, p = line.split("=", 1)[1].rpartition(":")
+            clients = [await H1Client.connect(host, int(p)) for _ in range(clients_n)]
+            statuses: list[int] = []
+
+            async def ask(client: H1Client) -> None:
+                statuses.append((await client.request("GET", "/hello")).status)
+                await client.aclose()  # frees a descriptor in the proxy for the next one
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as clients_tg:
+                    for client in clients:
+                        clients_tg.start_soon(ask, client)
+            assert statuses == [200] * clients_n
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                while True:  # the rest of stderr, up to exit
+                    try:
+                        log += await proc.stderr.receive()
+                    except anyio.EndOfStream:
+                        break
+                assert await proc.wait() == 0
+            assert b"accept: Too many open files; pausing" in log, log
+            assert b"Traceback" not in log, log
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
