@@ -169,35 +169,39 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path: Path, l
             proc = await anyio.open_process(
                 [sys.executable, "-c", launcher], stderr=subprocess.PIPE
             )
-            assert proc.stderr is not None
-            log = b""
-            with anyio.fail_after(20):
-                while b"ready " not in log:
-                    log += await proc.stderr.receive()
-            line = log.split(b"ready ", 1)[1].split(b"\n", 1)[0].decode()
-            host, _, p = line.split("=", 1)[1].rpartition(":")
-            clients = [await H1Client.connect(host, int(p)) for _ in range(clients_n)]
-            statuses: list[int] = []
-
-            async def ask(client: H1Client) -> None:
-                statuses.append((await client.request("GET", "/hello")).status)
-                await client.aclose()  # frees a descriptor in the proxy for the next one
-
-            with anyio.fail_after(60):
-                async with anyio.create_task_group() as clients_tg:
-                    for client in clients:
-                        clients_tg.start_soon(ask, client)
-            assert statuses == [200] * clients_n
-            proc.send_signal(signal.SIGTERM)
-            with anyio.fail_after(20):
-                while True:  # the rest of stderr, up to exit
-                    try:
+            try:
+                assert proc.stderr is not None
+                log = b""
+                with anyio.fail_after(20):
+                    while b"ready " not in log:
                         log += await proc.stderr.receive()
-                    except anyio.EndOfStream:
-                        break
-                assert await proc.wait() == 0
-            assert b"accept: Too many open files; pausing" in log, log
-            assert b"Traceback" not in log, log
+                line = log.split(b"ready ", 1)[1].split(b"\n", 1)[0].decode()
+                host, _, p = line.split("=", 1)[1].rpartition(":")
+                clients = [await H1Client.connect(host, int(p)) for _ in range(clients_n)]
+                statuses: list[int] = []
+
+                async def ask(client: H1Client) -> None:
+                    statuses.append((await client.request("GET", "/hello")).status)
+                    await client.aclose()  # frees a descriptor in the proxy for the next one
+
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as clients_tg:
+                        for client in clients:
+                            clients_tg.start_soon(ask, client)
+                assert statuses == [200] * clients_n
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(20):
+                    while True:  # the rest of stderr, up to exit
+                        try:
+                            log += await proc.stderr.receive()
+                        except anyio.EndOfStream:
+                            break
+                    assert await proc.wait() == 0
+                assert b"accept: Too many open files; pausing" in log, log
+                assert b"Traceback" not in log, log
+            finally:  # a failed assertion must not leave the proxy running
+                if proc.returncode is None:
+                    proc.kill()
             tg.cancel_scope.cancel()
 
     anyio.run(scenario)
