@@ -6,6 +6,9 @@ The pool hands the scheduler a snapshot — per backend, the free stream slots a
 each usable connection — and gets back a choice.  Nothing here awaits, counts on its own or
 remembers anything but the round-robin cursor, so every rule is a table test.
 
+The snapshot may be :class:`ConnView` records or the live connections themselves: anything with
+``free`` and ``open`` (the pool passes its connections, so a pick allocates nothing).
+
 * ``least_streams``: the usable connection with the fewest open streams, across backends.
 * ``round_robin``: backends in turn (skipping full ones); within one, the fewest open streams.
 * A connection is *usable* when it has a free slot (the backend's SETTINGS_MAX_CONCURRENT_STREAMS
@@ -18,12 +21,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Slots(Protocol):
+    @property
+    def free(self) -> int:
+        """Streams that may still be opened (0 when draining or full)."""
+
+    @property
+    def open(self) -> int:
+        """Streams open now."""
 
 
 @dataclass(frozen=True, slots=True)
 class ConnView:
-    free: int  # streams that may still be opened (0 when draining or full)
-    open: int  # streams open now
+    free: int
+    open: int
 
 
 @dataclass(slots=True)
@@ -31,7 +45,7 @@ class Scheduler:
     balance: str = "least_streams"
     cursor: int = 0
 
-    def pick(self, backends: Sequence[Sequence[ConnView]]) -> tuple[int, int] | None:
+    def pick(self, backends: Sequence[Sequence[Slots]]) -> tuple[int, int] | None:
         """(backend index, connection index) for the next stream, or None if all are full."""
         if self.balance == "round_robin":
             n = len(backends)
@@ -46,17 +60,19 @@ class Scheduler:
         best_open = 0
         for b, conns in enumerate(backends):
             for c, view in enumerate(conns):
-                if view.free > 0 and (best is None or view.open < best_open):
-                    best, best_open = (b, c), view.open
+                n = view.open
+                if (best is None or n < best_open) and view.free > 0:
+                    best, best_open = (b, c), n
         return best
 
 
-def _least(conns: Sequence[ConnView]) -> int | None:
+def _least(conns: Sequence[Slots]) -> int | None:
     best: int | None = None
     best_open = 0
     for i, view in enumerate(conns):
-        if view.free > 0 and (best is None or view.open < best_open):
-            best, best_open = i, view.open
+        n = view.open
+        if (best is None or n < best_open) and view.free > 0:
+            best, best_open = i, n
     return best
 
 

@@ -24,7 +24,7 @@ from ..config import Address, ClusterConfig
 from ..core.backend_h2 import H2Backend
 from ..core.relay import BackendCore, StreamState, Update
 from ..errors import BackendUnavailable
-from .fast_stream import Future, asyncio_future, fast_stream
+from .fast_stream import EventLoop, Future, asyncio_loop, fast_stream
 from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.backend")
@@ -64,15 +64,16 @@ class Waker(Protocol):
 class Signal:
     """A level-triggered wake-up for one waiting task: ``set()`` never blocks.
 
-    Set before the wait, the wait returns at once.  On asyncio the waiter is a bare future
-    (an anyio Event per wait, with its backend lookup, was measurable per request); on trio
-    it is an anyio Event.
+    Set before the wait, the wait returns at once.  On asyncio the waiter is a bare future of
+    ``loop`` (found on the first wait if not given; an anyio Event per wait, with its backend
+    lookup, was measurable per request); on trio it is an anyio Event.
     """
 
-    __slots__ = ("_flag", "_waiter")
+    __slots__ = ("_flag", "_loop", "_waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: EventLoop | None = None) -> None:
         self._flag = False
+        self._loop = loop
         self._waiter: Future | anyio.Event | None = None
 
     def set(self) -> None:
@@ -87,8 +88,11 @@ class Signal:
 
     async def wait(self) -> None:
         if not self._flag:
-            fut = asyncio_future()
-            if fut is not None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio_loop()
+            if loop is not None:
+                fut = loop.create_future()
                 self._waiter = fut
                 try:
                     await fut
@@ -139,7 +143,8 @@ class BackendConnection:
         self.retired = anyio.Event()  # no new streams: draining or dead
         self.closed = anyio.Event()  # socket closed, every stream failed or finished
         self._stream: anyio.abc.ByteStream | None = None
-        self._flush = Signal()
+        self.loop = asyncio_loop()  # None under trio; Signals of this connection's exchanges
+        self._flush = Signal(self.loop)
         self._writer_done = anyio.Event()
         self.streams_opened = 0
         # Liveness (timer wheel entry): PING after ping_interval without a frame; dead when no
@@ -155,6 +160,15 @@ class BackendConnection:
         return H2Backend(
             stream_window=self.cfg.stream_window, max_streams=self.cfg.max_streams_per_connection
         )
+
+    # What the pool's scheduler reads (muxproxy.core.scheduler.Slots).
+    @property
+    def free(self) -> int:
+        return self.core.free_streams()
+
+    @property
+    def open(self) -> int:
+        return len(self.core.streams)
 
     @property
     def h2core(self) -> H2Backend:

@@ -150,7 +150,7 @@ class Exchange:
     async def _attempt(
         self, conn: BackendConnection, st: StreamState, body: BodySource | None
     ) -> None:
-        news = Signal()
+        news = Signal(conn.loop)
         self._news = news
         self.expired = False
         conn.news[st.stream_id] = news
@@ -178,7 +178,7 @@ class Exchange:
     ) -> None:
         sid = st.stream_id
         core = conn.core
-        window = Signal()
+        window = Signal(conn.loop)
         try:
             cont = self.client.session.continue_bytes()
             if cont:

@@ -181,6 +181,7 @@ class FastStream(anyio.abc.SocketStream):
     def __init__(self, transport: asyncio.Transport, accepted: _Protocol | None = None) -> None:
         self._transport = transport
         self._closed = False
+        self._loop = asyncio.get_running_loop()
         if accepted is not None:  # ours from the start (serve_fast)
             self._proto = accepted
             transport.set_write_buffer_limits(0)
@@ -214,7 +215,7 @@ class FastStream(anyio.abc.SocketStream):
                 raise anyio.EndOfStream
             if proto.reader is not None:
                 raise anyio.BusyResourceError("reading from")
-            fut = proto.reader = asyncio.get_running_loop().create_future()
+            fut = proto.reader = self._loop.create_future()
             try:
                 await fut
             finally:
@@ -254,7 +255,7 @@ class FastStream(anyio.abc.SocketStream):
                 raise anyio.BrokenResourceError from proto.exception
             if proto.writer is not None:
                 raise anyio.BusyResourceError("writing to")
-            fut = proto.writer = asyncio.get_running_loop().create_future()
+            fut = proto.writer = self._loop.create_future()
             try:
                 await fut
             finally:
@@ -288,18 +289,18 @@ class FastStream(anyio.abc.SocketStream):
 
 
 Future = asyncio.Future[None]
+EventLoop = asyncio.AbstractEventLoop
 
 
-def asyncio_future() -> Future | None:
-    """A future on the running asyncio loop, or None under trio (for wake-ups that need no
-    anyio Event: muxproxy.io.backend.Signal)."""
-    loop = asyncio._get_running_loop()
-    return None if loop is None else loop.create_future()
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio (or uvloop) loop, or None under trio.  Callers keep it: on Python
+    3.11 each lookup costs a getpid() system call."""
+    return asyncio._get_running_loop()
 
 
 def asyncio_running() -> bool:
     """Whether the running loop is asyncio's (or uvloop), not trio."""
-    return asyncio._get_running_loop() is not None
+    return asyncio_loop() is not None
 
 
 def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -21,7 +22,7 @@ import anyio.abc
 
 from ..config import Address, ClusterConfig
 from ..core.relay import StreamState
-from ..core.scheduler import ConnView, Scheduler, should_grow
+from ..core.scheduler import ConnView, Scheduler, Slots, should_grow
 from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
 from .quic import QuicBackendConnection
@@ -254,20 +255,15 @@ class ClusterPool:
 
     def _pick(self, connect_protocol: bool = False) -> BackendConnection | None:
         now = self.wheel.now
-        views = [
-            [
-                ConnView(
-                    c.core.free_streams()
-                    if not connect_protocol or c.core.enable_connect_protocol
-                    else 0,
-                    len(c.core.streams),
-                )
-                for c in b.conns
+        if connect_protocol:  # (rare: a WebSocket) only connections that allow RFC 8441
+            views: list[Sequence[Slots]] = [
+                [ConnView(c.free if c.core.enable_connect_protocol else 0, c.open) for c in b.conns]
+                if b.usable(now)
+                else ()
+                for b in self.backends
             ]
-            if b.usable(now)
-            else []
-            for b in self.backends
-        ]
+        else:
+            views = [b.conns if b.usable(now) else () for b in self.backends]
         choice = self.scheduler.pick(views)
         if choice is None:
             return None

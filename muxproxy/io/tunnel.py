@@ -81,7 +81,7 @@ class Tunnel(Exchange):
             await self._fallback_http1()
 
     async def _attempt(self, conn: BackendConnection, st: StreamState, body: object) -> None:
-        news = Signal()
+        news = Signal(conn.loop)
         self._news = news
         conn.news[st.stream_id] = news
         try:
@@ -139,7 +139,7 @@ class Tunnel(Exchange):
     ) -> None:
         """Client → backend.  Ends with END_STREAM after a close frame, else RST(CANCEL)."""
         client, core, sid = self.client, conn.core, st.stream_id
-        window = Signal()
+        window = Signal(conn.loop)
         data = client.session.detach()  # bytes the client sent right after its handshake
         try:
             while True:
