@@ -52,6 +52,7 @@ from .request_head import HeadLimits as HeadLimits
 from .request_head import RequestHead as RequestHead
 from .request_head import check_raw_head as check_raw_head
 from .request_head import parse_head as parse_head
+from .request_head import read_head
 
 
 class _Sentinel:
@@ -240,13 +241,14 @@ class ClientSession:
                     raise ClientError("client closed the connection mid-head")
                 return CLOSED
             return NEED_DATA
-        raw = bytes(buf[: end + 4])
-        rest = bytes(buf[end + 4 :])
+        if end + 4 == len(buf):  # the usual case: one whole head, nothing after it
+            raw, rest = bytes(buf), b""
+        else:
+            raw, rest = bytes(buf[: end + 4]), bytes(buf[end + 4 :])
         buf.clear()
         self._scanned = 0
         self._first_eol = -1
-        check_raw_head(raw, limits)
-        head = parse_head(raw, limits)
+        head = read_head(raw, limits)
         self._in_head = False
         self._body_bytes = 0
         self.request = head

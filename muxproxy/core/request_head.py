@@ -58,6 +58,89 @@ _HOST = re.compile(
 # Field names that an underscore variant must never stand in for, even when "allow"ed.
 _ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
 
+# The common case in one pass: an origin-form request line and field lines of a token, a colon
+# and visible characters, spaces, tabs or obs-text (no CTL, no bare CR or LF, no folding).
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_COMMON_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.([01])\r\n"
+    rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
+)
+# Fields the common case leaves to the full parser (it has the exact rules and messages).
+_UNCOMMON = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+
+
+def read_head(raw: bytes, limits: HeadLimits) -> RequestHead:
+    """:func:`check_raw_head` then :func:`parse_head`, with a fast path for common heads.
+
+    The fast path answers only heads it fully understands and otherwise defers to the two
+    functions, so every refusal (and its reason) comes from one place; a property test holds
+    both paths to the same result."""
+    head = common_head(raw, limits)
+    if head is None:
+        check_raw_head(raw, limits)
+        head = parse_head(raw, limits)
+    return head
+
+
+def common_head(raw: bytes, limits: HeadLimits) -> RequestHead | None:
+    """The head of a plain request in one pass, or None: not plain, let the full path decide."""
+    if len(raw) > limits.max_header_bytes:
+        return None
+    m = _COMMON_HEAD.fullmatch(raw)
+    if m is None:
+        return None
+    method, target, minor, block = m.groups()
+    if len(target) > limits.max_uri_bytes or method == b"CONNECT" or b"#" in target:
+        return None
+    headers: list[Header] = []
+    host: bytes | None = None
+    content_length: int | None = None
+    connection = b""
+    if block:
+        lines = block[:-2].split(b"\r\n")
+        if len(lines) > limits.max_headers:
+            return None
+        append = headers.append
+        for line in lines:
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            value = value.strip(b" \t")
+            if name == b"host":
+                if host is not None:
+                    return None
+                host = value
+            elif name == b"content-length":
+                if content_length is not None or not value.isdigit() or len(value) > 20:
+                    return None
+                content_length = int(value)
+            elif name == b"connection":
+                connection += b"," + value.lower()
+            elif name in _UNCOMMON or b"_" in name:
+                return None
+            append((name, value))
+    http_version = b"1.1" if minor == b"1" else b"1.0"
+    if host is None:
+        if http_version == b"1.1":
+            return None
+    elif _HOST.fullmatch(host) is None:
+        return None
+    if content_length is not None and content_length > limits.max_body:
+        return None
+    keep_alive = http_version == b"1.1" and (
+        not connection or b"close" not in {t.strip() for t in connection.split(b",")}
+    )
+    return RequestHead(
+        method,
+        target,
+        host or b"",
+        headers,
+        http_version,
+        bool(content_length),
+        content_length,
+        keep_alive,
+        False,
+    )
+
 
 def check_raw_head(raw: bytes, limits: HeadLimits) -> None:
     """Refuse what h11 would accept but a proxy must not (RFC 9112 §2.2, §5, §6).
