@@ -44,6 +44,10 @@ _CACHE_MAX = 4096
 _BLOCKS_MAX = 256
 
 
+# A cached block: its fields, the entries it inserts (in order), their sizes and their total.
+_Block = tuple[tuple[Header, ...], tuple[Header, ...], tuple[int, ...], int]
+
+
 class HPACKError(Exception):
     """The peer's header block cannot be decoded: a connection error (COMPRESSION_ERROR)."""
 
@@ -116,6 +120,7 @@ class Decoder:
         "_limit",
         "_max",
         "_size",
+        "_sizes",
         "_table",
         "_tainted",
         "max_header_list_size",
@@ -123,6 +128,7 @@ class Decoder:
 
     def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 1 << 20) -> None:
         self._table: deque[Header] = deque()  # newest first
+        self._sizes: deque[int] = deque()  # each entry's size (RFC 7541 §4.1), in step
         self._size = 0
         self._max = max_table_size  # current maximum, changed by size updates
         self._limit = max_table_size  # what we advertised: size updates may not exceed it
@@ -131,30 +137,39 @@ class Decoder:
         # Whole blocks that only use the static table and literals: the same bytes always mean
         # the same fields and the same insertions (nginx sends identical blocks, inserting
         # every field, for every response within a second).
-        self._blocks: dict[bytes, tuple[tuple[Header, ...], tuple[Header, ...]]] = {}
+        self._blocks: dict[bytes, _Block] = {}
         self._huffman: dict[bytes, tuple[bytes, bool]] = {}  # raw → (decoded, valid)
 
-    def _add(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 32
+    def _add(self, name: bytes, value: bytes, size: int) -> None:
+        """Insert an entry of ``size`` (= len(name) + len(value) + 32) and evict (§4.4)."""
         table = self._table
+        sizes = self._sizes
         if size > self._max:
             table.clear()
+            sizes.clear()
             self._size = 0
             return
         table.appendleft((name, value))
+        sizes.appendleft(size)
         self._size += size
-        while self._size > self._max:
-            n, v = table.pop()
-            self._size -= len(n) + len(v) + 32
+        if self._size > self._max:
+            self._evict(self._max)
+
+    def _evict(self, size: int) -> None:
+        """Drop the oldest entries until the table holds at most ``size`` bytes."""
+        table = self._table
+        sizes = self._sizes
+        total = self._size
+        while total > size:
+            table.pop()
+            total -= sizes.pop()
+        self._size = total
 
     def _resize(self, size: int) -> None:
         if size > self._limit:
             raise HPACKError(f"table size update to {size} above the advertised {self._limit}")
         self._max = size
-        table = self._table
-        while self._size > size:
-            n, v = table.pop()
-            self._size -= len(n) + len(v) + 32
+        self._evict(size)
 
     def _field(self, index: int) -> Header:
         if index <= 0:
@@ -172,11 +187,19 @@ class Decoder:
         decoded to the end: the dynamic table is in step).  Raises HPACKError."""
         hit = self._blocks.get(data)
         if hit is not None:  # seen before, and its meaning does not depend on the table
-            for name, value in hit[1]:
-                self._add(name, value)
-            return list(hit[0]), False, None
+            fields, added_fields, added_sizes, added = hit
+            if added_fields:
+                # Inserting them all, then evicting from the old end, leaves the table as one
+                # at a time would: evictions only ever take the oldest entries (and an entry
+                # larger than the table, which empties it, is itself evicted with all older).
+                self._table.extendleft(added_fields)
+                self._sizes.extendleft(added_sizes)
+                self._size += added
+                self._evict(self._max)
+            return list(fields), False, None
         out: list[Header] = []
         inserts: list[Header] = []
+        sizes: list[int] = []
         cacheable = True  # no reference into the dynamic table, no size update
         total = 0
         limit = self.max_header_list_size
@@ -225,8 +248,10 @@ class Decoder:
                     if not ok:
                         bad = bad or name
                     if indexing:
-                        self._add(name, value)
+                        size = len(name) + len(value) + 32
+                        self._add(name, value, size)
                         inserts.append((name, value))
+                        sizes.append(size)
                         if bad is not None:
                             self._tainted = True  # indexed fields need checking from now on
                 fields_seen = True
@@ -242,7 +267,12 @@ class Decoder:
             blocks = self._blocks
             if len(blocks) >= _BLOCKS_MAX:
                 blocks.clear()
-            blocks[bytes(data)] = (tuple(out), tuple(inserts))
+            blocks[bytes(data)] = (
+                tuple(out),
+                tuple(inserts),
+                tuple(sizes),
+                sum(sizes),
+            )
         return out, too_large, bad
 
     def _string(self, data: bytes, pos: int) -> tuple[bytes, int, bool]:

@@ -133,3 +133,39 @@ def test_repeated_blocks_replay_their_insertions() -> None:
     assert dec.decode(b"\x40\x01x\x011")[0] == [(b"x", b"1")]
     assert dec.decode(nginx_like)[0] == want  # hit: inserts server, date (evicting x)
     assert dec.decode(b"\xbe\xbf")[0] == [want[2], want[1]]  # 62 = newest (date), 63 = server
+
+
+def _indexed_literals(fields: list[Header]) -> bytes:
+    """A block as nginx writes one: every field a literal with incremental indexing and a
+    literal name, so the block means the same whatever the table holds (our cache takes it)."""
+    out = bytearray()
+    for name, value in fields:
+        out.append(0x40)
+        for s in (name, value):
+            out += hpack.hpack.encode_integer(len(s), 7) + s
+    return bytes(out)
+
+
+CLEAN_VALUE = st.from_regex(rb"\A([!-~]([ !-~\x80-\xff]{0,150}[!-~])?)?\Z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(NAME, CLEAN_VALUE), max_size=5), min_size=1, max_size=4),
+    st.lists(st.integers(0, 3), min_size=1, max_size=20),
+    st.sampled_from([64, 150, 300, 4096]),
+)
+def test_cached_blocks_insert_as_the_reference_decoder_does(
+    pool: list[list[Header]], order: list[int], table_size: int
+) -> None:
+    """Repeated blocks come from the cache and replay their insertions in bulk; the dynamic
+    table (entries and eviction, including an entry larger than the whole table) must stay
+    exactly where hpack's own decoder has it."""
+    ours = Decoder(max_table_size=table_size)
+    ref = hpack.Decoder(max_header_list_size=1 << 20)
+    ref.header_table.maxsize = table_size
+    for i in order:
+        block = _indexed_literals(pool[i % len(pool)])
+        assert ours.decode(block)[0] == ref.decode(block, raw=True)
+        assert list(ours._table) == list(ref.header_table.dynamic_entries)
+        assert ours._size == sum(len(n) + len(v) + 32 for n, v in ours._table)
