@@ -231,9 +231,6 @@ class Exchange:
         session = client.session
         wheel = client.wheel
         is_head = self.head.method == b"HEAD"
-        chunked_ok = self.head.http_version == b"1.1" and not any(
-            n == b"content-length" for n, _ in headers
-        )
         try:
             out = [session.response_head(status, headers)]
         except ResponseFramingError as exc:
@@ -252,7 +249,9 @@ class Exchange:
                         out.append(session.response_body(data))
                 chunks.clear()  # (left whole on a framing error: release() returns that credit)
                 if finished:
-                    trailers = trailers_from_h2(st.trailers) if st.trailers and chunked_ok else None
+                    trailers = None
+                    if st.trailers and self._chunked(headers):
+                        trailers = trailers_from_h2(st.trailers)
                     out.append(session.response_end(trailers))
             except ResponseFramingError:
                 # Body longer or shorter than its Content-Length: never relay it as complete.
@@ -278,6 +277,10 @@ class Exchange:
                     return
                 await news.wait()
             wheel.clear(self)
+
+    def _chunked(self, headers: list[Header]) -> bool:
+        """The response goes out chunked, so it can carry trailers (HTTP/1.1, no length)."""
+        return self.head.http_version == b"1.1" and all(n != b"content-length" for n, _ in headers)
 
     async def _send(self, parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) != 1 else parts[0]
