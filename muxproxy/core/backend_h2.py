@@ -187,10 +187,17 @@ class H2Backend:
         return min(self.peer_max_concurrent_streams, self.max_streams)
 
     def free_streams(self) -> int:
-        """How many more streams may be opened now (0 while draining)."""
-        if self.draining or not self.settings_received:
+        """How many more streams may be opened now (0 while draining).  Asked for every
+        connection on every pick: :attr:`draining` and :meth:`stream_limit`, inlined."""
+        if (
+            not self.settings_received
+            or self.closed
+            or self.goaway_last_stream_id is not None
+            or self.highest_stream_id >= MAX_STREAM_ID - 2 * STREAM_ID_RESERVE
+        ):
             return 0
-        return max(0, self.stream_limit() - len(self.streams))
+        free = min(self.peer_max_concurrent_streams, self.max_streams) - len(self.streams)
+        return free if free > 0 else 0
 
     def unacknowledged(self) -> int:
         """Connection-level bytes received and not yet consumed or discarded by anyone: zero

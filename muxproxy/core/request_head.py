@@ -62,9 +62,10 @@ _ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
 # and visible characters, spaces, tabs or obs-text (no CTL, no bare CR or LF, no folding).
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _COMMON_HEAD = re.compile(
-    rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.([01])\r\n"
+    rb"(" + _TOKEN + rb") (/[\x21\x22\x24-\x7e]*) HTTP/1\.([01])\r\n"  # no '#' in the target
     rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
 )
+_GOOD_HOSTS: set[bytes] = set()  # Host values that passed _HOST (bounded)
 # Fields the common case leaves to the full parser (it has the exact rules and messages).
 _UNCOMMON = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 
@@ -90,7 +91,7 @@ def common_head(raw: bytes, limits: HeadLimits) -> RequestHead | None:
     if m is None:
         return None
     method, target, minor, block = m.groups()
-    if len(target) > limits.max_uri_bytes or method == b"CONNECT" or b"#" in target:
+    if len(target) > limits.max_uri_bytes or method == b"CONNECT":
         return None
     headers: list[Header] = []
     host: bytes | None = None
@@ -122,8 +123,12 @@ def common_head(raw: bytes, limits: HeadLimits) -> RequestHead | None:
     if host is None:
         if http_version == b"1.1":
             return None
-    elif _HOST.fullmatch(host) is None:
-        return None
+    elif host not in _GOOD_HOSTS:  # (clients name the same few hosts again and again)
+        if _HOST.fullmatch(host) is None:
+            return None
+        if len(_GOOD_HOSTS) >= 1024:
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS.add(host)
     if content_length is not None and content_length > limits.max_body:
         return None
     keep_alive = http_version == b"1.1" and (
