@@ -212,10 +212,12 @@ class ClientSession:
 
     def _next_head(self) -> Event:
         buf = self._buf
+        if not buf:  # (asked once per request before anything arrived)
+            return CLOSED if self._eof else NEED_DATA
         limits = self.limits
         scanned = self._scanned
         if not scanned:
-            while buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore at least one empty line
+            while buf.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore at least one empty line
                 del buf[:2]
                 self._empty_lines += 1
                 if self._empty_lines > MAX_EMPTY_LINES:
