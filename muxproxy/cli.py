@@ -19,7 +19,7 @@ import anyio.abc
 from . import __version__
 from .config import Address, Config, ConfigError, load
 from .io.server import Proxy
-from .io.supervisor import supervise
+from .io.supervisor import die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
 
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if cfg.proxy.workers > 1 and not args.worker:
             return supervise(args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period)
+        if args.worker:
+            die_with_supervisor()
         return _run_loop(loop, _serve, cfg, args.worker)
     return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
 

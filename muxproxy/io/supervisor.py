@@ -4,7 +4,8 @@
 ``muxproxy run --worker`` processes (each a whole proxy with its own pools — so a backend sees
 ``N × connections`` connections), waits until every one accepts, prints one ``ready`` line,
 restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for the
-workers' graceful drain.  The kernel spreads new client connections across the workers.
+workers' graceful drain.  A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
+the kernel and drains too.  The kernel spreads new client connections across the workers.
 """
 
 from __future__ import annotations
@@ -21,14 +22,32 @@ from pathlib import Path
 log = logging.getLogger("muxproxy.supervisor")
 
 READY_TIMEOUT = 30.0
+SUPERVISOR_ENV = "MUXPROXY_SUPERVISOR"  # the supervisor's pid, in each worker's environment
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _spawn(config: Path, loop: str, index: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "muxproxy", "run", "-c", str(config), "--loop", loop, "--worker"],
         stdout=subprocess.PIPE,
-        env={**os.environ, "MUXPROXY_WORKER": str(index)},
+        env={**os.environ, "MUXPROXY_WORKER": str(index), SUPERVISOR_ENV: str(os.getpid())},
     )
+
+
+def die_with_supervisor() -> None:
+    """In a worker: exit (gracefully, through SIGTERM) when the supervisor dies, even by
+    SIGKILL, instead of serving on as an orphan nobody will stop.  Linux only (prctl)."""
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> str | None:
