@@ -146,6 +146,21 @@ def test_run_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
     anyio.run(scenario)
 
 
+async def _two_workers(tmp_path: Path, origin_port: int) -> tuple[list[str], int]:
+    """The command line of a `workers = 2` proxy in front of ``origin_port``, and its port
+    (fixed: every worker binds it with SO_REUSEPORT)."""
+    probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    listen = probe.extra(anyio.abc.SocketAttribute.local_port)
+    await probe.aclose()
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(
+        f'[proxy]\nworkers = 2\n[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:{listen}"\n'
+        f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{origin_port}"]\nconnections = 1\n'
+        '[[routes]]\ncluster = "app"\n'
+    )
+    return [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)], listen
+
+
 def test_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     """`workers = 2`: one ready line once both accept; each worker has its own pool."""
 
@@ -153,17 +168,7 @@ def test_workers_share_the_port_and_drain_on_sigterm(tmp_path: Path) -> None:
         origin = H2Origin(Script())
         async with anyio.create_task_group() as tg:
             port = await tg.start(origin.serve)
-            probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
-            listen = probe.extra(anyio.abc.SocketAttribute.local_port)
-            await probe.aclose()
-            cfg = tmp_path / "proxy.toml"
-            cfg.write_text(
-                f'[proxy]\nworkers = 2\n[[listeners]]\nname = "edge"\n'
-                f'listen = "127.0.0.1:{listen}"\n'
-                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
-                '[[routes]]\ncluster = "app"\n'
-            )
-            argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)]
+            argv, listen = await _two_workers(tmp_path, port)
             async with proxy_process(argv) as px:
                 for _ in range(20):
                     client = await H1Client.connect("127.0.0.1", listen)
@@ -195,17 +200,7 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         origin = H2Origin(Script())
         async with anyio.create_task_group() as tg:
             port = await tg.start(origin.serve)
-            probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
-            listen = probe.extra(anyio.abc.SocketAttribute.local_port)
-            await probe.aclose()
-            cfg = tmp_path / "proxy.toml"
-            cfg.write_text(
-                f'[proxy]\nworkers = 2\n[[listeners]]\nname = "edge"\n'
-                f'listen = "127.0.0.1:{listen}"\n'
-                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
-                '[[routes]]\ncluster = "app"\n'
-            )
-            argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)]
+            argv, listen = await _two_workers(tmp_path, port)
             async with proxy_process(argv) as px:
                 pid = px.proc.pid
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
