@@ -146,11 +146,16 @@ async def serve_fast(
             return
         await handler(FastStream(transport, proto))
 
+    retry: asyncio.TimerHandle | None = None
+
     def resume() -> None:
+        nonlocal retry
+        retry = None
         if sock.fileno() != -1:
             loop.add_reader(fd, accept_ready)
 
     def accept_ready() -> None:
+        nonlocal retry
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _peer = sock.accept()
@@ -160,7 +165,7 @@ async def serve_fast(
                 if exc.errno in _ACCEPT_LATER:
                     log.warning("accept: %s; pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY)
                     loop.remove_reader(fd)
-                    loop.call_later(ACCEPT_RETRY_DELAY, resume)
+                    retry = loop.call_later(ACCEPT_RETRY_DELAY, resume)
                     return
                 continue  # that one connection failed (ECONNABORTED and the like)
             tg.start_soon(serve_one, conn)
@@ -168,8 +173,10 @@ async def serve_fast(
     loop.add_reader(fd, accept_ready)
     try:
         await anyio.sleep_forever()
-    finally:
+    finally:  # (a pause in progress must not re-arm accepting after shutdown)
         loop.remove_reader(fd)
+        if retry is not None:
+            retry.cancel()
 
 
 class FastStream(anyio.abc.SocketStream):
