@@ -249,9 +249,8 @@ class Exchange:
                         out.append(session.response_body(data))
                 chunks.clear()  # (left whole on a framing error: release() returns that credit)
                 if finished:
-                    trailers = None
-                    if st.trailers and self._chunked(headers):
-                        trailers = trailers_from_h2(st.trailers)
+                    # (the session sends trailers only if it chose chunked framing)
+                    trailers = trailers_from_h2(st.trailers) if st.trailers else None
                     out.append(session.response_end(trailers))
             except ResponseFramingError:
                 # Body longer or shorter than its Content-Length: never relay it as complete.
@@ -277,10 +276,6 @@ class Exchange:
                     return
                 await news.wait()
             wheel.clear(self)
-
-    def _chunked(self, headers: list[Header]) -> bool:
-        """The response goes out chunked, so it can carry trailers (HTTP/1.1, no length)."""
-        return self.head.http_version == b"1.1" and all(n != b"content-length" for n, _ in headers)
 
     async def _send(self, parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) != 1 else parts[0]

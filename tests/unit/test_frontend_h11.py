@@ -395,6 +395,26 @@ def test_response_without_length_is_chunked_for_http11() -> None:
     assert s.start_next_cycle()
 
 
+@pytest.mark.parametrize(
+    "request_line,fields",
+    [
+        (b"GET / HTTP/1.1", [(b"content-length", b"3")]),  # framed by its length
+        (b"HEAD / HTTP/1.1", []),  # no body at all
+        (b"GET / HTTP/1.0", []),  # delimited by the close
+    ],
+)
+def test_trailers_go_out_only_with_chunked_framing(
+    request_line: bytes, fields: list[tuple[bytes, bytes]]
+) -> None:
+    """Trailers need a chunked body to ride on; otherwise they are dropped, never written
+    as stray bytes after the body."""
+    s = exchange(request_line + b"\r\nHost: h\r\n\r\n")
+    head = s.response_head(200, fields)
+    body = s.response_body(b"abc")
+    assert s.response_end([(b"x-checksum", b"7")]) == b""
+    assert b"x-checksum" not in head + body
+
+
 def test_response_without_length_to_http10_is_delimited_by_close() -> None:
     s = exchange(b"GET / HTTP/1.0\r\n\r\n")
     data = s.response_head(200, [])
