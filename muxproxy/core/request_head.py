@@ -45,13 +45,14 @@ class RequestHead:
 
 # Control characters anywhere in a head except CR and LF (checked as pairs) and HTAB.
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)$")
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2
+_REQUEST_LINE = re.compile(rb"^(" + _TOKEN + rb") (\S+) HTTP/(\d)\.(\d)$")
 _ABSOLUTE = re.compile(rb"^[hH][tT][tT][pP][sS]?://([^/?#@\s]+)([^#\s]*)$")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [ ":" port ]; reg-name or an IP literal.  No
 # userinfo, no path, no whitespace: the value becomes :authority and is what routes match.
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
-_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_NAME = re.compile(_TOKEN)
 _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]{0,5})?"
 )
@@ -60,7 +61,6 @@ _ALIASED = HOP_BY_HOP | FORWARDING | {b"content-length", b"via", b"trailer"}
 
 # The common case in one pass: an origin-form request line and field lines of a token, a colon
 # and visible characters, spaces, tabs or obs-text (no CTL, no bare CR or LF, no folding).
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _COMMON_HEAD = re.compile(
     rb"(" + _TOKEN + rb") (/[\x21\x22\x24-\x7e]*) HTTP/1\.([01])\r\n"  # no '#' in the target
     rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
