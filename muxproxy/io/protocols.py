@@ -50,7 +50,5 @@ PROTOCOLS: dict[str, BackendProtocol] = {
     "h3": BackendProtocol(
         "h3", h3_core, connect_datagram, "h3", tls=False, opening="QUIC handshake"
     ),
-    "http1": BackendProtocol(
-        "http1", _h1_core, connect_paced, None, tls=False, multiplexed=False
-    ),
+    "http1": BackendProtocol("http1", _h1_core, connect_paced, None, tls=False, multiplexed=False),
 }
