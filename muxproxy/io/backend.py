@@ -61,6 +61,7 @@ class ConnectionStatistics:
     resets_received: int
     refused_received: int
     ping_timeouts: int
+    write_stalls: int = 0  # declared dead for not reading what we sent
 
 
 class Waker(Protocol):
@@ -388,6 +389,7 @@ class BackendConnection:
             resets_received=core.resets_received,
             refused_received=core.refused_received,
             ping_timeouts=self.ping_timeouts,
+            write_stalls=self.write_stalls,
         )
 
     async def send_body(self, sid: int, data: bytes, window: Signal) -> bool:

@@ -1,0 +1,134 @@
+"""A backend that stops reading while it keeps talking (issue 16, item 6).
+
+A small h2 server on loopback answers GETs; on ``POST /stall`` it stops reading that connection
+and floods PINGs.  The proxy's writes to it stop draining: new streams must not be placed on it
+(they would hang until ``request_timeout``), and once it has not drained for ``ping_timeout`` it
+is dead — the PINGs it sends prove nothing — its never-sent streams are replayed on the
+replacement and the upload it was swallowing fails with a 502.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import anyio
+import anyio.abc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+
+from muxproxy.config import loads
+from muxproxy.io.h1client import H1Client
+from muxproxy.io.server import Proxy
+
+from .harness import config_text, wait_for
+
+pytestmark = pytest.mark.anyio
+
+UPLOAD = 24 * 1024 * 1024  # far beyond the loopback socket buffers
+
+
+class StallingBackend:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.stalled = anyio.Event()
+        self.gets = 0
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started(port)
+        await listener.serve(self.handle)
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 * UPLOAD})
+        conn.increment_flow_control_window(2 * UPLOAD)
+        try:
+            await stream.send(conn.data_to_send())
+            while True:
+                data = await stream.receive()
+                for ev in conn.receive_data(data):
+                    if not isinstance(ev, h2.events.RequestReceived):
+                        continue
+                    sid = ev.stream_id
+                    path = dict(ev.headers or ())[b":path"]
+                    if path == b"/stall":
+                        await stream.send(conn.data_to_send())
+                        self.stalled.set()
+                        while True:  # never read again; talk all the time
+                            conn.ping(b"flooding")
+                            await stream.send(conn.data_to_send())
+                            await anyio.sleep(0.005)
+                    self.gets += 1
+                    conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"2")])
+                    conn.send_data(sid, b"ok", end_stream=True)
+                await stream.send(conn.data_to_send())
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            pass
+
+
+async def test_connection_the_backend_does_not_read_takes_no_streams_and_dies() -> None:
+    backend = StallingBackend()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(backend.serve)
+        cfg = loads(
+            config_text(
+                [f"127.0.0.1:{port}"],
+                cluster={
+                    "connections": 1,
+                    "ping_interval": "200ms",
+                    "ping_timeout": "500ms",
+                    "request_timeout": "20s",
+                    "pending_timeout": "20s",
+                },
+            )
+        )
+        proxy = Proxy(cfg)
+        bound = await tg.start(proxy.serve)
+        edge = bound["edge"]
+        upload_status: list[int | str] = []
+
+        async def upload() -> None:
+            c = await H1Client.connect(edge.host, edge.port)
+            try:
+                r = await c.request("POST", "/stall", body=b"x" * UPLOAD)
+                upload_status.append(r.status)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+                upload_status.append(type(exc).__name__)
+            finally:
+                await c.aclose()
+
+        tg.start_soon(upload)
+        await backend.stalled.wait()
+        pool = proxy.pools["app"]
+        first = pool.backends[0].conns[0]
+        # The writer is stuck: the connection stops offering streams (today's code: never).
+        await wait_for(lambda: first.free == 0 and not first.core.draining)
+        statuses: list[int] = []
+
+        async def get() -> None:
+            c = await H1Client.connect(edge.host, edge.port)
+            try:
+                statuses.append((await c.request("GET", "/after")).status)
+            finally:
+                await c.aclose()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as gets:
+                for _ in range(5):
+                    gets.start_soon(get)
+            await wait_for(lambda: bool(upload_status), 30)
+        # every GET answered by the replacement, none waited for request_timeout
+        assert statuses == [200] * 5
+        assert backend.gets == 5 and backend.connections == 2
+        # the swallowed upload was processed in part: a 502, never replayed
+        assert upload_status == [502]
+        assert first.write_stalls == 1 and first.closed.is_set()
+        tg.cancel_scope.cancel()
