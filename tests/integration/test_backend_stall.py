@@ -20,7 +20,7 @@ import h2.settings
 import pytest
 
 from muxproxy.config import loads
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 from muxproxy.io.server import Proxy
 
 from .harness import config_text, wait_for

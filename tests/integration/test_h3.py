@@ -9,7 +9,7 @@ import anyio
 import pytest
 import trustme
 
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 
 from .h3origin import H3Origin
 from .harness import running, wait_for
