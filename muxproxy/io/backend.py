@@ -167,7 +167,7 @@ class BackendConnection:
     # What the pool's scheduler reads (muxproxy.core.scheduler.Slots).
     @property
     def free(self) -> int:
-        since = self.send_since
+        since = self.send_since  # (an HTTP/1.1 connection is busy while it sends: free is 0)
         if since is not None and self.wheel.now - since >= self.stall_after:
             return 0  # the backend is not reading: a new stream would hang
         return self.core.free_streams()
@@ -246,7 +246,8 @@ class BackendConnection:
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
-                self.wheel.start(self, self.cfg.ping_interval)
+                if self.protocol.multiplexed:  # (HTTP/1.1 has no PING and one stream at most)
+                    self.wheel.start(self, self.cfg.ping_interval)
                 tg.start_soon(self._writer)
                 await self._reader()
                 # Closing: the writer sends what is queued (our GOAWAY) and closes the socket.
@@ -274,7 +275,7 @@ class BackendConnection:
     def _dispatch(self, up: Update, *, alive: bool) -> bool:
         """Wake the exchanges the update concerns; True once the connection is finished."""
         core = self.core
-        if alive:
+        if alive:  # (never for a protocol without PING: see PacedStreamTransport)
             # Any frame proves the peer alive (the next PING is ping_interval away) — unless
             # it does not read what we send: then only draining proves anything.
             since = self.send_since
@@ -327,8 +328,12 @@ class BackendConnection:
                 if opened and self.blocked:  # senders waiting for room in the write buffer
                     for sig in list(self.blocked.values()):
                         sig.set()
-                if wheel.now - since >= self.stall_after:
-                    self.on_capacity(self)  # drained again: takes streams again
+                if wheel.now - since >= self.stall_after and self.protocol.multiplexed:
+                    # Drained after a stall: the peer reads, so it is alive (frames it sent
+                    # meanwhile were not counted), and the connection takes streams again.
+                    self._awaiting_ack = False
+                    wheel.start(self, self.cfg.ping_interval)
+                    self.on_capacity(self)
                 if core.closed:
                     # Our GOAWAY is out (or the peer is gone): closing the socket ends the reader.
                     await transport.aclose()

@@ -29,8 +29,10 @@ class BackendProtocol:
     alpn: str | None  # required of the peer when TLS is used over TCP
     tls: bool  # a TLS client context over TCP (QUIC brings its own)
     opening: str = "connect"  # what timed out, for the 503's log line
-    multiplexed: bool = True  # False: one request per connection at a time, and a WebSocket
-    # takes a dedicated HTTP/1.1 Upgrade connection (the tunnel's HTTP/1.1 path)
+    # True: many streams share a connection, so PING liveness and write progress are watched.
+    # False (HTTP/1.1): one request per connection at a time, no PING (the exchange's timeouts
+    # govern), and a WebSocket takes a dedicated Upgrade connection (the tunnel's HTTP/1.1 path).
+    multiplexed: bool = True
 
     def tls_context(self, cfg: ClusterConfig) -> ssl.SSLContext | None:
         return client_tls_context(cfg, self.alpn) if self.tls else None

@@ -110,7 +110,8 @@ class PacedCore(StreamCore, Protocol):
 
 class PacedStreamTransport(StreamTransport):
     """A byte stream whose reading pauses while its core says so (TCP is the flow control);
-    the writer's flushes, which follow every ``consumed``, let it resume."""
+    the writer's flushes, which follow every ``consumed``, let it resume.  Its input never
+    counts as a liveness proof: the protocol has no PING, so the driver does not watch it."""
 
     __slots__ = ("_gate", "_paced")
 
@@ -123,7 +124,8 @@ class PacedStreamTransport(StreamTransport):
         while self._paced.read_paused and not self._paced.closed:
             gate = self._gate = anyio.Event()
             await gate.wait()
-        return await super().receive()
+        up, _ = await super().receive()
+        return up, False  # no PING to answer: liveness is the socket's and request_timeout's
 
     async def flush(self) -> bool:
         gate = self._gate
