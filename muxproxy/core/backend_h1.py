@@ -34,7 +34,7 @@ from .headers import Header
 from .relay import StreamState, Update
 
 # Request fields h11 frames itself or HTTP/1.1 spells differently.
-_REQUEST_SKIP = frozenset({b"host", b"transfer-encoding", b"connection"})
+_REQUEST_SKIP = frozenset({b"host", b"transfer-encoding", b"connection", b"te"})
 _RESPONSE_DROP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )

@@ -12,6 +12,7 @@ GET = [
     (b":authority", b"app.example"),
     (b":path", b"/a?b=1"),
     (b"accept", b"*/*"),
+    (b"te", b"trailers"),  # hop-by-hop in HTTP/1.1: not forwarded
 ]
 
 
