@@ -321,8 +321,8 @@ class BackendConnection:
                 since = self.send_since = wheel.now
                 try:
                     opened = await flush()
-                except NETWORK_ERRORS:
-                    self._terminate("backend connection lost")
+                except NETWORK_ERRORS:  # (the reader may be paused: it is cancelled too)
+                    self._terminate("backend connection lost", cancel=True)
                     return
                 self.send_since = None
                 if opened and self.blocked:  # senders waiting for room in the write buffer
