@@ -1,4 +1,4 @@
-"""A real nginx as an h2c or TLS h2 backend, in its own prefix directory, for one test.
+"""A real nginx as an h2c, TLS h2 or plain HTTP/1.1 backend, in its own prefix, for one test.
 
 Endpoints (identical on both protocols):
 
@@ -7,6 +7,11 @@ Endpoints (identical on both protocols):
 - ``POST /echo``   → the request body, exactly (bodies up to 2 MiB; see ``_ECHO``)
 - ``GET /headers`` → ``HEADERS_FIELDS`` joined by ``|``, as nginx saw them
 - every response carries ``X-Conn: $connection``, nginx's serial number of the TCP connection
+
+As a plain HTTP/1.1 backend (``http1``) it also logs every request to ``access.log`` as
+``$connection $remote_port $status`` (``Nginx.access_log()``), and serves ``GET /chunked`` (the
+static /big rewritten by sub_filter, so sent chunked), ``GET /slow`` (/big at 256 KiB/s) and
+``GET /drop`` (nginx closes the connection without answering: ``return 444``).
 
 A second, plain HTTP/1.1 listener serves ``stub_status`` so a test can read how many TCP
 connections nginx accepted in total (``Nginx.accepted_backend_connections``).
@@ -32,7 +37,7 @@ from typing import Literal
 import pytest
 import trustme
 
-Protocol = Literal["h2c", "h2"]
+Protocol = Literal["h2c", "h2", "http1"]
 
 SMALL_SIZE = 100
 BIG_SIZE = 1024 * 1024
@@ -130,6 +135,13 @@ class Nginx:
     def error_log(self) -> str:
         return (self.prefix / "error.log").read_text(errors="replace")
 
+    def access_log(self) -> list[tuple[int, int, int]]:
+        """(connection serial, client port, status) per request, http1 only."""
+        path = self.prefix / "access.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        rows = (line.split() for line in text.splitlines() if line.strip())
+        return [(int(c), int(p), int(s)) for c, p, s in rows]
+
     def status(self) -> dict[str, int]:
         """nginx's stub_status counters: active, accepts, handled, requests."""
         conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
@@ -174,10 +186,31 @@ def render_config(
             f"        ssl_certificate_key {key};\n"
             "        ssl_protocols TLSv1.2 TLSv1.3;"
         )
+    elif protocol == "http1":
+        listen = f"listen 127.0.0.1:{port};"
+        tls = ""
     else:
         listen = f"listen 127.0.0.1:{port} http2;"  # h2c with prior knowledge (nginx 1.22)
         tls = ""
     tmp = prefix / "tmp"
+    http1 = ""
+    if protocol == "http1":
+        http1 = f"""
+        access_log {prefix}/access.log conns;
+        location = /chunked {{
+            alias {prefix}/www/big;
+            sub_filter_types *;
+            sub_filter "muxproxy-never-present" "";
+            sub_filter_once off;
+        }}
+        location = /slow {{
+            alias {prefix}/www/big;
+            limit_rate 256k;
+        }}
+        location = /drop {{
+            return 444;
+        }}
+"""
     return f"""
 daemon off;
 master_process on;
@@ -192,6 +225,7 @@ events {{
 
 http {{
     access_log off;
+    log_format conns "$connection $remote_port $status";
     default_type application/octet-stream;
     client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
@@ -215,7 +249,7 @@ http {{
             default_type text/plain;
             return 200 "{_HEADERS_VALUE}";
         }}
-{_ECHO}
+{_ECHO}{http1}
     }}
 
     server {{

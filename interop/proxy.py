@@ -106,14 +106,16 @@ def parse_ready(line: str) -> dict[str, str]:
 
 
 @contextmanager
-def run_proxy(workdir: Path, nginx: Nginx, loop: str, *, attempts: int = 3) -> Iterator[Proxy]:
+def run_proxy(
+    workdir: Path, nginx: Nginx, loop: str, *, attempts: int = 3, connections: int = CONNECTIONS
+) -> Iterator[Proxy]:
     """Start muxproxy in front of ``nginx``; wait for its ``ready`` line; SIGTERM it afterwards
     and check that it exited 0 and logged no error."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "muxproxy.toml"
     for attempt in range(attempts):
         port = free_port()
-        config.write_text(render_config(port, nginx))
+        config.write_text(render_config(port, nginx, connections=connections))
         process = subprocess.Popen(
             [sys.executable, "-m", "muxproxy", "run", "-c", str(config), "--loop", loop],
             cwd=REPO,

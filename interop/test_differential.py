@@ -17,7 +17,7 @@ from pathlib import Path
 
 from anyio.from_thread import start_blocking_portal
 
-from muxproxy.io.h2server import OriginRequest
+from muxproxy.demo.h2server import OriginRequest
 from tests.corpus import Case, load
 from tests.corpus.te_matrix import BODY, matrix
 from tests.integration.harness import Harness, running

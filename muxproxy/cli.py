@@ -140,8 +140,8 @@ async def _serve(cfg: Config, worker: bool = False) -> int:
 
 
 async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
-    from .io.h1client import H1Client
-    from .io.h2server import H2Origin, hello_handler
+    from .demo.h1client import H1Client
+    from .demo.h2server import H2Origin, hello_handler
 
     origin = H2Origin(hello_handler, max_concurrent_streams=1000)
     backend = cfg.clusters[0].backends[0]

@@ -299,8 +299,6 @@ def _check(cfg: Config) -> None:
         names.add(c.name)
         if not c.backends:
             fail(f"{p}.backends", "at least one backend is required")
-        if c.protocol == "http1":
-            fail(f"{p}.protocol", "'http1' is not implemented yet (use h2c, h2 or h3)")
         if c.balance == "hash":
             fail(f"{p}.balance", "'hash' is not implemented yet (use round_robin or least_streams)")
         if c.connections < 1:

@@ -1,9 +1,21 @@
-"""One pooled HTTP/2 backend connection: a reader task, a batching writer task.
+"""One pooled backend connection, whatever its protocol: a reader task, a batching writer task.
 
-The reader never awaits anything but the socket: it feeds bytes to the sans-IO core and wakes
-the exchanges whose streams changed (a ``Signal.set()``, which never blocks).  Exchanges queue
+The driver is parameterised by a :class:`~muxproxy.io.protocols.BackendProtocol` from the
+registry: a sans-IO core implementing :class:`~muxproxy.core.relay.BackendCore` (HTTP/2,
+HTTP/3, HTTP/1.1) and a connector returning the :class:`~muxproxy.io.transport.Transport` it
+runs over (a byte stream, or datagrams for QUIC).
+
+The reader never awaits anything but the transport: it feeds input to the core and wakes the
+exchanges whose streams changed (a ``Signal.set()``, which never blocks).  Exchanges queue
 frames on the core and call :meth:`BackendConnection.schedule_flush`; the writer wakes once per
-loop turn and writes everything queued in one ``send`` — one syscall for many streams.
+loop turn and writes everything queued at once — one syscall for many streams.
+
+Written once here for every protocol: connect errors (one ``BackendUnavailable`` reason),
+liveness (PING after ``ping_interval`` of silence, dead without an answer in ``ping_timeout``),
+write progress (a connection whose send has not completed for ``WRITE_STALL`` takes no new
+streams; one that has not drained for ``ping_timeout`` is dead, whatever it sends meanwhile),
+and termination: a stream whose bytes never reached the transport was provably not processed
+and is failed as *refused* (replayable); every other open stream fails (502).
 """
 
 from __future__ import annotations
@@ -11,34 +23,30 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
-import anyio.abc
-from anyio.streams.tls import TLSAttribute
 
 from ..config import Address, ClusterConfig
-from ..core.backend_h2 import H2Backend
 from ..core.relay import BackendCore, StreamState, Update
 from ..errors import BackendUnavailable
-from .fast_stream import EventLoop, Future, asyncio_loop, fast_stream
+from .fast_stream import EventLoop, Future, asyncio_loop
 from .timers import TimerWheel
+from .transport import NETWORK_ERRORS, Transport, describe
+
+if TYPE_CHECKING:
+    from .protocols import BackendProtocol
 
 log = logging.getLogger("muxproxy.backend")
 
 _serial = count(1)
 
-# What a dead socket looks like, whichever loop runs it.
-NETWORK_ERRORS = (
-    OSError,
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    ssl.SSLError,
-)
+# A send that has not completed for this long (at most ping_timeout) means the backend is not
+# reading: the connection takes no new streams until it drains.
+WRITE_STALL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,7 @@ class ConnectionStatistics:
     resets_received: int
     refused_received: int
     ping_timeouts: int
+    write_stalls: int = 0  # declared dead for not reading what we sent
 
 
 class Waker(Protocol):
@@ -110,23 +119,14 @@ class Signal:
         self._flag = False
 
 
-def client_tls_context(cfg: ClusterConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=cfg.tls.ca)
-    if not cfg.tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
 class BackendConnection:
-    """A persistent HTTP/2 connection to one backend, shared by many exchanges."""
+    """A persistent connection to one backend, shared by many exchanges."""
 
     def __init__(
         self,
         address: Address,
         cfg: ClusterConfig,
+        protocol: BackendProtocol,
         *,
         tls: ssl.SSLContext | None,
         on_capacity: Callable[[BackendConnection], None],
@@ -135,18 +135,25 @@ class BackendConnection:
         self.id = next(_serial)
         self.address = address
         self.cfg = cfg
+        self.protocol = protocol
         self.tls = tls
-        self.core: BackendCore = self._make_core()
+        self.core: BackendCore = protocol.make_core(address, cfg)
         self.on_capacity = on_capacity
         self.news: dict[int, Waker] = {}  # stream id → the exchange waiting on it
         self.blocked: dict[int, Waker] = {}  # stream id → exchange waiting for send window
         self.retired = anyio.Event()  # no new streams: draining or dead
         self.closed = anyio.Event()  # socket closed, every stream failed or finished
-        self._stream: anyio.abc.ByteStream | None = None
+        self._transport: Transport | None = None
         self.loop = asyncio_loop()  # None under trio; Signals of this connection's exchanges
         self._flush = Signal(self.loop)
         self._writer_done = anyio.Event()
         self.streams_opened = 0
+        # Write progress: streams up to ``handed`` have left the core for the transport;
+        # ``send_since`` is the wheel time the writer's pending send began (None when idle).
+        self.last_opened = 0
+        self.handed = 0
+        self.send_since: float | None = None
+        self.stall_after = min(WRITE_STALL, cfg.ping_timeout)
         # Liveness (timer wheel entry): PING after ping_interval without a frame; dead when no
         # frame at all arrives within ping_timeout after it.
         self.wheel = wheel
@@ -155,70 +162,46 @@ class BackendConnection:
         self._awaiting_ack = False
         self._scope: anyio.CancelScope | None = None
         self.ping_timeouts = 0
-
-    def _make_core(self) -> BackendCore:
-        return H2Backend(
-            stream_window=self.cfg.stream_window, max_streams=self.cfg.max_streams_per_connection
-        )
+        self.write_stalls = 0
 
     # What the pool's scheduler reads (muxproxy.core.scheduler.Slots).
     @property
     def free(self) -> int:
+        since = self.send_since  # (an HTTP/1.1 connection is busy while it sends: free is 0)
+        if since is not None and self.wheel.now - since >= self.stall_after:
+            return 0  # the backend is not reading: a new stream would hang
         return self.core.free_streams()
 
     @property
     def open(self) -> int:
         return len(self.core.streams)
 
-    @property
-    def h2core(self) -> H2Backend:
-        assert isinstance(self.core, H2Backend)
-        return self.core
-
     def __repr__(self) -> str:
-        return f"<conn #{self.id} {self.address} streams={len(self.core.streams)}>"
+        return f"<conn #{self.id} {self.protocol.name} {self.address} streams={self.open}>"
 
     # --- setup -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the socket and exchange SETTINGS, within ``connect_timeout``.
-
-        Raises BackendUnavailable with the reason.
-        """
-        addr = self.address
+        """Open the transport and complete the protocol's opening (SETTINGS, the QUIC
+        handshake), within ``connect_timeout``.  Raises BackendUnavailable with the reason."""
+        addr, core, proto = self.address, self.core, self.protocol
         try:
             with anyio.fail_after(self.cfg.connect_timeout):
-                if self.tls is not None:
-                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                        addr.host,
-                        addr.port,
-                        ssl_context=self.tls,
-                        tls_hostname=self.cfg.tls.server_name or addr.host,
-                        tls_standard_compatible=False,
-                    )
-                    if stream.extra(TLSAttribute.alpn_protocol, None) != "h2":
-                        await stream.aclose()
-                        raise BackendUnavailable(f"backend {addr} did not negotiate h2 (ALPN)")
-                else:
-                    stream = fast_stream(await anyio.connect_tcp(addr.host, addr.port))
-                self._stream = stream
-                core = self.h2core
-                core.initiate()
-                await stream.send(core.data_to_send())
+                transport = await proto.connect(addr, self.cfg, self.tls, proto.alpn, core)
+                self._transport = transport
+                transport.start(anyio.current_time())
+                await transport.flush()
                 while not core.settings_received:
-                    data = await stream.receive(65536)
-                    up = core.receive_data(data)
+                    up, _ = await transport.receive()
                     if up.closed:
                         raise BackendUnavailable(f"backend {addr}: {core.close_reason}")
-                    out = core.data_to_send()
-                    if out:
-                        await stream.send(out)
+                    await transport.flush()
         except TimeoutError:
             await self._abort()
-            raise BackendUnavailable(f"backend {addr} connect timed out") from None
+            raise BackendUnavailable(f"backend {addr} {proto.opening} timed out") from None
         except NETWORK_ERRORS as exc:
             await self._abort()
-            raise BackendUnavailable(f"backend {addr} unreachable: {_describe(exc)}") from None
+            raise BackendUnavailable(f"backend {addr} unreachable: {describe(exc)}") from None
         except BaseException:
             await self._abort()
             raise
@@ -228,24 +211,30 @@ class BackendConnection:
             await self._aclose_transport()
 
     async def _aclose_transport(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     # --- running -----------------------------------------------------------------------
 
     def on_deadline(self) -> None:
         if self.core.closed:
             return
+        since = self.send_since
+        if since is not None and self.wheel.now - since >= self.cfg.ping_timeout:
+            self.write_stalls += 1
+            log.warning(
+                "%r: send buffer not drained for %.3gs: connection dead",
+                self,
+                self.cfg.ping_timeout,
+            )
+            self._terminate("backend connection dead (not reading)", cancel=True)
+            return
         if self._awaiting_ack:
             self.ping_timeouts += 1
             log.warning(
                 "%r: no PING ACK within %.3gs: connection dead", self, self.cfg.ping_timeout
             )
-            self.core.abort("backend connection dead (no PING ACK)")
-            self.retired.set()
-            self._wake_all()
-            if self._scope is not None:
-                self._scope.cancel()
+            self._terminate("backend connection dead (no PING ACK)", cancel=True)
             return
         self._awaiting_ack = True
         self.core.ping()
@@ -257,7 +246,8 @@ class BackendConnection:
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
-                self.wheel.start(self, self.cfg.ping_interval)
+                if self.protocol.multiplexed:  # (HTTP/1.1 has no PING and one stream at most)
+                    self.wheel.start(self, self.cfg.ping_interval)
                 tg.start_soon(self._writer)
                 await self._reader()
                 # Closing: the writer sends what is queued (our GOAWAY) and closes the socket.
@@ -268,32 +258,30 @@ class BackendConnection:
                 tg.cancel_scope.cancel()
         finally:
             self.wheel.discard(self)
-            self.retired.set()
-            self._fail_all()
+            self._terminate("backend connection lost")
             with anyio.CancelScope(shield=True):
                 await self._aclose_transport()
             self.closed.set()
             self.on_capacity(self)
 
     async def _reader(self) -> None:
-        assert self._stream is not None
-        receive = self._stream.receive
-        core = self.h2core
+        assert self._transport is not None
+        receive = self._transport.receive
         while True:
-            try:
-                data = await receive(65536)
-            except NETWORK_ERRORS:
-                data = b""
-            up = core.receive_data(data)
-            if self._dispatch(up, alive=bool(data)):
+            up, alive = await receive()
+            if self._dispatch(up, alive=alive):
                 return
 
     def _dispatch(self, up: Update, *, alive: bool) -> bool:
         """Wake the exchanges the update concerns; True once the connection is finished."""
         core = self.core
-        if alive:  # any frame proves the peer alive: the next PING is ping_interval away
-            self._awaiting_ack = False
-            self.wheel.start(self, self.cfg.ping_interval)
+        if alive:  # (never for a protocol without PING: see PacedStreamTransport)
+            # Any frame proves the peer alive (the next PING is ping_interval away) — unless
+            # it does not read what we send: then only draining proves anything.
+            since = self.send_since
+            if since is None or self.wheel.now - since < self.stall_after:
+                self._awaiting_ack = False
+                self.wheel.start(self, self.cfg.ping_interval)
         news = self.news
         for st in up.streams:
             sig = news.get(st.stream_id)
@@ -307,6 +295,8 @@ class BackendConnection:
                 sig.set()
         self.schedule_flush()
         if up.goaway or up.closed:
+            if up.closed:
+                self._never_sent(up.streams)
             if not self.retired.is_set():
                 log.info("%r retiring: %s", self, core.close_reason or "GOAWAY received")
             self.retired.set()
@@ -319,32 +309,55 @@ class BackendConnection:
         return False
 
     async def _writer(self) -> None:
-        assert self._stream is not None
-        send = self._stream.send
-        core = self.h2core
+        assert self._transport is not None
+        transport = self._transport
+        flush = transport.flush
+        core = self.core
+        wheel = self.wheel
         try:
             while True:
                 await self._flush.wait()
-                data = core.data_to_send()
-                if data:
-                    try:
-                        await send(data)
-                    except NETWORK_ERRORS:
-                        core.abort("backend connection lost")  # fail every stream
-                        self.retired.set()
-                        self._wake_all()
-                        return
+                self.handed = self.last_opened  # what flush() takes from the core from here
+                since = self.send_since = wheel.now
+                try:
+                    opened = await flush()
+                except NETWORK_ERRORS:  # (the reader may be paused: it is cancelled too)
+                    self._terminate("backend connection lost", cancel=True)
+                    return
+                self.send_since = None
+                if opened and self.blocked:  # senders waiting for room in the write buffer
+                    for sig in list(self.blocked.values()):
+                        sig.set()
+                if wheel.now - since >= self.stall_after and self.protocol.multiplexed:
+                    # Drained after a stall: the peer reads, so it is alive (frames it sent
+                    # meanwhile were not counted), and the connection takes streams again.
+                    self._awaiting_ack = False
+                    wheel.start(self, self.cfg.ping_interval)
+                    self.on_capacity(self)
                 if core.closed:
                     # Our GOAWAY is out (or the peer is gone): closing the socket ends the reader.
-                    await self._stream.aclose()
+                    await transport.aclose()
                     return
         finally:
             self._writer_done.set()
 
-    def _fail_all(self) -> None:
-        if not self.core.closed:
-            self.core.abort("backend connection lost")
+    def _terminate(self, reason: str, *, cancel: bool = False) -> None:
+        """The connection is dead: fail every stream (those never sent as refused)."""
+        core = self.core
+        if not core.closed:
+            self._never_sent(core.abort(reason).streams)
+        self.retired.set()
         self._wake_all()
+        if cancel and self._scope is not None:
+            self._scope.cancel()
+
+    def _never_sent(self, streams: Iterable[StreamState]) -> None:
+        """Streams whose bytes never left the core were provably not processed: replayable."""
+        handed = self.handed
+        for st in streams:
+            if st.stream_id > handed and st.headers is None and not st.ended:
+                st.refused = True
+                st.error = "backend connection lost before the request was sent"
 
     def _wake_all(self) -> None:
         for sig in list(self.news.values()):
@@ -360,6 +373,7 @@ class BackendConnection:
 
     def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> StreamState:
         st = self.core.open_stream(headers, end_stream)
+        self.last_opened = st.stream_id
         self.streams_opened += 1
         self.schedule_flush()
         if self.core.draining and not self.retired.is_set():
@@ -380,6 +394,7 @@ class BackendConnection:
             resets_received=core.resets_received,
             refused_received=core.refused_received,
             ping_timeouts=self.ping_timeouts,
+            write_stalls=self.write_stalls,
         )
 
     async def send_body(self, sid: int, data: bytes, window: Signal) -> bool:
@@ -422,7 +437,11 @@ class BackendConnection:
         self.on_capacity(self)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+# NETWORK_ERRORS lives in .transport; the rest of the I/O layer has always taken it from here.
+__all__ = [
+    "NETWORK_ERRORS",
+    "BackendConnection",
+    "ConnectionStatistics",
+    "Signal",
+    "Waker",
+]

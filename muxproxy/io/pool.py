@@ -24,8 +24,8 @@ from ..config import Address, ClusterConfig
 from ..core.relay import StreamState
 from ..core.scheduler import ConnView, Scheduler, Slots, should_grow
 from ..errors import BackendUnavailable, NoExtendedConnect
-from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
-from .quic import QuicBackendConnection
+from .backend import BackendConnection, ConnectionStatistics, Signal
+from .protocols import PROTOCOLS
 from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.pool")
@@ -94,10 +94,8 @@ class ClusterPool:
     def __init__(self, cfg: ClusterConfig, wheel: TimerWheel) -> None:
         self.cfg = cfg
         self.wheel = wheel
-        self.tls = client_tls_context(cfg) if cfg.protocol == "h2" else None
-        self._connection_class: type[BackendConnection] = (
-            QuicBackendConnection if cfg.protocol == "h3" else BackendConnection
-        )
+        self.protocol = PROTOCOLS[cfg.protocol]
+        self.tls = self.protocol.tls_context(cfg)
         self.backends = [_Backend(a) for a in cfg.backends]
         self.scheduler = Scheduler(cfg.balance)
         self._pending: deque[_Pending] = deque()
@@ -130,8 +128,13 @@ class ClusterPool:
             if not counted:
                 b.connecting += 1
                 counted = True
-            conn = self._connection_class(
-                b.address, self.cfg, tls=self.tls, on_capacity=self._on_capacity, wheel=self.wheel
+            conn = BackendConnection(
+                b.address,
+                self.cfg,
+                self.protocol,
+                tls=self.tls,
+                on_capacity=self._on_capacity,
+                wheel=self.wheel,
             )
             try:
                 await conn.connect()

@@ -29,7 +29,7 @@ from ..core.frontend_h11 import ClientSession, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2
 from ..core.relay import StreamState
 from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
-from ..errors import BackendError, ClientError, NoExtendedConnect
+from ..errors import BackendError, BackendUnavailable, ClientError, NoExtendedConnect
 from .backend import NETWORK_ERRORS, BackendConnection, Signal
 from .detached import DetachedTunnel
 from .exchange import ClientGone, Exchange
@@ -73,6 +73,10 @@ class Tunnel(Exchange):
         if head.has_body:
             raise ClientError("a WebSocket upgrade request cannot carry a body")
         self.key = check_handshake(head.method, head.http_version, head.headers)
+        if not self.pool.protocol.multiplexed:  # http1: each WebSocket has its own connection
+            self._reserve_dedicated()
+            await self._fallback_http1()
+            return
         try:
             await super()._forward()
         except NoExtendedConnect:
@@ -199,6 +203,16 @@ class Tunnel(Exchange):
             await news.wait()
 
     # --- the HTTP/1.1 fallback --------------------------------------------------------------
+
+    def _reserve_dedicated(self) -> None:
+        """On an http1 cluster, dedicated Upgrade connections count against max_connections
+        (per backend, with the pooled ones): 503 when the budget is spent."""
+        pool, cap = self.pool, self.cfg.max_connections
+        if cap is None:
+            return
+        pooled = sum(len(b.conns) + len(b.draining) for b in pool.backends)
+        if pooled + pool.counters["websocket_fallback_http1_open"] >= cap * len(pool.backends):
+            raise BackendUnavailable("max_connections reached: no connection for a WebSocket")
 
     async def _fallback_http1(self) -> None:
         """A dedicated HTTP/1.1 connection for this WebSocket (backend lacks RFC 8441)."""

@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 
 from muxproxy.config import Address, loads
-from muxproxy.io.h1client import H1Client
-from muxproxy.io.h2server import H2Origin, Handler
+from muxproxy.demo.h1client import H1Client
+from muxproxy.demo.h2server import H2Origin, Handler
 from muxproxy.io.server import Proxy
 
 

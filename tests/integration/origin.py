@@ -8,7 +8,7 @@ import json
 import anyio
 import h2.errors
 
-from muxproxy.io.h2server import OriginRequest
+from muxproxy.demo.h2server import OriginRequest
 
 CHUNK = 16 * 1024
 

@@ -7,7 +7,7 @@ import json
 import anyio
 import pytest
 
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 
 from .harness import running, wait_for
 from .origin import Script

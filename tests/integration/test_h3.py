@@ -9,7 +9,7 @@ import anyio
 import pytest
 import trustme
 
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 
 from .h3origin import H3Origin
 from .harness import running, wait_for
@@ -174,7 +174,7 @@ async def test_h3_slow_reader_is_capped_then_reset(
             slow = await anyio.connect_tcp(h.addr.host, h.addr.port)
             await slow.send(f"GET /big?{size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
             await wait_for(lambda: h.pool().backends[0].conns
-                           and h.pool().backends[0].conns[0].h3core.slow_client_resets == 1,
+                           and h.pool().backends[0].conns[0].core.slow_client_resets == 1,
                            limit=30)
             received = 0
             with anyio.fail_after(30):

@@ -18,8 +18,8 @@ import pytest
 
 from muxproxy.config import loads
 from muxproxy.core.frontend_h11 import ClientSession, RequestHead
+from muxproxy.demo.h2server import H2Origin, OriginRequest
 from muxproxy.errors import ClientError
-from muxproxy.io.h2server import H2Origin, OriginRequest
 from muxproxy.io.server import Proxy
 from tests.corpus import Case, load, reference
 from tests.corpus.te_matrix import BODY, matrix

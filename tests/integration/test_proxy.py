@@ -9,7 +9,7 @@ import anyio
 import h11
 import pytest
 
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 
 from .harness import running, wait_for
 from .origin import Script, pattern

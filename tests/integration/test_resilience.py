@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from muxproxy.core.h2wire import MAX_STREAM_ID, STREAM_ID_RESERVE
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h2server import H2Origin
 
 from .harness import running, unacknowledged, wait_for
 from .origin import Script

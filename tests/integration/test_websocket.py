@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from muxproxy.config import Duration
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 
 from .harness import running, unacknowledged, wait_for
 from .origin import pattern

@@ -16,7 +16,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from muxproxy.io.h2server import OriginRequest
+from muxproxy.demo.h2server import OriginRequest
 
 from .origin import Script
 

@@ -24,7 +24,7 @@ import h2.exceptions
 import h2.settings
 from anyio.streams.tls import TLSListener
 
-from .backend import NETWORK_ERRORS
+from ..io.transport import NETWORK_ERRORS
 
 log = logging.getLogger("muxproxy.h2server")
 
