@@ -67,12 +67,12 @@ async def test_read_ahead_is_bounded() -> None:
         total = 16 * 1024 * 1024
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.send, b"x" * total)
-            await wait_for(lambda: server._proto.paused)
-            assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+            await wait_for(lambda: server.read_paused)
+            assert server.buffered <= READ_AHEAD + 256 * 1024
             got = 0
             while got < total:
                 got += len(await server.receive(65536))
-                assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+                assert server.buffered <= READ_AHEAD + 256 * 1024
         assert got == total
 
 

@@ -378,7 +378,7 @@ async def test_websocket_client_that_stops_reading_holds_one_window_then_is_drop
                 held = sum(len(d) for st in conn.core.streams.values() for d, _ in st.chunks)
                 for c in h.proxy.clients:
                     if c.detached is not None:
-                        held += c.detached.stream._transport.get_write_buffer_size()
+                        held += c.detached.stream.write_buffer_size()
                 assert held <= window + 16384
                 await anyio.sleep(0.005)  # polling a condition, bounded by fail_after
         await wait_for(lambda: script.live == 0 and not h.proxy.clients)
