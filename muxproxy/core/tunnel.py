@@ -40,7 +40,8 @@ The rules, decided here and nowhere else:
   and the client closed once what was written to it is out (or aborted ``send_timeout`` later).
 
 An idle WebSocket is most of what an edge proxy holds, so the object is slotted and small (two
-frame watchers, a few fields); actions are small frozen records, compared by value in tests.
+frame watchers, a few fields).  Actions are small slotted records, compared by value in tests
+(not frozen: a frozen dataclass costs twice as much to build, on every message).
 """
 
 from __future__ import annotations
@@ -54,19 +55,19 @@ from .websocket import FrameWatcher
 # --- actions ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendToBackend:
     """Send ``data`` on the backend stream (it fits the window last offered)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndBackend:
     """End the backend stream in the proxy's direction (END_STREAM; FIN for a socket)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResetBackend:
     """The tunnel is done with the backend stream: reset it with the protocol's CANCEL code
     (RST_STREAM(CANCEL), H3_REQUEST_CANCELLED; a socket is closed) unless it is closed both
@@ -75,28 +76,28 @@ class ResetBackend:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteToClient:
     """Write ``data`` to the client, then report ``client_drained`` or ``client_stalled``."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CreditBackend:
     """``amount`` bytes of the stream's DATA were written to the client: acknowledge them."""
 
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseClient:
     """Close the client connection; ``abort`` when bytes written to it are still unsent."""
 
     abort: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ArmDeadline:
     """Call :meth:`TunnelCore.tick` at ``when`` (replacing any earlier deadline)."""
 
@@ -190,11 +191,12 @@ class TunnelCore:
 
     def client_data(self, data: bytes, now: float) -> list[Action]:
         """Bytes from the client; they go out through :meth:`window_opened`."""
-        if self._state & (_CLOSING | _CLOSED):
-            return []
-        self._up.feed(data)
-        self._pending += data
-        return self._touch(now)
+        out: list[Action] = []
+        if not self._state & (_CLOSING | _CLOSED):
+            self._up.feed(data)
+            self._pending += data
+            self._touch(now, out)
+        return out
 
     def window_opened(self, window: int, now: float) -> list[Action]:
         """``window`` bytes may be sent on the stream now."""
@@ -205,39 +207,40 @@ class TunnelCore:
         out: list[Action] = [SendToBackend(pending[:window] if window < len(pending) else pending)]
         if not self._pending:
             if self._state & _EOF:
-                out += self._eof(now)
+                self._eof(now, out)
             elif self._up.closed and self._down.closed:
-                out += self._finish(CLOSED_NORMALLY, now)
+                self._finish(CLOSED_NORMALLY, now, out)
         return out
 
     def client_eof(self, now: float) -> list[Action]:
         """The client half-closed its connection."""
-        if self._state & (_EOF | _CLOSING | _CLOSED):
-            return []
-        self._state |= _EOF
-        if self._pending:
-            return []  # acted on once the pending bytes are out
-        return self._eof(now)
+        out: list[Action] = []
+        if not self._state & (_EOF | _CLOSING | _CLOSED):
+            self._state |= _EOF
+            if not self._pending:  # else acted on once the pending bytes are out
+                self._eof(now, out)
+        return out
 
     def client_gone(self, now: float) -> list[Action]:
         """The client connection was lost (reset, or an error writing to it)."""
+        out: list[Action] = []
         state = self._state
         self._state = state | _LOST
-        if state & _CLOSED:
-            return []
         if state & _CLOSING:
-            return self._closed(abort=False)
-        return self._finish(CLIENT_GONE, now)
+            self._closed(False, out)
+        elif not state & _CLOSED:
+            self._finish(CLIENT_GONE, now, out)
+        return out
 
     def client_drained(self, now: float) -> list[Action]:
         """What was written to the client went out: its credit goes back."""
+        out: list[Action] = []
         state = self._state
         self._state = state & ~(_WRITING | _STALLED)
-        if state & _CLOSED:
-            return []
-        if state & _CLOSING:
-            return self._closed(abort=False)
-        out: list[Action] = []
+        if state & (_CLOSING | _CLOSED):
+            if state & _CLOSING:
+                self._closed(False, out)
+            return out
         if state & _STALLED:
             self.deadline = now + self.idle_timeout
             out.append(ArmDeadline(self.deadline))
@@ -257,8 +260,58 @@ class TunnelCore:
 
     def backend_data(self, chunks: Iterable[tuple[bytes, int]], now: float) -> list[Action]:
         """DATA from the backend: ``(bytes, flow-control length)`` pairs, in order."""
+        out: list[Action] = []
+        if not self._state & (_CLOSING | _CLOSED):
+            self._backend_data(chunks, now, out)
+        return out
+
+    def backend_end(self, now: float) -> list[Action]:
+        """The backend ended the stream."""
+        return self._finish(CLOSED_NORMALLY, now, [])
+
+    def backend_reset(self, now: float) -> list[Action]:
+        """The backend reset the stream, or its connection was lost."""
+        return self._finish(BACKEND_RESET, now, [])
+
+    def stream_news(self, st: StreamState, now: float) -> list[Action]:
+        """What a backend connection's reader left on ``st``: its chunks (taken), then its end
+        or reset."""
+        out: list[Action] = []
         if self._state & (_CLOSING | _CLOSED):
-            return []
+            return out
+        chunks = st.chunks
+        if chunks:
+            self._backend_data(chunks, now, out)
+            chunks.clear()
+        if st.ended:
+            self._finish(CLOSED_NORMALLY, now, out)
+        elif st.reset_code is not None:
+            self._finish(BACKEND_RESET, now, out)
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """The armed deadline may have passed."""
+        out: list[Action] = []
+        state = self._state
+        if state & _CLOSED:
+            pass
+        elif now < self.deadline:
+            out.append(ArmDeadline(self.deadline))
+        elif state & _CLOSING:
+            self._closed(True, out)  # a client that never took its last bytes
+        else:
+            self._finish(SEND_TIMEOUT if state & _STALLED else IDLE, now, out)
+        return out
+
+    def close(self, now: float, reason: str = DRAINING) -> list[Action]:
+        """The proxy ends the tunnel (a shutdown's grace period is over)."""
+        return self._finish(reason, now, [])
+
+    # --- internals: each appends its actions to ``out`` ---------------------------------------
+
+    def _backend_data(
+        self, chunks: Iterable[tuple[bytes, int]], now: float, out: list[Action]
+    ) -> None:
         parts = []
         credit = 0
         feed = self._down.feed
@@ -267,9 +320,8 @@ class TunnelCore:
             if data:
                 parts.append(data)
                 feed(data)
-        out: list[Action] = []
         if parts:
-            out += self._touch(now)
+            self._touch(now, out)
             out.append(WriteToClient(b"".join(parts) if len(parts) > 1 else parts[0]))
             self._state |= _WRITING
         self._unacked += credit
@@ -277,70 +329,28 @@ class TunnelCore:
             out.append(CreditBackend(self._unacked))  # nothing to write: acknowledge now
             self._unacked = 0
         if self._up.closed and self._down.closed and not self._pending:
-            out += self._finish(CLOSED_NORMALLY, now)
-        return out
+            self._finish(CLOSED_NORMALLY, now, out)
 
-    def backend_end(self, now: float) -> list[Action]:
-        """The backend ended the stream."""
-        return self._finish(CLOSED_NORMALLY, now)
-
-    def backend_reset(self, now: float) -> list[Action]:
-        """The backend reset the stream, or its connection was lost."""
-        return self._finish(BACKEND_RESET, now)
-
-    def stream_news(self, st: StreamState, now: float) -> list[Action]:
-        """What a backend connection's reader left on ``st``: its chunks (taken), then its end
-        or reset."""
-        if self._state & (_CLOSING | _CLOSED):
-            return []
-        out: list[Action] = []
-        if st.chunks:
-            out = self.backend_data(st.chunks, now)
-            st.chunks.clear()
-        if st.ended:
-            out += self.backend_end(now)
-        elif st.reset_code is not None:
-            out += self.backend_reset(now)
-        return out
-
-    def tick(self, now: float) -> list[Action]:
-        """The armed deadline may have passed."""
-        state = self._state
-        if state & _CLOSED:
-            return []
-        if now < self.deadline:
-            return [ArmDeadline(self.deadline)]
-        if state & _CLOSING:
-            return self._closed(abort=True)  # a client that never took its last bytes
-        return self._finish(SEND_TIMEOUT if state & _STALLED else IDLE, now)
-
-    def close(self, now: float, reason: str = DRAINING) -> list[Action]:
-        """The proxy ends the tunnel (a shutdown's grace period is over)."""
-        return self._finish(reason, now)
-
-    # --- internals -----------------------------------------------------------------------
-
-    def _touch(self, now: float) -> list[Action]:
+    def _touch(self, now: float, out: list[Action]) -> None:
         """Activity moves the idle deadline, unless a send deadline runs (a client that sends
         but never reads is dropped at send_timeout all the same)."""
-        if self._state & _STALLED:
-            return []
-        self.deadline = now + self.idle_timeout
-        return [ArmDeadline(self.deadline)]
+        if not self._state & _STALLED:
+            self.deadline = now + self.idle_timeout
+            out.append(ArmDeadline(self.deadline))
 
-    def _eof(self, now: float) -> list[Action]:
+    def _eof(self, now: float, out: list[Action]) -> None:
         if self._up.closed:
             self._state |= _ENDED
-            return [END_BACKEND]  # half-close after the close frame; the answer still comes
-        return self._finish(CLIENT_GONE, now)  # vanished without a close handshake
+            out.append(END_BACKEND)  # half-close after the close frame; the answer still comes
+        else:
+            self._finish(CLIENT_GONE, now, out)  # vanished without a close handshake
 
-    def _finish(self, reason: str, now: float) -> list[Action]:
+    def _finish(self, reason: str, now: float, out: list[Action]) -> list[Action]:
         state = self._state
         if state & (_CLOSING | _CLOSED):
-            return []
+            return out
         self.reason = reason
         self._pending = b""
-        out: list[Action] = []
         if self._unacked:
             out.append(CreditBackend(self._unacked))
             self._unacked = 0
@@ -349,12 +359,13 @@ class TunnelCore:
             self._state = state | _CLOSING  # the client is closed once its bytes are out
             self.deadline = now + self.send_timeout
             out.append(ArmDeadline(self.deadline))
-            return out
-        return out + self._closed(abort=False)
+        else:
+            self._closed(False, out)
+        return out
 
-    def _closed(self, *, abort: bool) -> list[Action]:
+    def _closed(self, abort: bool, out: list[Action]) -> None:
         self._state = (self._state & ~_CLOSING) | _CLOSED
-        return [CloseClient(abort=True) if abort else CLOSE_CLIENT]
+        out.append(CloseClient(abort=True) if abort else CLOSE_CLIENT)
 
 
 __all__ = [

@@ -118,7 +118,8 @@ class DetachedTunnel:
         core = self.core
         if core.finished:
             return
-        self._offer_window()
+        if core.wants_window:
+            self._offer_window()
         self._run(core.stream_news(self.st, self.wheel.now))
 
     def on_deadline(self) -> None:
@@ -151,35 +152,33 @@ class DetachedTunnel:
         flush = False
         report = None
         for action in actions:
-            match action:
-                case ArmDeadline(when):
-                    self.wheel.set(self, when)
-                case SendToBackend(data):
-                    conn.core.send_data(sid, data)
-                    flush = True
-                case WriteToClient(data):
-                    core = self.core
-                    try:
-                        drained = self.stream.write_nowait(data)
-                    except _WRITE_ERRORS:
-                        report = core.client_gone
-                    else:
-                        report = core.client_drained if drained else core.client_stalled
-                case CreditBackend(amount):
-                    conn.core.consumed(sid, amount)
-                    flush = True
-                case EndBackend():
-                    conn.core.end_stream(sid)
-                    flush = True
-                case ResetBackend(reason):
-                    if reason == SEND_TIMEOUT:
-                        log.info(
-                            "WebSocket client read nothing for %.3gs: closing",
-                            self.core.send_timeout,
-                        )
-                    conn.release(self.st)  # resets the stream if it is still open
-                case CloseClient():
-                    self._close()
+            if type(action) is ArmDeadline:
+                self.wheel.set(self, action.when)
+            elif type(action) is SendToBackend:
+                conn.core.send_data(sid, action.data)
+                flush = True
+            elif type(action) is WriteToClient:
+                core = self.core
+                try:
+                    drained = self.stream.write_nowait(action.data)
+                except _WRITE_ERRORS:
+                    report = core.client_gone
+                else:
+                    report = core.client_drained if drained else core.client_stalled
+            elif type(action) is CreditBackend:
+                conn.core.consumed(sid, action.amount)
+                flush = True
+            elif type(action) is EndBackend:
+                conn.core.end_stream(sid)
+                flush = True
+            elif type(action) is ResetBackend:
+                if action.reason == SEND_TIMEOUT:
+                    log.info(
+                        "WebSocket client read nothing for %.3gs: closing", self.core.send_timeout
+                    )
+                conn.release(self.st)  # resets the stream if it is still open
+            elif type(action) is CloseClient:
+                self._close()
         if flush:
             conn.schedule_flush()
         if report is not None:  # once the actions are carried out, in order

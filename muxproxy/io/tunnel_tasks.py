@@ -234,43 +234,41 @@ class TaskTunnel:
         core = self.core
         report = None
         for action in actions:
-            match action:
-                case WriteToClient(data):
-                    try:
-                        await self.client.send(data)
-                    except ClientGone:
-                        report = core.client_gone
-                    else:
-                        report = core.client_drained
-                case SendToBackend(data):
-                    try:
-                        await self.port.send(data)
-                    except NETWORK_ERRORS:
-                        report = core.backend_reset
-                case EndBackend():
-                    try:
-                        await self.port.end()
-                    except NETWORK_ERRORS:
-                        report = core.backend_reset
-                case _:
-                    self._apply(action)
+            if type(action) is WriteToClient:
+                try:
+                    await self.client.send(action.data)
+                except ClientGone:
+                    report = core.client_gone
+                else:
+                    report = core.client_drained
+            elif type(action) is SendToBackend:
+                try:
+                    await self.port.send(action.data)
+                except NETWORK_ERRORS:
+                    report = core.backend_reset
+            elif type(action) is EndBackend:
+                try:
+                    await self.port.end()
+                except NETWORK_ERRORS:
+                    report = core.backend_reset
+            else:
+                self._apply(action)
         if report is not None:  # once the actions are carried out, in order
             await self._run(report(self.wheel.now))
 
     def _apply(self, action: Action) -> None:
         """The actions that never wait (all that a tick, a loss or a reset can give)."""
-        match action:
-            case ArmDeadline(when):
-                self.wheel.set(self, when)
-            case CreditBackend(amount):
-                self.port.credit(amount)
-            case ResetBackend():
-                self.port.reset()
-            case CloseClient():
-                if self._scope is not None:
-                    self._scope.cancel()
-            case _:
-                raise AssertionError(f"{action!r} needs the task path")
+        if type(action) is ArmDeadline:
+            self.wheel.set(self, action.when)
+        elif type(action) is CreditBackend:
+            self.port.credit(action.amount)
+        elif type(action) is ResetBackend:
+            self.port.reset()
+        elif type(action) is CloseClient:
+            if self._scope is not None:
+                self._scope.cancel()
+        else:
+            raise AssertionError(f"{action!r} needs the task path")
 
 
 async def relay_socket(
