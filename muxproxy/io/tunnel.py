@@ -18,8 +18,8 @@ bytes: :class:`~muxproxy.io.detached.DetachedTunnel` (callbacks, asyncio with a 
 client) or :class:`~muxproxy.io.tunnel_tasks.TaskTunnel` (two tasks: trio, TLS clients).
 
 When no connected backend supports RFC 8441 and the route allows it, the WebSocket gets a
-dedicated HTTP/1.1 connection instead (counted as ``websocket_fallback_http1``), relayed by
-:func:`~muxproxy.io.tunnel_tasks.relay_socket`.
+dedicated HTTP/1.1 connection instead (counted as ``websocket_fallback_http1``), as it always
+does on an ``http1`` cluster; :func:`~muxproxy.io.tunnel_tasks.relay_socket` relays it.
 """
 
 from __future__ import annotations
