@@ -14,6 +14,7 @@ __all__ = [
     "BackendTimeout",
     "BackendUnavailable",
     "ClientError",
+    "ClientGone",
     "ConfigError",
     "NoExtendedConnect",
     "ProxyError",
@@ -22,6 +23,10 @@ __all__ = [
 
 class ConfigError(Exception):
     """A configuration problem; ``str(exc)`` is one line naming the key path."""
+
+
+class ClientGone(Exception):
+    """The client vanished (reset, EOF mid-request, or stopped reading past send_timeout)."""
 
 
 class ProxyError(Exception):

@@ -26,16 +26,12 @@ from ..config import RouteConfig
 from ..core.frontend_h11 import Body, RequestHead, ResponseFramingError
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
 from ..core.relay import StreamState
-from ..errors import BackendError, BackendTimeout, ProxyError
+from ..errors import BackendError, BackendTimeout, ClientGone, ProxyError
 from .backend import BackendConnection, Signal
 
 if TYPE_CHECKING:
     from .client import ClientConnection
     from .pool import ClusterPool
-
-
-class ClientGone(Exception):
-    """The client vanished (reset, EOF mid-request, or stopped reading past send_timeout)."""
 
 
 class _Replay(Exception):

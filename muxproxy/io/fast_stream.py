@@ -17,7 +17,13 @@ protocol of its own:
   that stopped reading must not keep its socket forever).
 
 Errors are anyio's (``EndOfStream``, ``BrokenResourceError``, ``ClosedResourceError``), so the
-rest of the proxy cannot tell the two streams apart.  On trio, and for TLS, anyio's own streams
+rest of the proxy cannot tell the two streams apart.
+
+A FastStream can also be handed to callbacks instead of a task (:meth:`FastStream.attach`): a
+:class:`StreamSink` then gets the transport's events as they happen (bytes, EOF, loss, write
+buffer drained), and drives the stream with the non-blocking methods (``write_nowait``,
+``pause_reading``/``resume_reading``, ``close_nowait``).  That is how a WebSocket tunnel on
+asyncio holds no task at all (``muxproxy.io.detached``).  On trio, and for TLS, anyio's own streams
 are used unchanged.  This is the one module of the I/O layer that touches asyncio directly:
 everything here is a fast path taken only when asyncio (or uvloop) runs, with anyio behind it.
 """
@@ -29,7 +35,7 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -37,6 +43,16 @@ import anyio.abc
 log = logging.getLogger("muxproxy.server")
 
 READ_AHEAD = 256 * 1024
+
+
+class StreamSink(Protocol):
+    """What :meth:`FastStream.attach` delivers the transport's events to, as they happen."""
+
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_lost(self) -> None: ...
+    def on_drained(self) -> None:
+        """The write buffer is empty again (only after a write that did not go out at once)."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -51,8 +67,8 @@ class _Protocol(asyncio.Protocol):
         self.reader: asyncio.Future[None] | None = None
         self.writer: asyncio.Future[None] | None = None
         self.write_paused = False
-        # A detached tunnel (muxproxy.io.detached) takes the events directly, with no task.
-        self.sink: Any = None
+        # Set by FastStream.attach: the events go there directly, with no task.
+        self.sink: StreamSink | None = None
 
     def _wake_reader(self) -> None:
         fut = self.reader
@@ -70,7 +86,7 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.sink is not None:
-            self.sink.on_client_data(data)
+            self.sink.on_data(data)
             return
         self.chunks.append(data)
         self.buffered += len(data)
@@ -82,7 +98,7 @@ class _Protocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         if self.sink is not None:
-            self.sink.on_client_eof()
+            self.sink.on_eof()
         self._wake_reader()
         return True  # keep the write side open: a half-closed client still gets its response
 
@@ -92,7 +108,7 @@ class _Protocol(asyncio.Protocol):
         self._wake_reader()
         self._wake_writer()
         if self.sink is not None:
-            self.sink.on_client_lost()
+            self.sink.on_lost()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -278,12 +294,70 @@ class FastStream(anyio.abc.SocketStream):
             pass
 
     async def aclose(self) -> None:
+        self.close_nowait()
+
+    # --- callbacks instead of a task (see StreamSink) ----------------------------------------
+
+    def attach(self, sink: StreamSink | None) -> bytes:
+        """Deliver the transport's events to ``sink`` from now on (None: queue them again for
+        ``receive``).  Returns the bytes received but not yet read, which the sink takes over;
+        an EOF or loss that already happened is not replayed: see :attr:`at_eof` and
+        :attr:`lost`."""
+        proto = self._proto
+        proto.sink = sink
+        if sink is None:
+            return b""
+        queued = b"".join(proto.chunks)
+        proto.chunks.clear()
+        proto.buffered = 0
+        return queued
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer half-closed (sent FIN)."""
+        return self._proto.eof
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (reset, closed or aborted)."""
+        return self._proto.lost
+
+    @property
+    def read_paused(self) -> bool:
+        return self._proto.paused
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and queued for ``receive``."""
+        return self._proto.buffered
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket until :meth:`resume_reading` (idempotent)."""
+        proto = self._proto
+        if not proto.paused:
+            proto.paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again (idempotent; nothing once the connection is lost)."""
+        proto = self._proto
+        if proto.paused and not proto.lost:
+            proto.paused = False
+            self._transport.resume_reading()
+
+    def write_buffer_size(self) -> int:
+        """Bytes written and not yet taken by the kernel."""
+        return self._transport.get_write_buffer_size()
+
+    def close_nowait(self) -> None:
+        """Close now: gracefully when everything written went out, else by aborting (a peer
+        that stopped reading must not keep its socket: nothing to wait for).  Idempotent."""
         if self._closed:
             return
         self._closed = True
         transport = self._transport
         if transport.get_write_buffer_size():
-            transport.abort()  # a client that stopped reading: nothing to wait for
+            transport.abort()
         else:
             transport.close()
         self._proto._wake_reader()

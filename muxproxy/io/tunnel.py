@@ -12,8 +12,14 @@ written to the client.  A tunnel ends when
 * the backend ends or resets the stream: the client connection is closed;
 * nothing moved either way for ``tunnel_idle_timeout``.
 
+These rules are :class:`~muxproxy.core.tunnel.TunnelCore`'s; this module makes the tunnel
+(handshake, extended CONNECT or the fallback below) and hands it to a driver that only moves
+bytes: :class:`~muxproxy.io.detached.DetachedTunnel` (callbacks, asyncio with a plain-TCP
+client) or :class:`~muxproxy.io.tunnel_tasks.TaskTunnel` (two tasks: trio, TLS clients).
+
 When no connected backend supports RFC 8441 and the route allows it, the WebSocket gets a
-dedicated HTTP/1.1 connection instead (counted as ``websocket_fallback_http1``).
+dedicated HTTP/1.1 connection instead (counted as ``websocket_fallback_http1``), as it always
+does on an ``http1`` cluster; :func:`~muxproxy.io.tunnel_tasks.relay_socket` relays it.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ import h11
 from ..core.frontend_h11 import ClientSession, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2
 from ..core.relay import StreamState
-from ..core.websocket import FrameWatcher, check_handshake, connect_head, switching_protocols
+from ..core.websocket import check_handshake, connect_head, switching_protocols
 from ..errors import BackendError, BackendUnavailable, ClientError, NoExtendedConnect
 from .backend import NETWORK_ERRORS, BackendConnection, Signal
 from .detached import DetachedTunnel
-from .exchange import ClientGone, Exchange
+from .exchange import Exchange
 from .fast_stream import FastStream
+from .tunnel_tasks import StreamPort, TaskTunnel, relay_socket
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -51,15 +58,6 @@ class Tunnel(Exchange):
     ) -> None:
         super().__init__(client, head, route, pool)
         self.key = b""
-        self._scope: anyio.CancelScope | None = None
-        self.tunnelling = False
-
-    def on_deadline(self) -> None:
-        if self.tunnelling:  # tunnel_idle_timeout: nothing moved either way
-            if self._scope is not None:
-                self._scope.cancel()
-            return
-        super().on_deadline()
 
     connect_protocol = True
 
@@ -98,6 +96,8 @@ class Tunnel(Exchange):
             self.pool.counters["websockets"] += 1
             client = self.client
             await client.send(switching_protocols(self.key, headers))
+            idle, send_timeout = self.cfg.tunnel_idle_timeout, client.limits.send_timeout
+            first = client.session.detach()  # bytes the client sent right after its handshake
             if isinstance(client.stream, FastStream):
                 # asyncio: callbacks drive the tunnel from here, and this task ends.
                 tunnel = DetachedTunnel(
@@ -105,102 +105,25 @@ class Tunnel(Exchange):
                     conn,
                     st,
                     wheel=client.wheel,
-                    idle_timeout=self.cfg.tunnel_idle_timeout,
-                    send_timeout=client.limits.send_timeout,
+                    idle_timeout=idle,
+                    send_timeout=send_timeout,
                     on_finished=client.forget,
                 )
                 client.detached = tunnel
-                self.tunnelling = True
-                first = client.session.detach()
                 client.session = _SPENT  # the HTTP/1.1 session is over; an idle tunnel is small
                 tunnel.start(first)
                 return
-            await self._relay(conn, st, news)
+            await TaskTunnel(
+                client,
+                StreamPort(conn, st, news),
+                wheel=client.wheel,
+                idle_timeout=idle,
+                send_timeout=send_timeout,
+            ).run(first)
         finally:
-            if self.client.detached is None:  # else the detached tunnel releases it
+            # (unless a tunnel released it: a detached one, or one that ended by its rules)
+            if self.client.detached is None and st.stream_id in conn.news:
                 conn.release(st)
-
-    async def _relay(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
-        self.tunnelling = True
-        wheel = self.client.wheel
-        idle = self.cfg.tunnel_idle_timeout
-        wheel.start(self, idle)
-        up, down = FrameWatcher(), FrameWatcher()
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._upstream, conn, st, news, up, down)
-                await self._downstream(conn, st, news, up, down)
-                tg.cancel_scope.cancel()
-
-    async def _upstream(
-        self,
-        conn: BackendConnection,
-        st: StreamState,
-        news: Signal,
-        up: FrameWatcher,
-        down: FrameWatcher,
-    ) -> None:
-        """Client → backend.  Ends with END_STREAM after a close frame, else RST(CANCEL)."""
-        client, core, sid = self.client, conn.core, st.stream_id
-        window = Signal(conn.loop)
-        data = client.session.detach()  # bytes the client sent right after its handshake
-        try:
-            while True:
-                if not data:
-                    data = await client.receive()
-                    if not data:  # EOF
-                        if up.closed and sid in core.streams:
-                            core.end_stream(sid)  # half-close after the close frame
-                            conn.schedule_flush()
-                            return
-                        break  # vanished without a close handshake
-                client.wheel.start(self, self.cfg.tunnel_idle_timeout)
-                up.feed(data)
-                if not await conn.send_body(sid, data, window):
-                    return
-                data = b""
-                if up.closed and down.closed:
-                    break  # close handshake done both ways: end the stream now
-        except ClientGone:
-            pass
-        self.failure = ClientGone()  # the downstream side ends the stream (RST) and the tunnel
-        news.set()
-
-    async def _downstream(
-        self,
-        conn: BackendConnection,
-        st: StreamState,
-        news: Signal,
-        up: FrameWatcher,
-        down: FrameWatcher,
-    ) -> None:
-        """Backend → client, credit given back once written."""
-        client, core, sid, chunks = self.client, conn.core, st.stream_id, st.chunks
-        while True:
-            finished = st.ended
-            credit = 0
-            out = []
-            for data, n in chunks:
-                credit += n
-                if data:
-                    out.append(data)
-                    down.feed(data)
-            chunks.clear()
-            if out:
-                client.wheel.start(self, self.cfg.tunnel_idle_timeout)
-                try:
-                    await client.send(b"".join(out))
-                finally:
-                    core.consumed(sid, credit)
-                    conn.schedule_flush()
-            elif credit:
-                core.consumed(sid, credit)
-            if finished or st.reset_code is not None or self.failure is not None:
-                return  # release() resets the stream if it is still open
-            if up.closed and down.closed and not chunks:
-                return
-            await news.wait()
 
     # --- the HTTP/1.1 fallback --------------------------------------------------------------
 
@@ -255,10 +178,15 @@ class Tunnel(Exchange):
                 )
             await client.send(_h1_head(response))
             rest, _ = h1.trailing_data
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._splice_to_client, stream, bytes(rest), tg.cancel_scope)
-                await self._splice_to_backend(stream)
-                tg.cancel_scope.cancel()
+            await relay_socket(
+                client,
+                stream,
+                wheel=client.wheel,
+                idle_timeout=self.cfg.tunnel_idle_timeout,
+                send_timeout=client.limits.send_timeout,
+                client_first=client.session.detach(),
+                backend_first=bytes(rest),
+            )
         finally:
             pool.counters["websocket_fallback_http1_open"] -= 1
             with anyio.CancelScope(shield=True):
@@ -277,30 +205,6 @@ class Tunnel(Exchange):
                 if isinstance(ev, h11.InformationalResponse | h11.Response):
                     return ev  # type: ignore[return-value]
                 raise BackendError("backend closed the WebSocket fallback connection")
-
-    async def _splice_to_client(
-        self, stream: anyio.abc.ByteStream, first: bytes, scope: anyio.CancelScope
-    ) -> None:
-        try:
-            if first:
-                await self.client.send(first)
-            while True:
-                await self.client.send(await stream.receive())
-        except (ClientGone, *NETWORK_ERRORS):
-            pass
-        scope.cancel()
-
-    async def _splice_to_backend(self, stream: anyio.abc.ByteStream) -> None:
-        data = self.client.session.detach()
-        try:
-            while True:
-                if data:
-                    await stream.send(data)
-                data = await self.client.receive()
-                if not data:
-                    return
-        except (ClientGone, *NETWORK_ERRORS):
-            return
 
 
 def _h1_head(response: h11.Response | h11.InformationalResponse) -> bytes:

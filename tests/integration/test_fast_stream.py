@@ -67,12 +67,12 @@ async def test_read_ahead_is_bounded() -> None:
         total = 16 * 1024 * 1024
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.send, b"x" * total)
-            await wait_for(lambda: server._proto.paused)
-            assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+            await wait_for(lambda: server.read_paused)
+            assert server.buffered <= READ_AHEAD + 256 * 1024
             got = 0
             while got < total:
                 got += len(await server.receive(65536))
-                assert server._proto.buffered <= READ_AHEAD + 256 * 1024
+                assert server.buffered <= READ_AHEAD + 256 * 1024
         assert got == total
 
 
@@ -110,3 +110,58 @@ async def test_close_does_not_wait_for_a_peer_that_stopped_reading() -> None:
             await server.aclose()
         with pytest.raises(anyio.ClosedResourceError):
             await server.send(b"x")
+
+
+class _Sink:
+    """Records what a FastStream delivers to its sink."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = self.lost = False
+        self.drained = 0
+
+    def on_data(self, data: bytes) -> None:
+        self.data += data
+
+    def on_eof(self) -> None:
+        self.eof = True
+
+    def on_lost(self) -> None:
+        self.lost = True
+
+    def on_drained(self) -> None:
+        self.drained += 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # FastStream exists on asyncio only
+async def test_attach_hands_the_events_to_a_sink() -> None:
+    """The callback interface a detached tunnel uses: queued bytes are handed over, then data,
+    pause/resume, a write that waits for the peer, the drain, EOF, and closing (what pausing
+    holds back is pinned by the WebSocket flood test)."""
+    async with pair() as (server, client):
+        assert isinstance(server, FastStream)
+        await client.send(b"queued")
+        await wait_for(lambda: server.buffered == 6)
+        sink = _Sink()
+        assert server.attach(sink) == b"queued" and server.buffered == 0
+        await client.send(b"live")
+        await wait_for(lambda: sink.data == b"live")
+        server.pause_reading()
+        assert server.read_paused
+        await client.send(b"held")
+        server.resume_reading()
+        assert not server.read_paused
+        await wait_for(lambda: sink.data == b"liveheld")
+        while server.write_nowait(b"x" * 65536):  # until the peer's window is full
+            pass
+        assert server.write_buffer_size() > 0 and sink.drained == 0
+        got = 0
+        while got < 65536 or server.write_buffer_size():
+            got += len(await client.receive(1 << 20))
+        await wait_for(lambda: sink.drained == 1)
+        await client.send_eof()
+        await wait_for(lambda: sink.eof and server.at_eof)
+        server.close_nowait()
+        await wait_for(lambda: sink.lost and server.lost)
+        with pytest.raises(anyio.ClosedResourceError):
+            server.write_nowait(b"x")

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from wsproto.events import CloseConnection
 
 from muxproxy.config import Duration
 from muxproxy.demo.h1client import H1Client
@@ -378,7 +379,7 @@ async def test_websocket_client_that_stops_reading_holds_one_window_then_is_drop
                 held = sum(len(d) for st in conn.core.streams.values() for d, _ in st.chunks)
                 for c in h.proxy.clients:
                     if c.detached is not None:
-                        held += c.detached.stream._transport.get_write_buffer_size()
+                        held += c.detached.stream.write_buffer_size()
                 assert held <= window + 16384
                 await anyio.sleep(0.005)  # polling a condition, bounded by fail_after
         await wait_for(lambda: script.live == 0 and not h.proxy.clients)
@@ -386,3 +387,51 @@ async def test_websocket_client_that_stops_reading_holds_one_window_then_is_drop
         assert unacknowledged(conn) == 0
         assert script.flooded < 64 * 1024 * 1024  # throttled: kernel buffers + one window
         await ws.abort()
+
+
+# --- the same rules on every path (one tunnel core) -------------------------------------------
+
+
+def _path(fallback: bool, script: WSScript) -> dict[str, Any]:
+    if fallback:
+        return {"origin": {"connect_protocol": False, "http1_handler": script.http1},
+                "routes": ws_routes(fallback=True)}
+    return {"origin": {"connect_protocol": True}, "routes": ws_routes()}
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["rfc8441", "http1"])
+async def test_idle_timeout_on_every_path(fallback: bool) -> None:
+    script = WSScript()
+    async with running(script, cluster={"connections": 1, "tunnel_idle_timeout": "300ms"},
+                       **_path(fallback, script)) as h:
+        await wait_for(lambda: h.pool().statistics().connections == 1)  # (RFC 8441 known)
+        ws = await WSClient.connect(h.addr.host, h.addr.port)
+        await ws.send("x")
+        assert await ws.receive() == "x"
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await ws.receive()  # nothing moves: the proxy closes the tunnel
+        await wait_for(lambda: script.live == 0)  # and the backend side with it
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["rfc8441", "http1"])
+async def test_half_close_after_close_frame_still_gets_the_answer(fallback: bool) -> None:
+    """The client sends its close frame and half-closes at once: the backend still gets the
+    close (then the end of the stream) and its answer reaches the client."""
+    script = WSScript()
+    async with running(script, cluster={"connections": 1}, **_path(fallback, script)) as h:
+        await wait_for(lambda: h.pool().statistics().connections == 1)  # (RFC 8441 known)
+        ws = await WSClient.connect(h.addr.host, h.addr.port)
+        await ws.send("x")
+        assert await ws.receive() == "x"
+        await ws.stream.send(ws.ws.send(CloseConnection(code=4003)))
+        await ws.stream.send_eof()
+        with anyio.fail_after(10):
+            codes: list[int] = []
+            while not codes:
+                codes += [ev.code for ev in ws._events() if isinstance(ev, CloseConnection)]
+                if not codes:
+                    await ws._fill()
+        assert codes == [4003]
+        await ws.stream.aclose()
+        await wait_for(lambda: script.live == 0)
+        await wait_for(lambda: h.pool().statistics().streams_open == 0)
