@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from muxproxy.core.scheduler import ConnView, Scheduler, should_grow
+from muxproxy.core.pool_policy import ConnView, Scheduler, should_grow
 
 V = ConnView
 FULL = V(0, 10)
