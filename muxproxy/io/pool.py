@@ -16,6 +16,7 @@ finish, and closes by a deadline).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -204,14 +205,14 @@ class ClusterPool:
             core.close()  # GOAWAY (h2) / CONNECTION_CLOSE (h3); the writer then closes
             conn.schedule_flush()
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float = math.inf) -> None:
         """Stop taking streams and close the pool, gracefully within ``timeout`` seconds.
 
         New :meth:`open_stream` calls get 503 at once; requests already queued are still
         served; in-flight streams and tunnels finish; each connection closes when its last
         stream ends; at the deadline whatever is left is closed (its streams fail) and the
         pool's tasks end (:meth:`run` returns).  Reload calls it on a changed or removed
-        cluster's old pool.
+        cluster's old pool (it may instead bound the wait itself and cancel :meth:`run`).
         """
         self._closing = True
         with anyio.move_on_after(timeout) as scope:
