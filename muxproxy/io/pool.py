@@ -233,6 +233,7 @@ class ClusterPool:
         """Keep one connection slot filled (``permanent``), or fill it once (growth).
         The caller has already counted this slot in ``b.connecting``."""
         attempt = 0  # consecutive failures of this slot: its reconnect backoff
+        idle_closes = 0  # consecutive idle closes of connections that carried nothing
         counted = True  # this slot is in b.connecting: requests queue for it rather than fail
         try:
             while not (self._closing or b.health.removed):
@@ -290,9 +291,14 @@ class ClusterPool:
                 core = conn.core
                 if core.closed and core.goaway_last_stream_id is None:
                     if conn.streams_lost_at_close == 0:
-                        # An idle connection closed by the peer (its idle timeout): routine.
+                        # An idle connection closed by the peer (its idle timeout): routine,
+                        # not a failure.  Reopened at once, unless it keeps happening to
+                        # connections that never carried a stream: then with backoff.
                         log.info("%r: backend closed the idle connection (%s); reopening",
                                  conn, core.close_reason)
+                        idle_closes = 0 if conn.streams_opened else idle_closes + 1
+                        if idle_closes > 1:
+                            await anyio.sleep(retry_delay(idle_closes - 1, self.rand))
                         continue
                     # Died rather than drained: count it towards ejection, do not hammer it,
                     # and let requests queue for the replacement meanwhile.
