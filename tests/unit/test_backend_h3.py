@@ -17,7 +17,7 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, e
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from muxproxy.core.backend_h3 import H3Backend
+from muxproxy.core.backend_h3 import ControlStreamWatcher, H3Backend
 from muxproxy.core.relay import StreamState, Update
 
 CLIENT = ("127.0.0.1", 40000)
@@ -239,3 +239,37 @@ def test_slow_client_cap_resets_after_grace(tmp_path: Path) -> None:
     up = p.core.handle_timer(p.now)
     assert st.reset_code is not None and st in up.streams
     assert p.core.slow_client_resets == 1
+
+
+def _control(*frames: bytes) -> bytes:
+    return encode_uint_var(0x00) + b"".join(frames)  # stream type 0: control
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return encode_frame(kind, payload)
+
+
+GOAWAY_8 = _frame(FrameType.GOAWAY, encode_uint_var(8))
+SETTINGS = _frame(FrameType.SETTINGS, encode_uint_var(0x6) + encode_uint_var(1000))
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "data", "goaway"),
+    [
+        (3, _control(SETTINGS, GOAWAY_8), 8),
+        (3, _control(SETTINGS), None),
+        (7, _control(GOAWAY_8), 8),  # any server-initiated unidirectional stream
+        (0, _control(GOAWAY_8), None),  # a request stream: not the control stream
+        (2, _control(GOAWAY_8), None),  # client-initiated unidirectional: ours
+        (3, encode_uint_var(0x02) + GOAWAY_8, None),  # a QPACK encoder stream, not control
+        (3, _control(GOAWAY_8, _frame(FrameType.GOAWAY, encode_uint_var(4))), 4),  # lower wins
+        (3, _control(GOAWAY_8, _frame(FrameType.GOAWAY, encode_uint_var(12))), 8),  # never up
+        (3, _control(_frame(0x21, b"reserved"), GOAWAY_8), 8),  # unknown frames skipped
+    ],
+)
+def test_control_stream_watcher(stream_id: int, data: bytes, goaway: int | None) -> None:
+    for split in range(len(data) + 1):  # the bytes may arrive cut anywhere
+        w = ControlStreamWatcher()
+        w.feed(stream_id, data[:split])
+        w.feed(stream_id, data[split:])
+        assert w.goaway_stream_id == goaway, split
