@@ -326,15 +326,19 @@ class H3Backend:
         up.streams.append(st)
 
     def _goaway(self, last: int, up: Update) -> None:
-        """RFC 9114 §5.2: streams with an id ≥ ``last`` were not and will not be processed."""
+        """RFC 9114 §5.2: streams with an id ≥ ``last`` were not and will not be processed.
+
+        A stream above the id that already has its response head contradicts the GOAWAY (a
+        backend that chose the id from the streams it finished, not those it began): it is
+        being answered, so it is left to finish rather than cut — and never replayed."""
         self.goaway_last_stream_id = last
         up.goaway = True
         up.capacity_changed = True
         for sid, st in list(self.streams.items()):
-            if sid >= last:
-                del self.streams[sid]
+            if sid >= last and st.headers is None:
+                self.reset_stream(sid, REQUEST_REJECTED)
                 st.reset_code = REQUEST_REJECTED
-                st.refused = st.headers is None
+                st.refused = True
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
 

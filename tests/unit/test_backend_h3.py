@@ -163,6 +163,23 @@ def test_goaway_first_refuses_streams_at_or_above_its_id(pair: Pair) -> None:
     assert a.ended and not a.refused
 
 
+def test_goaway_below_a_stream_already_answered_lets_it_finish(pair: Pair) -> None:
+    """A GOAWAY id below a stream whose response head arrived contradicts itself: that stream
+    is being answered, so it is relayed to the end, not cut (and not replayed)."""
+    a, b = pair.request(), pair.request()
+    pair.pump()
+    assert pair.h3 is not None
+    pair.h3.send_headers(b.stream_id, [(b":status", b"200")])
+    pair.pump()
+    pair.goaway(a.stream_id)
+    pair.pump()
+    assert a.refused
+    assert b.reset_code is None and not b.refused
+    pair.h3.send_data(b.stream_id, b"rest", end_stream=True)
+    pair.pump()
+    assert b.ended and b"".join(d for d, _ in b.chunks) == b"rest"
+
+
 def test_close_after_goaway_still_refuses_the_rejected(pair: Pair) -> None:
     """The GOAWAY and the close arrive together: streams above the id are still refused,
     the one below (not answered) is a plain failure."""
