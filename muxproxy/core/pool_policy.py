@@ -196,9 +196,25 @@ class Health:
     checks_ok: bool = True  # the last active health check passed (or none is configured)
     removed: bool = False  # no longer in the cluster's backend set: draining
     down_log: RateLimit = field(default_factory=lambda: RateLimit(DOWN_LOG_EVERY))
+    # usable(now) is ``now >= open_at``: one comparison on the pick's path.  Kept in step by
+    # the methods below; change the three fields above only through them.
+    open_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._update()
+
+    def _update(self) -> None:
+        self.open_at = (
+            self.ejected_until if self.checks_ok and not self.removed else float("inf")
+        )
 
     def usable(self, now: float) -> bool:
-        return self.checks_ok and not self.removed and now >= self.ejected_until
+        return now >= self.open_at
+
+    def remove(self) -> None:
+        """The backend left the cluster's backend set: no new streams, ever."""
+        self.removed = True
+        self._update()
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -230,18 +246,21 @@ class Health:
         if self.failures >= eject_after and backends > 1:
             eject = ejection_pause(self.failures)
             self.ejected_until = now + eject
+            self._update()
         return FailureDecision(went_down, still, eject, retry_delay(self.failures, rand))
 
     def connected(self) -> int:
         """A connection came up.  Returns the failures it ends (> 0: log "reachable again")."""
         ended, self.failures = self.failures, 0
         self.ejected_until = 0.0
+        self._update()
         return ended
 
     def checked(self, ok: bool) -> bool:
         """An active health check answered; True when that changes the state (log it)."""
         changed = ok != self.checks_ok
         self.checks_ok = ok
+        self._update()
         return changed
 
 

@@ -139,6 +139,7 @@ class ClusterPool:
         self.counters: Counter[str] = Counter()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False  # drain() began: no new streams, no reconnects
+        self._retiring: set[BackendConnection] = set()  # retired by us: close when idle
         self._capacity_log = RateLimit(CAPACITY_WARN_EVERY)
         self._unreachable_log = RateLimit(CAPACITY_WARN_EVERY)
 
@@ -189,7 +190,7 @@ class ClusterPool:
         self._serve_queue()
 
     def _retire_backend(self, b: _Backend) -> None:
-        b.health.removed = True
+        b.health.remove()
         self.removed.append(b)
         for conn in list(b.conns):
             self._retire(conn)
@@ -197,13 +198,17 @@ class ClusterPool:
     def _retire(self, conn: BackendConnection) -> None:
         """No new streams on ``conn``; close it once its last stream ends."""
         conn.retired.set()
+        self._retiring.add(conn)
         self._close_if_idle(conn)
 
     def _close_if_idle(self, conn: BackendConnection) -> None:
         core = conn.core
-        if conn.retired.is_set() and not core.streams and not core.closed:
+        if core.closed:
+            self._retiring.discard(conn)
+        elif not core.streams:
             core.close()  # GOAWAY (h2) / CONNECTION_CLOSE (h3); the writer then closes
             conn.schedule_flush()
+            self._retiring.discard(conn)
 
     async def drain(self, timeout: float = math.inf) -> None:
         """Stop taking streams and close the pool, gracefully within ``timeout`` seconds.
@@ -396,12 +401,12 @@ class ClusterPool:
         if connect_protocol:  # (rare: a WebSocket) only connections that allow RFC 8441
             views: list[Sequence[Slots]] = [
                 [ConnView(c.free if c.core.enable_connect_protocol else 0, c.open) for c in b.conns]
-                if b.health.usable(now)
+                if now >= b.health.open_at  # (Health.usable, inlined: every request)
                 else ()
                 for b in self.backends
             ]
         else:
-            views = [b.conns if b.health.usable(now) else () for b in self.backends]
+            views = [b.conns if now >= b.health.open_at else () for b in self.backends]
         choice = self.scheduler.pick(views)
         if choice is None:
             return None
@@ -462,7 +467,7 @@ class ClusterPool:
 
     def _on_capacity(self, conn: BackendConnection) -> None:
         """A stream closed, a connection came up, or SETTINGS changed: serve the queue."""
-        if conn.retired.is_set():
+        if self._retiring and conn in self._retiring:
             self._close_if_idle(conn)
         if self.queue.live:
             self._serve_queue()
