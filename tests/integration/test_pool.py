@@ -14,6 +14,7 @@ from muxproxy.io.h1client import H1Client
 from muxproxy.io.h2server import H2Origin
 
 from .harness import running, wait_for
+from .test_admin import admin_get
 from .origin import Script
 
 pytestmark = pytest.mark.anyio
@@ -121,10 +122,14 @@ async def test_sole_backend_down_is_unhealthy_and_logged_once_each_way(
     caplog.set_level(logging.INFO, logger="muxproxy")
     port = free_port()  # nothing listens here yet
     async with running(Script(), backends=[f"127.0.0.1:{port}"],
-                       cluster={"connections": 4}) as h:
+                       cluster={"connections": 4}, admin=True) as h:
         pool = h.pool()
         await wait_for(lambda: pool.statistics().backends[0].consecutive_failures >= 12)
         assert pool.statistics().backends[0].healthy is False  # issue 13: not 1
+        status, body = await admin_get(h.admin, "/metrics")
+        assert status == 200
+        assert f'muxproxy_backend_healthy{{cluster="app",backend="127.0.0.1:{port}"}} 0' in (
+            body.decode())
         for _ in range(5):
             assert (await h.get("/hello")).status == 503
         assert len(pool_lines(caplog, "down")) == 1
@@ -181,6 +186,8 @@ async def test_capacity_limit_is_warned(caplog: pytest.LogCaptureFixture) -> Non
             assert len(lines) == 1
             assert "2 connections, 256 streams" in lines[0]
             assert "max_connections" in lines[0] and "stream limit" in lines[0]
+            assert pool.statistics().backends[0].open_connections == 2  # this worker's
+            assert len(h.origin.connections) == 2
             script.release.set()
         assert statuses == [200] * 257
         for c in clients:
