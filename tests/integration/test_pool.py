@@ -14,8 +14,8 @@ from muxproxy.io.h1client import H1Client
 from muxproxy.io.h2server import H2Origin
 
 from .harness import running, wait_for
-from .test_admin import admin_get
 from .origin import Script
+from .test_admin import admin_get
 
 pytestmark = pytest.mark.anyio
 
