@@ -18,7 +18,8 @@ Two aioquic facts shape it (DESIGN.md §3):
 
 A peer's GOAWAY (RFC 9114 §5.2) is read off the control stream by :class:`ControlStreamWatcher`
 (aioquic skips it): no new streams, and streams at or above its stream id were never processed
-(replayable).  H3_REQUEST_REJECTED on a stream without a response head means the same, whether
+(replayable).  So is a stream none of whose bytes ever left in a packet when the connection ends.
+H3_REQUEST_REJECTED on a stream without a response head means the same, whether
 it comes as RESET_STREAM or as STOP_SENDING (RFC 9114 §4.1.1).  The GOAWAY is applied the moment
 its bytes are read, so a connection close processed in the same turn cannot hide it.  Any other
 STOP_SENDING (an early response, RFC 9114 §4.1) only ends the upload: later body bytes are
@@ -342,6 +343,11 @@ class H3Backend:
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
 
+    def _never_sent(self, stream_id: int) -> bool:
+        """Not one byte of the stream was ever put in a packet: the peer cannot have it."""
+        stream = self.quic._streams.get(stream_id)
+        return stream is not None and stream.sender.highest_offset == 0
+
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
         self.close_reason = reason
@@ -349,6 +355,9 @@ class H3Backend:
             if st.reset_code is None and not st.ended:
                 st.reset_code = ErrorCode.H3_INTERNAL_ERROR
                 st.error = reason
+                # A close with no GOAWAY proves nothing of what was sent; what never left did
+                # not reach the backend.
+                st.refused = st.headers is None and self._never_sent(st.stream_id)
             if up is not None:
                 up.streams.append(st)
         self.streams.clear()

@@ -207,6 +207,31 @@ def test_close_without_goaway_proves_nothing(pair: Pair) -> None:
     assert pair.core.closed and st.reset_code is not None and not st.refused
 
 
+def test_close_refuses_what_never_left(pair: Pair) -> None:
+    """Closed with no GOAWAY: a stream sent may have been processed (a plain failure); one
+    whose bytes never left in a packet cannot have been (refused, replayable)."""
+    sent = pair.request()
+    pair.pump()
+    pair.close()
+    closing = pair.server_datagrams()
+    unsent = pair.request()  # opened after the close was on its way, never flushed
+    pair.to_client(closing)
+    pair.now += 10
+    pair.core.handle_timer(pair.now)
+    assert pair.core.closed
+    assert sent.reset_code is not None and not sent.refused
+    assert unsent.reset_code is not None and unsent.refused
+
+
+def test_abort_refuses_what_never_left(pair: Pair) -> None:
+    sent = pair.request()
+    pair.pump()
+    unsent = pair.request()
+    up = pair.core.abort("backend connection dead (no PING ACK)")
+    assert up.closed and {sent.stream_id, unsent.stream_id} <= {s.stream_id for s in up.streams}
+    assert not sent.refused and unsent.refused
+
+
 def test_stop_sending_rejected_during_upload_is_refused_and_sending_is_harmless(
     pair: Pair,
 ) -> None:
