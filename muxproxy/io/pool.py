@@ -291,8 +291,8 @@ class ClusterPool:
                     b.draining.add(conn)
                 if conn.core.goaway_last_stream_id is not None:
                     self.counters["goaway_received"] += 1
-                if not permanent:
-                    return
+                if not permanent or self._closing or b.health.removed:
+                    return  # (retired by us: closed by us, never a failure)
                 core = conn.core
                 if core.closed and core.goaway_last_stream_id is None:
                     if conn.streams_lost_at_close == 0:
@@ -348,6 +348,10 @@ class ClusterPool:
             if conn in b.conns:
                 b.conns.remove(conn)
             b.draining.discard(conn)
+            self._retiring.discard(conn)
+            gone = b.health.removed and not (b.conns or b.draining or b.connecting)
+            if gone and b in self.removed:
+                self.removed.remove(b)  # fully drained: forgotten
             core = conn.core
             b.retired_counters["resets_received"] += core.resets_received
             b.retired_counters["refused_received"] += core.refused_received
