@@ -16,6 +16,8 @@ from muxproxy.io.h2server import H2Origin
 from .harness import running, wait_for
 from .origin import Script
 from .test_admin import admin_get
+from .ws_origin import WSScript
+from .wsclient import WSClient
 
 pytestmark = pytest.mark.anyio
 
@@ -106,6 +108,32 @@ async def test_drain_finishes_in_flight_refuses_new_then_closes(
         assert pool.statistics().connections == 0
         assert h.origin.connections_accepted == 2  # none reopened
         assert not pool_lines(caplog, "down")
+
+
+async def test_drain_lets_a_websocket_finish() -> None:
+    """A tunnel is a stream too: the drain waits for it, and it keeps working meanwhile."""
+    script = WSScript()
+    routes = '[[routes]]\ncluster = "app"\nwebsocket = true\n'
+    async with running(script, origin={"connect_protocol": True},
+                       cluster={"connections": 1}, routes=routes) as h:
+        pool = h.pool()
+        await wait_for(lambda: pool.statistics().connections == 1)
+        ws = await WSClient.connect(h.addr.host, h.addr.port)
+        drained = anyio.Event()
+
+        async def drain() -> None:
+            await pool.drain(timeout=30)
+            drained.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            for message in ("still", b"open"):
+                await ws.send(message)
+                assert await ws.receive() == message
+            assert not drained.is_set()
+            assert await ws.close(1000) == 1000
+            await drained.wait()
+        assert not h.origin.connections
 
 
 async def test_drain_deadline_closes_what_is_left() -> None:
