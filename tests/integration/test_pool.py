@@ -10,8 +10,8 @@ import anyio
 import pytest
 
 from muxproxy.config import Address
-from muxproxy.io.h1client import H1Client
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h1client import H1Client
+from muxproxy.demo.h2server import H2Origin
 
 from .harness import running, wait_for
 from .origin import Script
