@@ -211,7 +211,7 @@ class ClusterConfig(_Section, frozen=True):
     protocol: Literal["h2c", "h2", "h3", "http1"] = "h2c"
     connections: int = 4
     max_connections: int | None = None
-    balance: Literal["round_robin", "least_streams", "hash"] = "least_streams"
+    balance: Literal["round_robin", "least_streams"] = "least_streams"
     max_pending: int = 10_000
     pending_timeout: Duration = Duration(5.0)
     connect_timeout: Duration = Duration(2.0)
@@ -299,8 +299,6 @@ def _check(cfg: Config) -> None:
         names.add(c.name)
         if not c.backends:
             fail(f"{p}.backends", "at least one backend is required")
-        if c.balance == "hash":
-            fail(f"{p}.balance", "'hash' is not implemented yet (use round_robin or least_streams)")
         if c.connections < 1:
             fail(f"{p}.connections", "must be at least 1")
         if c.max_connections is not None and c.max_connections < c.connections:

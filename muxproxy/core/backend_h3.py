@@ -18,8 +18,12 @@ Two aioquic facts shape it (DESIGN.md §3):
 
 A peer's GOAWAY (RFC 9114 §5.2) is read off the control stream by :class:`ControlStreamWatcher`
 (aioquic skips it): no new streams, and streams at or above its stream id were never processed
-(replayable).  H3_REQUEST_REJECTED on a stream
-without a response head means the same.
+(replayable).  So is a stream none of whose bytes ever left in a packet when the connection ends.
+H3_REQUEST_REJECTED on a stream without a response head means the same, whether
+it comes as RESET_STREAM or as STOP_SENDING (RFC 9114 §4.1.1).  The GOAWAY is applied the moment
+its bytes are read, so a connection close processed in the same turn cannot hide it.  Any other
+STOP_SENDING (an early response, RFC 9114 §4.1) only ends the upload: later body bytes are
+dropped rather than sent on a stream aioquic has reset.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class H3Backend:
         self.credit = CreditCap(stream_window, slow_client_grace)
         self.streams: dict[int, StreamState] = {}
         self._sent_end: set[int] = set()
+        self._send_stopped: set[int] = set()  # the peer sent STOP_SENDING: drop body bytes
         self.handshake_done = False
         self.closed = False
         self.close_reason = ""
@@ -156,6 +161,8 @@ class H3Backend:
 
     def send_window(self, stream_id: int) -> int:
         stream = self.quic._streams.get(stream_id)
+        if stream_id in self._send_stopped:
+            return _MAX_UNSENT  # whatever is sent is dropped: never wait for credit
         if stream is None or stream_id not in self.streams:
             return 0
         sender = stream.sender
@@ -164,12 +171,16 @@ class H3Backend:
         return max(0, min(window, _MAX_UNSENT - unsent))
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if stream_id in self._send_stopped or stream_id not in self.streams:
+            return  # stopped by the peer, or already reset: the bytes have nowhere to go
         self.h3.send_data(stream_id, data, end_stream)
         if end_stream:
             self._sent_end.add(stream_id)
             self._maybe_forget(stream_id)
 
     def end_stream(self, stream_id: int, trailers: list[Header] | None = None) -> None:
+        if stream_id in self._send_stopped or stream_id not in self.streams:
+            return
         if trailers:
             self.h3.send_headers(stream_id, trailers, end_stream=True)
         else:
@@ -180,6 +191,7 @@ class H3Backend:
     def reset_stream(self, stream_id: int, code: int = REQUEST_CANCELLED) -> None:
         st = self.streams.pop(stream_id, None)
         self._sent_end.discard(stream_id)
+        self._send_stopped.discard(stream_id)
         self.credit.forget(stream_id)
         if not self.closed:
             for stop in (self.quic.reset_stream, self.quic.stop_stream):
@@ -242,7 +254,7 @@ class H3Backend:
             elif isinstance(ev, qe.StreamReset):
                 st = streams.pop(ev.stream_id, None)
                 self.resets_received += 1
-                if ev.error_code == REQUEST_REJECTED:
+                if ev.error_code == REQUEST_REJECTED and st is not None:
                     self.refused_received += 1
                 if st is not None:
                     st.reset_code = ev.error_code
@@ -250,15 +262,17 @@ class H3Backend:
                     st.error = f"backend reset the stream (HTTP/3 error {ev.error_code:#x})"
                     up.streams.append(st)
                     up.capacity_changed = True
+            elif isinstance(ev, qe.StopSendingReceived):
+                self._stop_sending(ev.stream_id, ev.error_code, up)
             elif isinstance(ev, qe.PingAcknowledged):
                 up.ping_acked = True
             elif isinstance(ev, qe.StreamDataReceived):
                 self.control.feed(ev.stream_id, ev.data)
+                goaway = self.control.goaway_stream_id
+                if goaway is not None and goaway != self.goaway_last_stream_id:
+                    self._goaway(goaway, up)  # now: a close later in this turn must see it
             for h in self.h3.handle_event(ev):
                 self._h3_event(h, up)
-        goaway = self.control.goaway_stream_id
-        if goaway is not None and goaway != self.goaway_last_stream_id:
-            self._goaway(goaway, up)
         if self.settings_received:
             up.capacity_changed = True
         for sid in self.credit.overdue(now):
@@ -294,18 +308,45 @@ class H3Backend:
             up.capacity_changed = True
         up.streams.append(st)
 
+    def _stop_sending(self, sid: int, code: int, up: Update) -> None:
+        """The peer wants no more request body (aioquic has reset our sending side)."""
+        st = self.streams.get(sid)
+        if st is None:
+            return
+        if code == REQUEST_REJECTED and st.headers is None:
+            self.refused_received += 1
+            self.reset_stream(sid, REQUEST_REJECTED)  # it will not answer: stop receiving too
+            st.reset_code = REQUEST_REJECTED
+            st.refused = True
+            st.error = "backend rejected the stream (HTTP/3 STOP_SENDING)"
+            up.capacity_changed = True
+        else:
+            self._send_stopped.add(sid)
+            self._sent_end.add(sid)
+            self._maybe_forget(sid)
+        up.streams.append(st)
+
     def _goaway(self, last: int, up: Update) -> None:
-        """RFC 9114 §5.2: streams with an id ≥ ``last`` were not and will not be processed."""
+        """RFC 9114 §5.2: streams with an id ≥ ``last`` were not and will not be processed.
+
+        A stream above the id that already has its response head contradicts the GOAWAY (a
+        backend that chose the id from the streams it finished, not those it began): it is
+        being answered, so it is left to finish rather than cut — and never replayed."""
         self.goaway_last_stream_id = last
         up.goaway = True
         up.capacity_changed = True
         for sid, st in list(self.streams.items()):
-            if sid >= last:
-                del self.streams[sid]
+            if sid >= last and st.headers is None:
+                self.reset_stream(sid, REQUEST_REJECTED)
                 st.reset_code = REQUEST_REJECTED
-                st.refused = st.headers is None
+                st.refused = True
                 st.error = "backend sent GOAWAY before processing the stream"
                 up.streams.append(st)
+
+    def _never_sent(self, stream_id: int) -> bool:
+        """Not one byte of the stream was ever put in a packet: the peer cannot have it."""
+        stream = self.quic._streams.get(stream_id)
+        return stream is not None and stream.sender.highest_offset == 0
 
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
@@ -314,6 +355,9 @@ class H3Backend:
             if st.reset_code is None and not st.ended:
                 st.reset_code = ErrorCode.H3_INTERNAL_ERROR
                 st.error = reason
+                # A close with no GOAWAY proves nothing of what was sent; what never left did
+                # not reach the backend.
+                st.refused = st.headers is None and self._never_sent(st.stream_id)
             if up is not None:
                 up.streams.append(st)
         self.streams.clear()
@@ -326,6 +370,7 @@ class H3Backend:
         if st is not None and st.ended and stream_id in self._sent_end:
             del self.streams[stream_id]
             self._sent_end.discard(stream_id)
+            self._send_stopped.discard(stream_id)
             self.credit.forget(stream_id)
 
 

@@ -163,8 +163,9 @@ class BackendConnection:
         self._scope: anyio.CancelScope | None = None
         self.ping_timeouts = 0
         self.write_stalls = 0
+        self.streams_lost_at_close: int | None = None  # set when the peer ends it (pool logs)
 
-    # What the pool's scheduler reads (muxproxy.core.scheduler.Slots).
+    # What the pool's pick reads (muxproxy.core.pool_policy.Slots).
     @property
     def free(self) -> int:
         since = self.send_since  # (an HTTP/1.1 connection is busy while it sends: free is 0)
@@ -294,6 +295,8 @@ class BackendConnection:
             for sig in list(self.blocked.values()):
                 sig.set()
         self.schedule_flush()
+        if up.closed and self.streams_lost_at_close is None:
+            self.streams_lost_at_close = len(up.streams)
         if up.goaway or up.closed:
             if up.closed:
                 self._never_sent(up.streams)

@@ -131,6 +131,7 @@ class Exchange:
                 fields,
                 body is None and not self.connect_protocol,
                 connect_protocol=self.connect_protocol,
+                replay=replays > 0,  # older than the queue behind it: served first
             )
             try:
                 await self._attempt(conn, st, body)

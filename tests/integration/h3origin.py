@@ -3,10 +3,17 @@
 Real QUIC and HTTP/3 (aioquic's state machines, real datagrams on loopback, TLS 1.3 with a
 trustme certificate), with scripted paths: /hello, /echo (the request body back), /big?N.
 It counts the QUIC connections it accepted (by peer address) and the requests it processed.
+
+With ``goaway_after`` it sends GOAWAY after that many requests on a connection; with
+``reject=True`` it then resets every stream at or above the GOAWAY id with H3_REQUEST_REJECTED
+(RFC 9114 §4.1.1: not processed), and with ``close=True`` it closes the connection once every
+stream below the id is answered and acknowledged.  ``processed_ids`` holds the request ids
+(``x-request-id``) it processed, so a test can prove none was processed twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +22,7 @@ import anyio.abc
 import trustme
 from aioquic.buffer import encode_uint_var
 from aioquic.h3 import events as h3e
-from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection, encode_frame
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from wsproto import ConnectionType
@@ -38,17 +45,25 @@ class _Conn:
     streams: dict[int, _Stream] = field(default_factory=dict)
     processed: int = 0
     goaway_id: int | None = None  # streams with ids from here on are never processed
+    answered: list[int] = field(default_factory=list)  # stream ids answered
+    closing: bool = False
+    to_reset: list[int] = field(default_factory=list)  # rejected: RESET_STREAM on the next tick
     websockets: dict[int, WSProtocol] = field(default_factory=dict)
 
 
 class H3Origin:
-    def __init__(self, ca: trustme.CA, tmp: Path, *, goaway_after: int = 0) -> None:
+    def __init__(self, ca: trustme.CA, tmp: Path, *, goaway_after: int = 0,
+                 reject: bool = False, close: bool = False) -> None:
         cert = ca.issue_cert("localhost", "127.0.0.1")
         self.certfile = tmp / "h3-cert.pem"
         self.keyfile = tmp / "h3-key.pem"
         self.certfile.write_bytes(b"".join(c.bytes() for c in cert.cert_chain_pems))
         self.keyfile.write_bytes(cert.private_key_pem.bytes())
         self.goaway_after = goaway_after
+        self.reject = reject
+        self.close = close
+        self.processed_ids: list[bytes] = []
+        self.rejected = 0
         self.conns: dict[tuple[str, int], _Conn] = {}
         self.connections_accepted = 0
         self.requests_received = 0
@@ -89,6 +104,15 @@ class H3Origin:
             await anyio.sleep(0.01)  # a test server's timer tick, not a synchronisation
             now = anyio.current_time()
             for peer, conn in list(self.conns.items()):
+                if conn.to_reset and not conn.closing:
+                    for sid in conn.to_reset:
+                        _abort(conn.quic.reset_stream, sid)
+                    conn.to_reset.clear()
+                    await self._flush(conn, peer)
+                if self._may_close(conn):
+                    conn.closing = True
+                    conn.quic.close()  # H3_NO_ERROR: every stream below the GOAWAY id is done
+                    await self._flush(conn, peer)
                 timer = conn.quic.get_timer()
                 if timer is not None and timer <= now:
                     conn.quic.handle_timer(now)
@@ -101,11 +125,30 @@ class H3Origin:
             for data, _ in conn.quic.datagrams_to_send(anyio.current_time()):
                 await self._sock.sendto(data, *peer)
 
+    def _may_close(self, conn: _Conn) -> bool:
+        """Close once every stream below the GOAWAY id is answered and its answer acked."""
+        if not self.close or conn.closing or conn.goaway_id is None:
+            return False
+        if len(set(conn.answered)) < conn.goaway_id // 4:  # some are not even received yet
+            return False
+        streams = conn.quic._streams
+        return all(sid not in streams or streams[sid].sender.is_finished for sid in conn.answered)
+
+    def _reject(self, conn: _Conn, sid: int) -> None:
+        """RFC 9114 §4.1.1: H3_REQUEST_REJECTED, the request was not processed.  STOP_SENDING
+        goes at once, RESET_STREAM with the next timer tick (each may be seen first)."""
+        self.rejected += 1
+        conn.streams.pop(sid, None)
+        _abort(conn.quic.stop_stream, sid)
+        conn.to_reset.append(sid)
+
     def _process(self, conn: _Conn) -> None:
         while (ev := conn.quic.next_event()) is not None:
             for h in conn.h3.handle_event(ev):
                 if isinstance(h, h3e.HeadersReceived):
                     if conn.goaway_id is not None and h.stream_id >= conn.goaway_id:
+                        if self.reject:
+                            self._reject(conn, h.stream_id)
                         continue  # after our GOAWAY: never processed
                     fields = dict(h.headers)
                     if fields.get(b":method") == b"CONNECT":
@@ -127,6 +170,8 @@ class H3Origin:
         st = conn.streams.pop(sid)
         self.requests_received += 1
         conn.processed += 1
+        self.processed_ids.append(st.headers.get(b"x-request-id", b""))
+        conn.answered.append(sid)
         path = st.headers.get(b":path", b"").decode()
         route, _, query = path.partition("?")
         if route == "/stall":
@@ -144,9 +189,13 @@ class H3Origin:
                                    (b"content-length", str(len(body)).encode())])
         conn.h3.send_data(sid, body, end_stream=True)
         if self.goaway_after and conn.processed >= self.goaway_after and conn.goaway_id is None:
-            conn.goaway_id = sid + 4
-            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(sid + 4))
+            # Above every stream processed so far (bodies complete out of order).
+            conn.goaway_id = max(conn.answered) + 4
+            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(conn.goaway_id))
             conn.quic.send_stream_data(conn.h3._local_control_stream_id, frame)  # type: ignore[arg-type]
+            if self.reject:  # streams already begun at or above the id are never processed
+                for other in [s for s in conn.streams if s >= conn.goaway_id]:
+                    self._reject(conn, other)
 
 
     def _websocket(self, conn: _Conn, sid: int, fields: dict[bytes, bytes]) -> None:
@@ -177,6 +226,13 @@ class H3Origin:
         if closed:
             del conn.websockets[sid]
             self.websockets_live -= 1
+
+
+def _abort(stop: Callable[[int, int], None], sid: int) -> None:
+    try:
+        stop(sid, ErrorCode.H3_REQUEST_REJECTED)
+    except (ValueError, AssertionError):
+        pass  # that direction is finished already
 
 
 def _dcid(datagram: bytes) -> bytes:

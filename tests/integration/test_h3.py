@@ -211,3 +211,42 @@ async def test_h3_stall_is_504_and_neighbours_unaffected(
             await wait_for(lambda: h.pool().statistics().streams_open == 0)
             assert origin.connections_accepted == 1
         tg.cancel_scope.cancel()
+
+
+async def test_h3_goaway_reject_and_close_under_load_replays_every_rejected(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    """Issue 16.1: a backend that sends GOAWAY after 60 requests, resets every stream at or
+    above its id with H3_REQUEST_REJECTED and closes once the streams below are answered.
+    Whatever the proxy sees first (reset, GOAWAY or close), every rejected stream is replayed
+    and nothing is processed twice."""
+    origin = H3Origin(ca[0], tmp_path, goaway_after=60, reject=True, close=True)
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=1,
+                                              pending_timeout="30s")) as h:
+            statuses: list[int] = []
+
+            async def client(n: int) -> None:
+                c = await h.client()
+                try:
+                    for i in range(8):
+                        body = f"{n}-{i}".encode() * 5000
+                        r = await c.request("POST", "/echo", body=body,
+                                            headers=[("x-request-id", f"{n}-{i}")])
+                        statuses.append(r.status)
+                        if r.status == 200:
+                            assert r.body == body
+                finally:
+                    await c.aclose()
+
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as clients:
+                    for n in range(30):
+                        clients.start_soon(client, n)
+            assert origin.rejected > 0  # the scenario happened: streams were rejected
+            assert origin.connections_accepted >= 3
+            assert statuses.count(200) == len(statuses) == 240, sorted(set(statuses))
+            assert len(origin.processed_ids) == len(set(origin.processed_ids)) == 240
+        tg.cancel_scope.cancel()

@@ -255,6 +255,11 @@ BAD_CONFIGS = [
         "clusters[0].balance:",
         id="bad-enum",
     ),
+    pytest.param(  # no longer a placeholder accepted by the types and refused later
+        _replace('name = "app"', 'name = "app"\nbalance = "hash"'),
+        "clusters[0].balance:",
+        id="hash-is-not-a-balance",
+    ),
     pytest.param(
         _replace('name = "app"', 'name = "app"\nconnections = 4\nmax_connections = 2'),
         "clusters[0].max_connections: must be at least connections (4)",
