@@ -25,6 +25,7 @@ from ..core.relay import StreamState
 from ..core.scheduler import ConnView, Scheduler, Slots, should_grow
 from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal, client_tls_context
+from .discovery import Discovery, is_name
 from .quic import QuicBackendConnection
 from .timers import TimerWheel
 
@@ -48,6 +49,7 @@ class _Backend:
     healthy: bool = True  # the last active health check passed (or none is configured)
     reconnects: int = 0
     retired_counters: Counter[str] = field(default_factory=Counter)
+    removed: bool = False  # gone from the backend set (DNS): its connections drain
 
     def usable(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
@@ -104,6 +106,7 @@ class ClusterPool:
         self._pending_live = 0
         self.counters: Counter[str] = Counter()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._leaving: set[BackendConnection] = set()  # of removed backends: close when idle
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -113,13 +116,58 @@ class ClusterPool:
         """Connect every slot and keep it connected until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            discovery = None
+            if any(is_name(a.host) for a in self.cfg.backends):
+                discovery = Discovery(self.cfg, self.set_backends)
+                self.backends = [b for b in self.backends if not is_name(b.address.host)]
             for b in self.backends:
-                for _ in range(self.cfg.connections):
-                    b.connecting += 1  # counted now: a request may arrive before the task runs
-                    tg.start_soon(self._maintain, b, True)
-                if self.cfg.health is not None:
-                    tg.start_soon(self._health_checks, b)
+                self._start(b)
+            if discovery is not None:
+                await tg.start(discovery.run)  # the first answers are in before we serve
             task_status.started()
+
+    def _start(self, b: _Backend) -> None:
+        assert self._tg is not None
+        for _ in range(self.cfg.connections):
+            b.connecting += 1  # counted now: a request may arrive before the task runs
+            self._tg.start_soon(self._maintain, b, True)
+        if self.cfg.health is not None:
+            self._tg.start_soon(self._health_checks, b)
+
+    def set_backends(self, addresses: Sequence[Address]) -> None:
+        """Make ``addresses`` the backend set: a new address gets its ``connections``; a
+        vanished one is drained (no new streams; each connection closes once its in-flight
+        streams are done)."""
+        old = {b.address: b for b in self.backends}
+        backends = []
+        for a in dict.fromkeys(addresses):
+            if a in old:
+                backends.append(old.pop(a))
+            else:
+                backends.append(_Backend(a))
+                self._start(backends[-1])
+        self.backends = backends
+        for b in old.values():
+            b.removed = True
+            for conn in list(b.conns):
+                self._drain(b, conn)
+        self._fail_pending_if_unreachable()
+
+    def _drain(self, b: _Backend, conn: BackendConnection) -> None:
+        if conn in b.conns:
+            b.conns.remove(conn)
+        b.draining.add(conn)
+        self._leaving.add(conn)
+        conn.retired.set()
+        self._close_if_idle(conn)
+
+    def _close_if_idle(self, conn: BackendConnection) -> None:
+        core = conn.core
+        if not core.streams and not core.closed:
+            core.close()  # GOAWAY; the writer sends it and closes the socket
+            conn.schedule_flush()
+        if core.closed:
+            self._leaving.discard(conn)
 
     async def _maintain(self, b: _Backend, permanent: bool) -> None:
         """Keep one connection slot filled (``permanent``), or fill it once (growth).
@@ -127,6 +175,10 @@ class ClusterPool:
         backoff = BACKOFF_MIN
         counted = True  # this slot is in b.connecting: requests queue for it rather than fail
         while True:
+            if b.removed:
+                if counted:
+                    b.connecting -= 1
+                return
             if not counted:
                 b.connecting += 1
                 counted = True
@@ -159,6 +211,8 @@ class ClusterPool:
             self.counters["connections_opened"] += 1
             assert self._tg is not None
             self._tg.start_soon(self._run_conn, b, conn)
+            if b.removed:  # removed while connecting
+                self._drain(b, conn)
             self._on_capacity(conn)
             await conn.retired.wait()
             if conn in b.conns:
@@ -167,7 +221,7 @@ class ClusterPool:
                 b.draining.add(conn)
             if conn.core.goaway_last_stream_id is not None:
                 self.counters["goaway_received"] += 1
-            if not permanent:
+            if not permanent or b.removed:
                 return
             if conn.core.closed and conn.core.goaway_last_stream_id is None:
                 # Died rather than drained: count it towards ejection, do not hammer it, and
@@ -222,7 +276,7 @@ class ClusterPool:
             (b":path", hc.path.encode()),
             (b"user-agent", b"muxproxy-health"),
         ]
-        while True:
+        while not b.removed:
             # No connection is the pool's business (backoff, ejection), not the checker's.
             conns = [c for c in b.conns if c.core.free_streams() > 0]
             if conns:
@@ -324,6 +378,9 @@ class ClusterPool:
 
     def _on_capacity(self, conn: BackendConnection) -> None:
         """A stream closed, a connection came up, or SETTINGS changed: serve the queue."""
+        if conn in self._leaving:
+            self._close_if_idle(conn)
+            return
         pending = self._pending
         while pending:
             w = pending[0]
