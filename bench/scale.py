@@ -62,6 +62,7 @@ from run import (
     log,
     muxproxy_version,
     tree_cpu_seconds,
+    tree_rss_bytes,
 )
 from ws_load import echo_once
 from ws_scale import (
