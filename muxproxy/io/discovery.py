@@ -20,9 +20,11 @@ from collections.abc import Callable
 
 import anyio
 import anyio.abc
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+import sniffio
 
 from ..config import Address, ClusterConfig
 from ..core.addrset import AddressSet, merge
@@ -103,7 +105,10 @@ class Discovery:
     async def _resolve(self, name: Address) -> bool:
         s = self.sets[name]
         try:
-            answer = await self.resolver.resolve(name.host, "A")
+            # The event loop in use, asked every time: dnspython would otherwise keep the first
+            # one it saw for the whole process (tests run asyncio and trio in one process).
+            backend = dns.asyncbackend.get_backend(sniffio.current_async_library())
+            answer = await self.resolver.resolve(name.host, "A", backend=backend)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             addresses: list[str] = []
         except dns.exception.DNSException as exc:  # timeout, SERVFAIL, no server, ...

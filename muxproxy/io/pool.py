@@ -107,6 +107,7 @@ class ClusterPool:
         self.counters: Counter[str] = Counter()
         self._tg: anyio.abc.TaskGroup | None = None
         self._leaving: set[BackendConnection] = set()  # of removed backends: close when idle
+        self.discovery: Discovery | None = None  # when some backend is a DNS name
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -116,14 +117,13 @@ class ClusterPool:
         """Connect every slot and keep it connected until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            discovery = None
             if any(is_name(a.host) for a in self.cfg.backends):
-                discovery = Discovery(self.cfg, self.set_backends)
+                self.discovery = Discovery(self.cfg, self.set_backends)
                 self.backends = [b for b in self.backends if not is_name(b.address.host)]
             for b in self.backends:
                 self._start(b)
-            if discovery is not None:
-                await tg.start(discovery.run)  # the first answers are in before we serve
+            if self.discovery is not None:
+                await tg.start(self.discovery.run)  # the first answers are in before we serve
             task_status.started()
 
     def _start(self, b: _Backend) -> None:
