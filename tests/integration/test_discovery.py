@@ -115,17 +115,20 @@ async def test_zero_failed_requests_while_the_backend_set_changes(tmp_path: Path
     async with anyio.create_task_group() as tg:
         port = await tg.start(a.serve, "127.0.0.2")
         await tg.start(b.serve, "127.0.0.3", port)
-        async with dnsmasq(tmp_path, "127.0.0.2") as dns_server, running(
-            Script(),
-            backends=[f"{NAME}:{port}"],
-            cluster={
-                "connections": 1,
-                "balance": "round_robin",
-                "resolver": f"127.0.0.1:{dns_server.port}",
-                "resolve_interval": "50ms",
-                "resolve_hold": "1h",
-            },
-        ) as h:
+        async with (
+            dnsmasq(tmp_path, "127.0.0.2") as dns_server,
+            running(
+                Script(),
+                backends=[f"{NAME}:{port}"],
+                cluster={
+                    "connections": 1,
+                    "balance": "round_robin",
+                    "resolver": f"127.0.0.1:{dns_server.port}",
+                    "resolve_interval": "50ms",
+                    "resolve_hold": "1h",
+                },
+            ) as h,
+        ):
             pool = h.pool()
 
             def backends() -> list[str]:
@@ -184,15 +187,18 @@ async def test_dns_failure_keeps_the_last_good_set(tmp_path: Path) -> None:
     origin = H2Origin(script)
     async with anyio.create_task_group() as tg:
         port = await tg.start(origin.serve, "127.0.0.2")
-        async with dnsmasq(tmp_path, "127.0.0.2") as dns_server, running(
-            Script(),
-            backends=[f"{NAME}:{port}"],
-            cluster={
-                "connections": 1,
-                "resolver": f"127.0.0.1:{dns_server.port}",
-                "resolve_interval": "100ms",
-            },
-        ) as h:
+        async with (
+            dnsmasq(tmp_path, "127.0.0.2") as dns_server,
+            running(
+                Script(),
+                backends=[f"{NAME}:{port}"],
+                cluster={
+                    "connections": 1,
+                    "resolver": f"127.0.0.1:{dns_server.port}",
+                    "resolve_interval": "100ms",
+                },
+            ) as h,
+        ):
             assert (await h.get("/hello")).status == 200
             dns_server.process.terminate()  # no DNS server any more: lookups time out
             await dns_server.process.wait()
@@ -206,11 +212,14 @@ async def test_dns_failure_keeps_the_last_good_set(tmp_path: Path) -> None:
 
 
 async def test_a_name_that_never_resolves_answers_503_not_a_hang(tmp_path: Path) -> None:
-    async with dnsmasq(tmp_path) as dns_server, running(
-        Script(),
-        backends=[f"{NAME}:9"],
-        cluster={"resolver": f"127.0.0.1:{dns_server.port}", "resolve_interval": "100ms"},
-    ) as h:
+    async with (
+        dnsmasq(tmp_path) as dns_server,
+        running(
+            Script(),
+            backends=[f"{NAME}:9"],
+            cluster={"resolver": f"127.0.0.1:{dns_server.port}", "resolve_interval": "100ms"},
+        ) as h,
+    ):
         response = await h.get("/hello")
         assert response.status == 503
 
