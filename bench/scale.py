@@ -67,13 +67,13 @@ from run import (
 from ws_load import echo_once
 from ws_scale import (
     LoadClient,
+    LoadError,
     PeakConns,
     _interrupt,
     percentile,
     rss_median,
     split,
     tree_max_fds,
-    wait_ramp,
 )
 from ws_scale import (
     Settings as LoadSettings,
@@ -106,6 +106,7 @@ class Options:
     echo_seconds: float
     http_seconds: float
     timeout: float
+    stall: float
     ramp_timeout: float
     nofile: int
     python: str
@@ -311,7 +312,7 @@ def log_failures(service: Service) -> dict[str, int]:
     for line in service.log_lines():
         for pattern, kind in LOG_FAILURES:
             if pattern.search(line):
-                found[f"proxy log: {kind}"] += 1
+                found[kind] += 1
                 break
     return dict(found)
 
@@ -383,6 +384,38 @@ def start(
     return service, problem
 
 
+def ramp(clients: Sequence[LoadClient], o: Options) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Wait for every load process's "opened" report; give up on the ones still ramping once
+    no client at all got through for `o.stall` seconds (the proxy stopped taking clients).
+    Returns (reports, load processes that had not reported)."""
+    reports: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + o.ramp_timeout + o.timeout + 30
+    last_total, last_change, last_log = -1, time.monotonic(), 0.0
+    while len(reports) < len(clients):
+        for c in clients:
+            if c.index in reports:
+                continue
+            try:
+                reports[c.index] = c.expect("opened", time.monotonic() + 0.2)
+            except LoadError:
+                raise
+            except RuntimeError:
+                if c.proc.poll() is not None:
+                    raise
+        now = time.monotonic()
+        total = sum(
+            reports[c.index]["open"] if c.index in reports else c.progress_open for c in clients
+        )
+        if total != last_total:
+            last_total, last_change = total, now
+        if now - last_log >= 5:
+            last_log = now
+            log(f"    ramp: {total} open")
+        if now - last_change > o.stall or now > deadline:
+            break
+    return list(reports.values()), [c for c in clients if c.index not in reports]
+
+
 def bench(proxy: Proxy, o: Options, root: Path) -> Result:
     r = Result(proxy=proxy.name, kind=o.kind, n=o.n)
     d = root / proxy.name
@@ -452,17 +485,26 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             stack.callback(client.stop)
             clients.append(client)
         cpu_before = tree_cpu_seconds(service.pid)
+        began = time.monotonic()
         try:
-            opened = wait_ramp(clients, settings)
+            opened, stalled = ramp(clients, o)
         except RuntimeError as exc:
             r.note = f"ramp failed: {exc}"
             return r
         r.ramp_cpu_s = round(tree_cpu_seconds(service.pid) - cpu_before, 2)
-        r.reached = sum(x["open"] for x in opened)
-        r.ramp_s = max(x["seconds"] for x in opened)
+        r.reached = sum(x["open"] for x in opened) + sum(c.progress_open for c in stalled)
+        r.ramp_s = round(max([x["seconds"] for x in opened] + [time.monotonic() - began]), 2)
         for x in opened:
             for reason, count in x["failures"].items():
                 r.fail(f"connect: {reason}", count)
+        if stalled:
+            # The proxy stopped taking clients (ports or descriptors gone): what is still
+            # pending counts as failed; the rest of the run measures what was reached.
+            failed = sum(c.progress_failed for c in stalled)
+            pending = sum(c.count for c in stalled) - failed - sum(c.progress_open for c in stalled)
+            r.fail("connect: failed before the stall", failed)
+            r.fail(f"connect: no progress for {o.stall:g} s (still pending)", pending)
+            r.note = f"ramp stalled at {r.reached} of {o.n}"
         log(
             f"[{proxy.name}] ramp: {r.reached} open in {r.ramp_s:.1f} s, "
             f"failures {r.failed['kinds'] or 'none'}"
@@ -524,8 +566,8 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             c.send({"cmd": "status"})
         r.open_after = sum(c.expect("status", deadline)["open"] for c in clients)
         r.backend_conns_peak = peak.stop()
-        for kind, count in log_failures(service).items():
-            r.fail(kind, count)
+        # The proxy's own words (log lines, not clients: one failure may log several lines)
+        r.failed["proxy_log_lines"] = log_failures(service)
         if not service.alive():
             r.note = f"proxy exited (status {service.proc.returncode})"
         log(
@@ -574,7 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--echo-sockets", type=int, default=1000)
     parser.add_argument("--echo-seconds", type=float, default=10.0)
     parser.add_argument("--http-seconds", type=float, default=60.0)
-    parser.add_argument("--timeout", type=float, default=30.0, help="per connect/echo (30)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per connect/echo (10)")
+    parser.add_argument(
+        "--stall", type=float, default=15.0, help="end the ramp after s without progress (15)"
+    )
     parser.add_argument("--ramp-timeout", type=float, default=300.0)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep-tmp", action="store_true")
@@ -605,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         echo_seconds=args.echo_seconds,
         http_seconds=args.http_seconds,
         timeout=args.timeout,
+        stall=args.stall,
         ramp_timeout=args.ramp_timeout,
         nofile=nofile,
         python=args.python,
