@@ -505,6 +505,8 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             r.fail("connect: failed before the stall", failed)
             r.fail(f"connect: no progress for {o.stall:g} s (still pending)", pending)
             r.note = f"ramp stalled at {r.reached} of {o.n}"
+        else:
+            r.note = ""
         log(
             f"[{proxy.name}] ramp: {r.reached} open in {r.ramp_s:.1f} s, "
             f"failures {r.failed['kinds'] or 'none'}"
@@ -568,8 +570,11 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
         r.backend_conns_peak = peak.stop()
         # The proxy's own words (log lines, not clients: one failure may log several lines)
         r.failed["proxy_log_lines"] = log_failures(service)
+        if r.proxy_max_fds is not None and r.proxy_max_fds >= o.nofile - 50:
+            r.note += f"; a proxy process at the {o.nofile}-descriptor limit ({r.proxy_max_fds})"
         if not service.alive():
-            r.note = f"proxy exited (status {service.proc.returncode})"
+            r.note += f"; proxy exited (status {service.proc.returncode})"
+        r.note = r.note.strip("; ")
         log(
             f"[{proxy.name}] {o.kind}: p50 {r.echo_p50_ms} ms, p99 {r.echo_p99_ms} ms over "
             f"{r.echo_samples} samples; backend conns {r.backend_conns}, ports "

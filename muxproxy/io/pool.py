@@ -378,7 +378,7 @@ class ClusterPool:
 
     def _on_capacity(self, conn: BackendConnection) -> None:
         """A stream closed, a connection came up, or SETTINGS changed: serve the queue."""
-        if conn in self._leaving:
+        if self._leaving and conn in self._leaving:
             self._close_if_idle(conn)
             return
         pending = self._pending
