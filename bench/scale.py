@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=10.0, help="per connect/echo (10)")
     parser.add_argument(
-        "--stall", type=float, default=15.0, help="end the ramp after s without progress (15)"
+        "--stall", type=float, default=8.0, help="end the ramp after s without progress (8)"
     )
     parser.add_argument("--ramp-timeout", type=float, default=300.0)
     parser.add_argument("--python", default=sys.executable)
