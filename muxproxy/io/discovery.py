@@ -60,6 +60,9 @@ def make_resolver(cfg: ClusterConfig) -> dns.asyncresolver.Resolver:
     resolver.lifetime = min(5.0, float(cfg.resolve_interval))
     resolver.timeout = min(2.0, resolver.lifetime)
     resolver.cache = None
+    # EDNS with a 4 KiB payload, so a large A set fits one UDP answer (a truncated one is
+    # retried over TCP by dnspython); HAProxy's 512-byte default is the cautionary tale.
+    resolver.use_edns(0, 0, 4096)
     return resolver
 
 

@@ -240,3 +240,17 @@ cluster = "app"
         loads(text)
     with pytest.raises(ConfigError, match=r"^clusters\[0\]\.resolve_interval: "):
         loads(text.replace('resolver = "dns.example:53"', "resolve_interval = 0"))
+
+
+async def test_a_large_answer_is_read_whole(tmp_path: Path) -> None:
+    # 120 A records (about 2 KB) do not fit a plain 512-byte UDP answer.
+    ips = [f"127.0.1.{i}" for i in range(1, 121)]
+    async with (
+        dnsmasq(tmp_path, *ips) as dns_server,
+        running(
+            Script(),
+            backends=[f"{NAME}:9"],
+            cluster={"connections": 1, "resolver": f"127.0.0.1:{dns_server.port}"},
+        ) as h,
+    ):
+        assert sorted(str(b.address.host) for b in h.pool().backends) == sorted(ips)
