@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -121,12 +121,12 @@ class ClusterPool:
                 self.discovery = Discovery(self.cfg, self.set_backends)
                 self.backends = [b for b in self.backends if not is_name(b.address.host)]
             for b in self.backends:
-                self._start(b)
+                self._start_backend(b)
             if self.discovery is not None:
                 await tg.start(self.discovery.run)  # the first answers are in before we serve
             task_status.started()
 
-    def _start(self, b: _Backend) -> None:
+    def _start_backend(self, b: _Backend) -> None:
         assert self._tg is not None
         for _ in range(self.cfg.connections):
             b.connecting += 1  # counted now: a request may arrive before the task runs
@@ -134,7 +134,7 @@ class ClusterPool:
         if self.cfg.health is not None:
             self._tg.start_soon(self._health_checks, b)
 
-    def set_backends(self, addresses: Sequence[Address]) -> None:
+    def set_backends(self, addresses: Iterable[Address]) -> None:
         """Make ``addresses`` the backend set: a new address gets its ``connections``; a
         vanished one is drained (no new streams; each connection closes once its in-flight
         streams are done)."""
@@ -145,7 +145,7 @@ class ClusterPool:
                 backends.append(old.pop(a))
             else:
                 backends.append(_Backend(a))
-                self._start(backends[-1])
+                self._start_backend(backends[-1])
         self.backends = backends
         for b in old.values():
             b.removed = True
