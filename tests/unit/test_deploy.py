@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,37 @@ def test_entrypoint_takes_workers_from_the_cpu_limit(
     )
     nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
     assert loads(done.stdout).proxy.workers == (expected if cpu_max else nproc)
+
+
+SYSTEMD_UNIT = ROOT / "deploy" / "systemd" / "muxproxy.service"
+
+
+def systemd_warnings(unit: Path) -> str:
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return (done.stdout + done.stderr).strip() or ("" if done.returncode == 0 else "failed")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies_without_a_warning(tmp_path: Path) -> None:
+    assert systemd_warnings(SYSTEMD_UNIT) == ""
+    broken = tmp_path / "muxproxy.service"  # the check can fail: a bad value is reported
+    broken.write_text(SYSTEMD_UNIT.read_text().replace("Type=exec", "Type=bogus"))
+    assert "bogus" in systemd_warnings(broken)
+
+
+def test_systemd_unit_reloads_with_sighup_and_outwaits_the_drain() -> None:
+    keys = dict(
+        line.split("=", 1)
+        for line in SYSTEMD_UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert keys["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert int(keys["LimitNOFILE"]) >= 1_000_000
+    grace = loads(configmap_toml()).proxy.grace_period  # the same drain as in Kubernetes
+    assert float(keys["TimeoutStopSec"].removesuffix("s")) > grace
