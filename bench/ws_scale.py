@@ -338,6 +338,7 @@ class LoadClient:
         port: int,
         settings: Settings,
         log_path: Path,
+        script: str = "ws_load.py",
     ) -> None:
         self.index = index
         self.count = count
@@ -351,7 +352,7 @@ class LoadClient:
             "-c",
             str(settings.load_cpu),
             sys.executable,
-            str(BENCH_DIR / "ws_load.py"),
+            str(BENCH_DIR / script),
             "--port",
             str(port),
             "--count",

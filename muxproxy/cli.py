@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 
 from . import __version__
+from .budget import connection_budget
 from .config import Address, Config, ConfigError, load
 from .io.server import Proxy
 from .io.supervisor import die_with_supervisor, supervise
@@ -97,6 +98,7 @@ def _print_routes(cfg: Config) -> None:
     for i, r in enumerate(cfg.routes):
         ws = " +websocket" if r.websocket else ""
         print(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
+    print("\n".join(connection_budget(cfg)))
 
 
 async def _with_signals(

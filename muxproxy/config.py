@@ -229,6 +229,12 @@ class ClusterConfig(_Section, frozen=True):
     slow_client_timeout: Duration = Duration(10.0)
     tls: ClusterTLS = ClusterTLS()
     health: HealthConfig | None = None
+    # Backends written as DNS names (README "Backend discovery"): re-resolved every
+    # resolve_interval; an empty answer (NXDOMAIN, no records) removes the name's addresses
+    # only after resolve_hold; resolver is the DNS server ("ip:port"; default: resolv.conf).
+    resolve_interval: Duration = Duration(30.0)
+    resolve_hold: Duration = Duration(60.0)
+    resolver: Address | None = None
 
     @property
     def connection_cap(self) -> int:
@@ -313,12 +319,15 @@ def _check(cfg: Config) -> None:
             fail(f"{p}.max_replays", "cannot be negative")
         if c.eject_after < 1:
             fail(f"{p}.eject_after", "must be at least 1")
+        if c.resolver is not None and not _is_ip(c.resolver.host):
+            fail(f"{p}.resolver", "must be an IP address and port")
         for key in (
             "connect_timeout",
             "request_timeout",
             "pending_timeout",
             "ping_interval",
             "ping_timeout",
+            "resolve_interval",
         ):
             if getattr(c, key) <= 0:
                 fail(f"{p}.{key}", "must be more than 0")
@@ -330,6 +339,14 @@ def _check(cfg: Config) -> None:
             fail(f"{p}.host", f"bad host pattern {r.host!r} (exact, '*.suffix' or '*')")
         if not r.path_prefix.startswith("/"):
             fail(f"{p}.path_prefix", "must start with '/'")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(msgspec_path: str) -> str:

@@ -43,6 +43,7 @@ from ..core.pool_policy import (
 from ..core.relay import StreamState
 from ..errors import BackendUnavailable, NoExtendedConnect
 from .backend import BackendConnection, ConnectionStatistics, Signal
+from .discovery import Discovery, is_name
 from .protocols import PROTOCOLS
 from .timers import TimerWheel
 
@@ -60,6 +61,7 @@ class _Backend:
     health: Health = field(default_factory=Health)
     reconnects: int = 0
     retired_counters: Counter[str] = field(default_factory=Counter)
+    removed: bool = False  # gone from the backend set (DNS): its connections drain
 
     def view(self, now: float) -> BackendView:
         h = self.health
@@ -142,6 +144,7 @@ class ClusterPool:
         self._retiring: set[BackendConnection] = set()  # retired by us: close when idle
         self._capacity_log = RateLimit(CAPACITY_WARN_EVERY)
         self._unreachable_log = RateLimit(CAPACITY_WARN_EVERY)
+        self.discovery: Discovery | None = None  # when some backend is a DNS name
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -151,8 +154,13 @@ class ClusterPool:
         """Connect every slot and keep it connected until cancelled or drained."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            if any(is_name(a.host) for a in self.cfg.backends):
+                self.discovery = Discovery(self.cfg, self.set_backends)
+                self.backends = [b for b in self.backends if not is_name(b.address.host)]
             for b in self.backends:
                 self._start_backend(b)
+            if self.discovery is not None:
+                await tg.start(self.discovery.run)  # the first answers are in before we serve
             task_status.started()
 
     def _start_backend(self, b: _Backend) -> None:
