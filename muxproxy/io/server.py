@@ -111,26 +111,33 @@ class Proxy:
         task_status: anyio.abc.TaskStatus[dict[str, Address]] = anyio.TASK_STATUS_IGNORED,
         reuse_port: bool = False,
     ) -> None:
+        # Bind first: a port in use stops the start before any backend is dialled.
+        bound: dict[str, Address] = {}
+        listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
+        admin: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+        try:
+            for lc in self.config.listeners:
+                listener, bound[lc.name] = await self._bind(lc, reuse_port)
+                listeners.append(listener)
+            if self.config.admin is not None:
+                admin = await _listen(self.config.admin.listen, "admin.listen", reuse_port=False)
+                sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
+                bound["admin"] = Address(*sock.getsockname()[:2])
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+            raise
         async with anyio.create_task_group() as pools_tg:
             self.wheel.tick(anyio.current_time())
             pools_tg.start_soon(self.wheel.run)
             for pool in self.pools.values():
                 await pools_tg.start(pool.run)
-            bound: dict[str, Address] = {}
             async with anyio.create_task_group() as clients_tg:
-                listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
                 async with anyio.create_task_group() as accept_tg:
-                    for lc in self.config.listeners:
-                        listener, addr = await self._bind(lc, reuse_port)
-                        listeners.append(listener)
-                        bound[lc.name] = addr
+                    for lc, listener in zip(self.config.listeners, listeners, strict=True):
                         accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
-                    if self.config.admin is not None:
-                        admin = await _listen(
-                            self.config.admin.listen, "admin.listen", reuse_port=False
-                        )
-                        sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
-                        bound["admin"] = Address(*sock.getsockname()[:2])
+                    if admin is not None:
                         # In the clients' group: /healthz answers 503 while draining.
                         clients_tg.start_soon(admin.serve, partial(serve_admin, self), clients_tg)
                     task_status.started(bound)
