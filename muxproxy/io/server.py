@@ -66,15 +66,19 @@ class Proxy:
             for i, lc in enumerate(config.listeners)
             if lc.tls is not None
         }
-        self.metrics = Metrics()
-        # Consumers of Outcome records besides the metrics (the access log); see record().
+        # Called with each request's or tunnel's Outcome once it is over (access log,
+        # metrics).  Empty by default: then nothing is called.
         self.recorders: list[Callable[[Outcome], None]] = []
+        self.metrics = Metrics()  # request counters and histograms for /metrics
+        self.recorders.append(self.metrics.observe)
 
     def record(self, outcome: Outcome) -> None:
-        """Called once per request or tunnel when it ends (the seam in core/outcome.py)."""
-        self.metrics.observe(outcome)
+        """Hand one finished request's or tunnel's outcome to every recorder."""
         for recorder in self.recorders:
-            recorder(outcome)
+            try:
+                recorder(outcome)
+            except Exception:  # a broken recorder must not cost the request
+                log.exception("outcome recorder %r failed", recorder)
 
     def reload_certificates(self) -> None:
         """Re-read every listener's certificate files; ConfigError (nothing changed for the
