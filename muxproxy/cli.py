@@ -23,7 +23,7 @@ import anyio.abc
 from . import __version__
 from .budget import connection_budget
 from .config import Address, Config, ConfigError, load, loads
-from .io.server import Proxy
+from .io.server import Proxy, bind_error
 from .io.startup import check_startup
 from .io.supervisor import die_with_supervisor, supervise
 
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config) if args.config is not None else _demo_config()
         loop = getattr(args, "loop", None) or cfg.proxy.loop
-        if args.command != "check":
-            _check_loop(loop, "--loop" if getattr(args, "loop", None) else "proxy.loop")
+        _check_loop(loop, "--loop" if getattr(args, "loop", None) else "proxy.loop")
         if args.command == "check":
             check_startup(cfg, bind=args.bind)
             _print_routes(cfg)
@@ -240,7 +239,10 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
     backend = cfg.clusters[0].backends[0]
     proxy = Proxy(cfg)
     async with anyio.create_task_group() as tg:
-        await tg.start(origin.serve, backend.host, backend.port)
+        try:
+            await tg.start(origin.serve, backend.host, backend.port)
+        except OSError as exc:
+            raise ConfigError(bind_error("clusters[0].backends[0]", backend, exc)) from None
 
         async def ready(bound: dict[str, Address]) -> None:
             print(_ready_line(bound), file=sys.stderr, flush=True)

@@ -316,3 +316,15 @@ def test_a_wheel_runs_the_demo_from_anywhere(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "20 client connections sent 80 requests, 80 answered 200" in r.stdout, r.stdout
+
+
+def test_demo_with_its_backend_port_taken_is_one_line(tmp_path: Path, taken: int) -> None:
+    path = tmp_path / "demo.toml"
+    path.write_text(
+        (REPO / "muxproxy" / "demo.toml")
+        .read_text()
+        .replace("127.0.0.1:18081", f"127.0.0.1:{taken}")
+        .replace("127.0.0.1:18080", f"127.0.0.1:{free_port()}")
+    )
+    line = one_line(cli("demo", "--once", "-c", str(path)))
+    assert f"clusters[0].backends[0]: cannot listen on 127.0.0.1:{taken}" in line, line
