@@ -81,8 +81,8 @@ class ServerCertificates:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
-        default = lc.certificates[0]
-        ctx.load_cert_chain(default.cert, default.key)  # loaded above: cannot fail now
+        # No certificate of its own: the callback runs for every ClientHello (SNI or not)
+        # and switches the connection to the chosen entry's context before one is needed.
         ctx.sni_callback = self._pick
         self.context = ctx
 
