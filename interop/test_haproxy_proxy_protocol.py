@@ -1,16 +1,21 @@
 """A real HAProxy in TCP mode in front of a proxy_protocol listener (`send-proxy`,
-`send-proxy-v2`): the backend sees the original client's address in X-Forwarded-For."""
+`send-proxy-v2`), plain or with TLS passed through to muxproxy: the backend sees the
+original client's address in X-Forwarded-For."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
+import trustme
+from anyio.streams.tls import TLSStream
 
 from muxproxy.config import loads
 from muxproxy.io.h2server import H2Origin
@@ -27,11 +32,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-passthrough"])
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_haproxy_in_front_passes_the_client_address(
-    tmp_path: Path, send_proxy: str, backend: str
+    tmp_path: Path, send_proxy: str, backend: str, tls: bool
 ) -> None:
+    ca = trustme.CA()
+    tls_key = ""
+    client_ctx = ssl.create_default_context()
+    if tls:
+        cert = ca.issue_cert("edge.example")
+        pem, key = tmp_path / "edge.pem", tmp_path / "edge.key"
+        cert.cert_chain_pems[0].write_to_path(str(pem))
+        cert.private_key_pem.write_to_path(str(key))
+        tls_key = f'tls = {{ cert = "{pem}", key = "{key}" }}\n'
+        ca.configure_trust(client_ctx)
+
     async def scenario() -> None:
         origin = H2Origin(Script())
         async with anyio.create_task_group() as tg:
@@ -39,7 +56,7 @@ def test_haproxy_in_front_passes_the_client_address(
             proxy = Proxy(
                 loads(
                     '[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\n'
-                    'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n'
+                    f'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\n{tls_key}'
                     f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\n'
                     'connections = 1\n[[routes]]\ncluster = "app"\n'
                 )
@@ -70,7 +87,13 @@ def test_haproxy_in_front_passes_the_client_address(
                         await probe.aclose()
                         break
                 for _ in range(3):
-                    stream = await anyio.connect_tcp("127.0.0.1", front, local_host=CLIENT)
+                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                        "127.0.0.1", front, local_host=CLIENT
+                    )
+                    if tls:
+                        stream = await TLSStream.wrap(
+                            stream, hostname="edge.example", ssl_context=client_ctx
+                        )
                     await stream.send(
                         b"GET /headers HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n"
                     )
@@ -79,9 +102,9 @@ def test_haproxy_in_front_passes_the_client_address(
                         try:
                             while True:
                                 out += await stream.receive()
-                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError):
                             pass
-                    await stream.aclose()
+                    await anyio.aclose_forcefully(stream)
                     assert out.startswith(b"HTTP/1.1 200"), bytes(out)
                     fields = dict(json.loads(bytes(out).split(b"\r\n\r\n", 1)[1]))
                     assert fields["x-forwarded-for"] == CLIENT

@@ -328,8 +328,6 @@ def _check(cfg: Config) -> None:
                 f"listeners[{i}].proxy_protocol",
                 "needs trusted_proxies: the peers allowed to send a PROXY header",
             )
-        if lst.proxy_protocol and lst.tls is not None:
-            fail(f"listeners[{i}].proxy_protocol", "not supported with tls yet")
     _check_addresses(cfg, fail)
     names: set[str] = set()
     for i, c in enumerate(cfg.clusters):

@@ -2,16 +2,21 @@
 
 Runs in the connection's own task, before the HTTP session starts, so a slow or silent peer
 only holds its own connection, for at most ``limits.proxy_protocol_timeout``; the deadline
-covers the header only and is gone once it is parsed.
+covers the header only and is gone once it is parsed.  On a TLS listener the header comes
+first, in clear, and the TLS handshake starts after it (:func:`start_tls`): the bytes read
+past the header are the start of the ClientHello.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import ssl
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
 from ..config import ListenerConfig
 from ..core.proxy_protocol import ProxyHeaderError, parse
@@ -49,4 +54,46 @@ async def read_proxy_header(
         except (anyio.EndOfStream, *NETWORK_ERRORS):
             return None
     log.debug("%s: no PROXY header from %s in time", lc.name, peer[0])
+    return None
+
+
+class _Prefixed(anyio.abc.ByteStream):
+    """A stream that first returns bytes already read from it (the TLS handshake's start)."""
+
+    def __init__(self, inner: anyio.abc.ByteStream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            return data
+        return await self._inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._inner.extra_attributes
+
+
+async def start_tls(
+    stream: anyio.abc.ByteStream, early: bytes, context: ssl.SSLContext, timeout: float
+) -> anyio.abc.ByteStream | None:
+    """The TLS handshake after a PROXY header; None if it failed or took too long."""
+    transport = _Prefixed(stream, early) if early else stream
+    with anyio.move_on_after(timeout):
+        try:
+            return await TLSStream.wrap(
+                transport, server_side=True, ssl_context=context, standard_compatible=False
+            )
+        except (ssl.SSLError, anyio.EndOfStream, *NETWORK_ERRORS) as exc:
+            log.debug("TLS handshake after a PROXY header failed: %r", exc)
     return None

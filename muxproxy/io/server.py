@@ -31,7 +31,7 @@ from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .fast_stream import asyncio_running, serve_fast
 from .pool import ClusterPool, PoolStatistics
-from .proxy_header import read_proxy_header
+from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
 from .tls import ServerCertificates
 
@@ -167,7 +167,7 @@ class Proxy:
         host, port = sock.getsockname()[:2]
         listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
         certs = self.certificates.get(lc.name)
-        if certs is not None:
+        if certs is not None and not lc.proxy_protocol:  # (else: TLS after the PROXY header)
             listener = _QuietTLSListener(
                 tcp,
                 certs.context,
@@ -205,7 +205,7 @@ class Proxy:
                 sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
                 if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except NETWORK_ERRORS:
+            except (*NETWORK_ERRORS, anyio.TypedAttributeLookupError):  # gone already (trio)
                 await stream.aclose()
                 return
             early = b""
@@ -216,6 +216,13 @@ class Proxy:
                     await anyio.aclose_forcefully(stream)
                     return
                 peer, early = got
+                certs = self.certificates.get(lc.name)
+                if certs is not None:
+                    tls = await start_tls(stream, early, certs.context, lc.limits.header_timeout)
+                    if tls is None:
+                        await anyio.aclose_forcefully(stream)
+                        return
+                    stream, early = tls, b""
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
             if early:  # what followed the PROXY header: the start of the first request
                 client.session.receive_data(early)

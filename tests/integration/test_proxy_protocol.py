@@ -4,12 +4,16 @@ outside trusted_proxies, a malformed header, no header or a slow one closes the 
 from __future__ import annotations
 
 import json
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
+import trustme
+from anyio.streams.tls import TLSStream
 
 from muxproxy.config import Address, loads
 from muxproxy.core.proxy_protocol import V2_SIGNATURE
@@ -24,13 +28,13 @@ GET_HEADERS = b"GET /headers HTTP/1.1\r\nhost: a.example\r\nx-forwarded-for: 6.6
 
 
 @asynccontextmanager
-async def pp_proxy(timeout: str = "5s") -> AsyncIterator[tuple[Proxy, Address]]:
+async def pp_proxy(timeout: str = "5s", tls: str = "") -> AsyncIterator[tuple[Proxy, Address]]:
     origin = H2Origin(Script())
     async with anyio.create_task_group() as tg:
         port = await tg.start(origin.serve)
         cfg = loads(
             '[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\nproxy_protocol = true\n'
-            'trusted_proxies = ["127.0.0.1/32"]\n'
+            f'trusted_proxies = ["127.0.0.1/32"]\n{tls}\n'
             f'[listeners.limits]\nproxy_protocol_timeout = "{timeout}"\n'
             f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
             '[[routes]]\ncluster = "app"\n'
@@ -122,3 +126,50 @@ async def test_a_header_that_never_completes_is_dropped_after_the_timeout() -> N
     async with pp_proxy(timeout="200ms") as (proxy, addr):
         assert await exchange(addr, b"PROXY TCP4 203.0.113.7") == b""
         assert proxy.proxy_header_errors == 1
+
+
+async def test_tls_listener_reads_the_header_before_the_handshake(tmp_path: Path) -> None:
+    """An L4 balancer passing TLS through: PROXY header in clear, then the ClientHello (in
+    the same segment here), and the certificate is still chosen by SNI."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("a.example")
+    pem, key = tmp_path / "a.pem", tmp_path / "a.key"
+    cert.cert_chain_pems[0].write_to_path(str(pem))
+    cert.private_key_pem.write_to_path(str(key))
+    tls = f'tls = [{{ cert = "{pem}", key = "{key}", names = ["a.example"] }}]'
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    async with pp_proxy(tls=tls) as (proxy, addr):
+        for header in (b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n", v2_inet("2.2.2.2", 9)):
+            raw = await anyio.connect_tcp(addr.host, addr.port)
+            await raw.send(header)
+            stream = await TLSStream.wrap(raw, hostname="a.example", ssl_context=client_ctx)
+            await stream.send(GET_HEADERS)
+            out = bytearray()
+            with anyio.fail_after(10):
+                while b"]" not in out:
+                    out += await stream.receive()
+            await anyio.aclose_forcefully(stream)
+            expected = "203.0.113.7" if header.startswith(b"PROXY") else "2.2.2.2"
+            assert forwarded_for(bytes(out)) == expected
+        # a TLS ClientHello without the header first: closed, as on a plain listener
+        raw = await anyio.connect_tcp(addr.host, addr.port)
+        with pytest.raises((ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream)):
+            with anyio.fail_after(10):
+                await TLSStream.wrap(raw, hostname="a.example", ssl_context=client_ctx)
+        await anyio.aclose_forcefully(raw)
+        assert proxy.proxy_header_errors == 1
+
+
+async def test_connections_reset_before_their_task_runs_cost_nothing() -> None:
+    """A peer that connects and resets at once (a balancer's TCP health check): looking up
+    its address fails on trio; that must cost this connection only, not the proxy."""
+    import socket
+
+    async with pp_proxy() as (_, addr):
+        for _ in range(20):
+            s = socket.create_connection((addr.host, addr.port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        header = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"
+        assert forwarded_for(await exchange(addr, header + GET_HEADERS)) == "203.0.113.7"

@@ -47,11 +47,6 @@ def test_tls_list_and_table_forms() -> None:
         ("proxy_protocol = true", "listeners[0].proxy_protocol: needs trusted_proxies"),
         (
             'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8"]\n'
-            'tls = { cert = "a", key = "a" }',
-            "listeners[0].proxy_protocol: not supported with tls yet",
-        ),
-        (
-            'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8"]\n'
             '[listeners.limits]\nproxy_protocol_timeout = "0s"',
             "listeners[0].limits.proxy_protocol_timeout: must be more than 0",
         ),
