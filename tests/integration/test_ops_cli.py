@@ -284,25 +284,28 @@ def test_a_wheel_runs_the_demo_from_anywhere(tmp_path: Path) -> None:
     the config shipped inside the package (no conf/ next to site-packages)."""
     wheels = tmp_path / "wheels"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no source tree on the path
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
-        check=True,
         timeout=300,
         capture_output=True,
+        text=True,
+        env=env,
     )
+    assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("muxproxy-*.whl")
     venv = tmp_path / "venv"
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
     )
     py = venv / "bin" / "python"
-    subprocess.run(
+    installed = subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
-        check=True,
         timeout=300,
         capture_output=True,
+        text=True,
         env=env,
     )
+    assert installed.returncode == 0, installed.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run(
