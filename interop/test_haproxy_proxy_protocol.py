@@ -18,7 +18,7 @@ import trustme
 from anyio.streams.tls import TLSStream
 
 from muxproxy.config import loads
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h2server import H2Origin
 from muxproxy.io.server import Proxy
 from tests.integration.origin import Script
 

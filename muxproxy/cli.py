@@ -42,9 +42,9 @@ LOOP_EXTRAS = {"uvloop": "uvloop", "trio": "trio"}  # --loop → the pip extra t
 
 
 def _demo_config() -> Config:
-    """The demo's config, shipped inside the package (muxproxy/demo.toml)."""
-    text = resources.files("muxproxy").joinpath("demo.toml").read_text(encoding="utf-8")
-    return loads(text, source="muxproxy/demo.toml")
+    """The demo's config, shipped inside the package (muxproxy/demo/demo.toml)."""
+    text = resources.files("muxproxy.demo").joinpath("demo.toml").read_text(encoding="utf-8")
+    return loads(text, source="muxproxy/demo/demo.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    where = args.config or "muxproxy/demo.toml"
+    where = args.config or "muxproxy/demo/demo.toml"
     try:
         cfg = load(args.config) if args.config is not None else _demo_config()
         loop = getattr(args, "loop", None) or cfg.proxy.loop

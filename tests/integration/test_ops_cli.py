@@ -17,8 +17,8 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from muxproxy.io.h1client import H1Client
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h1client import H1Client
+from muxproxy.demo.h2server import H2Origin
 
 from .origin import Script
 from .test_tls_and_cli import proxy_process
@@ -324,7 +324,7 @@ def test_a_wheel_runs_the_demo_from_anywhere(tmp_path: Path) -> None:
 def test_demo_with_its_backend_port_taken_is_one_line(tmp_path: Path, taken: int) -> None:
     path = tmp_path / "demo.toml"
     path.write_text(
-        (REPO / "muxproxy" / "demo.toml")
+        (REPO / "muxproxy" / "demo" / "demo.toml")
         .read_text()
         .replace("127.0.0.1:18081", f"127.0.0.1:{taken}")
         .replace("127.0.0.1:18080", f"127.0.0.1:{free_port()}")

@@ -17,7 +17,7 @@ from anyio.streams.tls import TLSStream
 
 from muxproxy.config import Address, loads
 from muxproxy.core.proxy_protocol import V2_SIGNATURE
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h2server import H2Origin
 from muxproxy.io.server import Proxy
 
 from .origin import Script

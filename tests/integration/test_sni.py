@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from muxproxy.config import Address, loads
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h2server import H2Origin
 from muxproxy.io.server import Proxy
 
 from .origin import Script
