@@ -1,15 +1,19 @@
 """Command line: ``muxproxy run | check | demo``, ``--version``.
 
-This is, with ``__main__``, the only place that picks the event loop.
+This is, with ``__main__``, the only place that picks the event loop.  Whatever stops the
+proxy from starting (a config error, a certificate that does not load, a port in use, a
+missing ``--loop`` extra) ends here as one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +22,65 @@ import anyio.abc
 
 from . import __version__
 from .budget import connection_budget
-from .config import Address, Config, ConfigError, load
-from .io.server import Proxy
+from .config import Address, Config, ConfigError, load, loads
+from .io.server import Proxy, bind_error
+from .io.startup import check_startup
 from .io.supervisor import die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "demo.toml"
+DESCRIPTION = """\
+muxproxy: an edge reverse proxy that carries many HTTP/1.1 client connections over a small,
+fixed pool of HTTP/2 or HTTP/3 connections per backend."""
+EPILOG = """\
+examples:
+  muxproxy demo                      see it work (backend, proxy and clients in one process)
+  muxproxy check -c proxy.toml       validate a config (--bind: also try every listen port)
+  muxproxy run -c proxy.toml         serve; SIGTERM/SIGINT drain gracefully
+"""
+LOOP_EXTRAS = {"uvloop": "uvloop", "trio": "trio"}  # --loop → the pip extra that provides it
+
+
+def _demo_config() -> Config:
+    """The demo's config, shipped inside the package (muxproxy/demo/demo.toml)."""
+    text = resources.files("muxproxy.demo").joinpath("demo.toml").read_text(encoding="utf-8")
+    return loads(text, source="muxproxy/demo/demo.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="muxproxy", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="muxproxy",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"muxproxy {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,check,demo}")
+    loop_help = (
+        "event loop: asyncio (default), uvloop or trio; the last two need an extra: "
+        "pip install 'muxproxy[uvloop]' or 'muxproxy[trio]'"
+    )
     for name, help_ in (("run", "run the proxy"), ("check", "validate a config file")):
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
+        if name == "check":
+            sp.add_argument(
+                "--bind",
+                action="store_true",
+                help="also bind every listen address once (and release it): finds ports in use",
+            )
         if name == "run":
-            sp.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
+            sp.add_argument("--loop", choices=("asyncio", "uvloop", "trio"), help=loop_help)
             sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
             sp.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    d = sub.add_parser("demo", help="in-process HTTP/2 backend + proxy, and a burst of clients")
-    d.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG)
-    d.add_argument("--loop", choices=("asyncio", "uvloop", "trio"))
+    d = sub.add_parser(
+        "demo",
+        help="in-process HTTP/2 backend + proxy, and a burst of clients",
+        description="An in-process HTTP/2 backend, the proxy in front of it, and a burst of "
+        "client connections; then it keeps serving until Ctrl-C.",
+    )
+    d.add_argument("-c", "--config", type=Path, help="TOML config (default: the packaged demo)")
+    d.add_argument("--loop", choices=("asyncio", "uvloop", "trio"), help=loop_help)
     d.add_argument("--clients", type=int, default=500, help="concurrent client connections")
     d.add_argument("--requests", type=int, default=4, help="requests per client connection")
     d.add_argument("--once", action="store_true", help="exit after the burst")
@@ -56,22 +96,62 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    where = args.config or "muxproxy/demo/demo.toml"
     try:
-        cfg = load(args.config)
+        cfg = load(args.config) if args.config is not None else _demo_config()
+        loop = getattr(args, "loop", None) or cfg.proxy.loop
+        _check_loop(loop, "--loop" if getattr(args, "loop", None) else "proxy.loop")
+        if args.command == "check":
+            check_startup(cfg, bind=args.bind)
+            _print_routes(cfg)
+            return 0
+        if args.command == "run":
+            if cfg.proxy.workers > 1 and not args.worker:
+                check_startup(cfg, bind=True, reuse_port=True)
+                admin = cfg.admin.listen if cfg.admin is not None else None
+                return supervise(
+                    args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period, admin
+                )
+            if args.worker:
+                die_with_supervisor()
+                cfg = _worker_config(cfg)
+            return _run_loop(loop, _serve, cfg, args.worker)
+        return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
     except ConfigError as exc:
-        print(f"muxproxy: {args.config}: {exc}", file=sys.stderr)
+        print(f"muxproxy: {where}: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check":
-        _print_routes(cfg)
-        return 0
-    loop = args.loop or cfg.proxy.loop
-    if args.command == "run":
-        if cfg.proxy.workers > 1 and not args.worker:
-            return supervise(args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period)
-        if args.worker:
-            die_with_supervisor()
-        return _run_loop(loop, _serve, cfg, args.worker)
-    return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
+
+
+def _check_loop(loop: str, key: str) -> None:
+    """A loop whose package is missing: one line naming the extra to install."""
+    extra = LOOP_EXTRAS.get(loop)
+    if extra is not None and importlib.util.find_spec(extra) is None:
+        raise ConfigError(
+            f"{key}: {loop} is not installed; install the extra: pip install 'muxproxy[{extra}]'"
+        )
+
+
+def _worker_config(cfg: Config) -> Config:
+    """A worker's admin listener moves to a private loopback port: the supervisor owns the
+    configured one and gathers every worker's figures from these (io/supervisor.py)."""
+    if cfg.admin is None:
+        return cfg
+    import msgspec
+
+    admin = msgspec.structs.replace(cfg.admin, listen=Address("127.0.0.1", 0))
+    return msgspec.structs.replace(cfg, admin=admin)
+
+
+def _startup_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError (a bind or file failure) inside what a task group raised, if any."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -83,6 +163,15 @@ def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
         )
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        found = _startup_error(group)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _print_routes(cfg: Config) -> None:
@@ -91,9 +180,10 @@ def _print_routes(cfg: Config) -> None:
         print(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
     for c in cfg.clusters:
         cap = f", up to {c.max_connections}" if c.max_connections else ""
+        conns = _plural(c.connections, "connection")
         print(
             f"cluster {c.name}: {c.protocol} → {', '.join(map(str, c.backends))} "
-            f"({c.connections} connections per backend{cap}, {c.balance})"
+            f"({conns} per backend{cap}, {c.balance})"
         )
     for i, r in enumerate(cfg.routes):
         ws = " +websocket" if r.websocket else ""
@@ -149,7 +239,10 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
     backend = cfg.clusters[0].backends[0]
     proxy = Proxy(cfg)
     async with anyio.create_task_group() as tg:
-        await tg.start(origin.serve, backend.host, backend.port)
+        try:
+            await tg.start(origin.serve, backend.host, backend.port)
+        except OSError as exc:
+            raise ConfigError(bind_error("clusters[0].backends[0]", backend, exc)) from None
 
         async def ready(bound: dict[str, Address]) -> None:
             print(_ready_line(bound), file=sys.stderr, flush=True)
@@ -169,10 +262,11 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
             async with anyio.create_task_group() as burst:
                 for _ in range(clients):
                     burst.start_soon(one_client)
+            n = origin.connections_accepted
             print(
-                f"demo: {clients} client connections sent {clients * requests} requests, "
-                f"{ok} answered 200, over {origin.connections_accepted} backend TCP connection(s)"
-                f" to {backend}",
+                f"demo: {_plural(clients, 'client connection')} sent "
+                f"{_plural(clients * requests, 'request')}, {ok} answered 200, over "
+                f"{_plural(n, 'backend TCP connection')} to {backend}",
                 flush=True,
             )
             if once:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -37,7 +38,10 @@ __all__ = [
 
 
 class Duration(float):
-    """Seconds, written in TOML as ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"`` (or a number of s)."""
+    """Seconds, written in TOML as ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``.
+
+    A bare number is refused: ``grace_period = 10`` could mean seconds or milliseconds, and a
+    config that means the other one fails at the worst moment."""
 
     _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -47,9 +51,7 @@ class Duration(float):
         if isinstance(value, bool):
             raise ValueError('expected a duration such as "5s"')
         if isinstance(value, int | float):
-            if value < 0:
-                raise ValueError("a duration cannot be negative")
-            return cls(value)
+            raise ValueError(f'a duration needs a unit: write "{value}s" or "{value}ms"')
         if isinstance(value, str):
             m = cls._RE.match(value)
             if m:
@@ -58,7 +60,8 @@ class Duration(float):
 
 
 class Size(int):
-    """Bytes, written in TOML as ``"64KiB"``, ``"1GiB"``, ``"512B"`` (or a number of bytes)."""
+    """Bytes, written in TOML as ``"64KiB"``, ``"1GiB"``, ``"512B"`` (a bare number is refused,
+    like a duration without a unit)."""
 
     _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
     _RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)\s*$")
@@ -68,9 +71,7 @@ class Size(int):
         if isinstance(value, bool):
             raise ValueError('expected a size such as "64KiB"')
         if isinstance(value, int):
-            if value < 0:
-                raise ValueError("a size cannot be negative")
-            return cls(value)
+            raise ValueError(f'a size needs a unit: write "{value}B" or use KiB, MiB or GiB')
         if isinstance(value, str):
             m = cls._RE.match(value)
             if m:
@@ -169,6 +170,8 @@ class AdminConfig(_Section, frozen=True):
 class ListenerTLS(_Section, frozen=True):
     cert: str
     key: str
+    # SNI names this certificate answers ("a.example", "*.b.example"); none: the default one
+    names: tuple[str, ...] = ()
 
 
 class Limits(_Section, frozen=True):
@@ -181,6 +184,8 @@ class Limits(_Section, frozen=True):
     body_timeout: Duration = Duration(30.0)  # no request-body progress for this long → 408
     send_timeout: Duration = Duration(60.0)  # a client that reads nothing for this long is dropped
     max_connections: int = 100_000
+    # proxy_protocol listeners: the whole PROXY header must arrive within this (spec: ≥ 3 s)
+    proxy_protocol_timeout: Duration = Duration(5.0)
     # A field name with "_": refuse the request, drop the field, or forward it (README: Security)
     underscore_headers: Literal["reject", "drop", "allow"] = "reject"
 
@@ -188,9 +193,23 @@ class Limits(_Section, frozen=True):
 class ListenerConfig(_Section, frozen=True):
     name: str
     listen: Address
-    tls: ListenerTLS | None = None
+    # One certificate, or several chosen by SNI: [{cert, key, names = [...]}, ...]
+    tls: ListenerTLS | tuple[ListenerTLS, ...] | None = None
     trusted_proxies: tuple[Network, ...] = ()
+    # Every connection starts with a PROXY protocol v1/v2 header, from a trusted_proxies peer
+    proxy_protocol: bool = False
     limits: Limits = Limits()
+
+    @property
+    def certificates(self) -> tuple[ListenerTLS, ...]:
+        """The TLS entries as a tuple, whichever form the file used."""
+        if self.tls is None:
+            return ()
+        return self.tls if isinstance(self.tls, tuple) else (self.tls,)
+
+    def tls_path(self, index: int) -> str:
+        """The key path of one TLS entry, in the form the file used (for messages)."""
+        return "tls" if isinstance(self.tls, ListenerTLS) else f"tls[{index}]"
 
 
 class ClusterTLS(_Section, frozen=True):
@@ -294,9 +313,22 @@ def _check(cfg: Config) -> None:
         for key in ("max_header_bytes", "max_headers", "max_uri_bytes", "max_connections"):
             if getattr(lim, key) < 1:
                 fail(f"listeners[{i}].limits.{key}", "must be at least 1")
-        for key in ("header_timeout", "idle_timeout", "body_timeout", "send_timeout"):
+        for key in (
+            "header_timeout",
+            "idle_timeout",
+            "body_timeout",
+            "send_timeout",
+            "proxy_protocol_timeout",
+        ):
             if getattr(lim, key) <= 0:
                 fail(f"listeners[{i}].limits.{key}", "must be more than 0")
+        _check_listener_tls(lst, f"listeners[{i}]", fail)
+        if lst.proxy_protocol and not lst.trusted_proxies:
+            fail(
+                f"listeners[{i}].proxy_protocol",
+                "needs trusted_proxies: the peers allowed to send a PROXY header",
+            )
+    _check_addresses(cfg, fail)
     names: set[str] = set()
     for i, c in enumerate(cfg.clusters):
         p = f"clusters[{i}]"
@@ -349,6 +381,55 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _check_listener_tls(lst: ListenerConfig, p: str, fail: Callable[[str, str], None]) -> None:
+    certs = lst.certificates
+    if isinstance(lst.tls, tuple) and not certs:
+        fail(f"{p}.tls", "an empty list: give at least one {cert, key}")
+    defaults = [i for i, t in enumerate(certs) if not t.names]
+    if len(defaults) > 1:
+        fail(f"{p}.tls[{defaults[1]}].names", "only one certificate may be the default (no names)")
+    seen: set[str] = set()
+    for i, t in enumerate(certs):
+        for j, name in enumerate(t.names):
+            where = f"{p}.{lst.tls_path(i)}.names[{j}]"
+            low = name.lower()
+            if not _SNI_RE.match(low):
+                fail(where, f"bad server name {name!r} (exact or '*.suffix')")
+            if low in seen:
+                fail(where, f"{name!r} is named by two certificates")
+            seen.add(low)
+
+
+_SNI_RE = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9\-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]*[a-z0-9])?)*$")
+_WILDCARD_HOSTS = {"0.0.0.0": 4, "": 0, "::": 0, "*": 0}  # 4: every IPv4; 0: every address
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Would binding both in one process fail (same port, same or wildcard host)?"""
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    for x, y in ((a, b), (b, a)):
+        kind = _WILDCARD_HOSTS.get(x.host)
+        if kind == 0:
+            return True
+        if kind == 4 and ":" not in y.host:
+            return True
+    return False
+
+
+def _check_addresses(cfg: Config, fail: Callable[[str, str], None]) -> None:
+    """Two listen addresses that cannot both be bound (the admin port included)."""
+    addrs = [(f"listeners[{i}].listen", lst.listen) for i, lst in enumerate(cfg.listeners)]
+    if cfg.admin is not None:
+        addrs.append(("admin.listen", cfg.admin.listen))
+    for n, (path, addr) in enumerate(addrs):
+        for other_path, other in addrs[:n]:
+            if _overlap(addr, other):
+                fail(path, f"{addr} overlaps {other_path} ({other}): one port, one listener")
+
+
 def _path(msgspec_path: str) -> str:
     """``$.routes[2].cluster`` → ``routes[2].cluster``."""
     return msgspec_path.removeprefix("$").removeprefix(".")
@@ -386,7 +467,25 @@ def _format_validation(msg: str) -> str:
     if missing:
         key = f"{where}.{missing.group(1)}" if where else missing.group(1)
         return f"{key}: required key is missing"
+    if what.startswith("Invalid enum value"):
+        choices = _choices(where)
+        if choices:
+            what += f" (use one of: {', '.join(map(repr, choices))})"
     return f"{where or '(top level)'}: {what}"
+
+
+def _choices(path: str) -> tuple[object, ...]:
+    """The allowed values of the Literal-typed key at ``path`` (``clusters[0].protocol``)."""
+    typ: Any = Config
+    for part in re.sub(r"\[\d+\]", "", path).split("."):
+        hints = get_type_hints(typ) if isinstance(typ, type) else {}
+        if part not in hints:
+            return ()
+        typ = hints[part]
+        while get_origin(typ) is not None and get_origin(typ) is not Literal:
+            args = [a for a in get_args(typ) if a is not type(None) and a is not Ellipsis]
+            typ = args[0] if args else None
+    return get_args(typ) if get_origin(typ) is Literal else ()
 
 
 def load(path: str | Path) -> Config:

@@ -50,6 +50,19 @@ def metrics_text(proxy: Proxy) -> str:
         "Client connections closed at once because a listener was at max_connections.",
         iter([("", proxy.refused_connections)]),
     )
+    family(
+        "muxproxy_proxy_protocol_errors_total",
+        "counter",
+        "Connections closed for want of a valid PROXY header from a trusted peer.",
+        iter([("", proxy.proxy_header_errors)]),
+    )
+
+    def raw_family(name: str, kind: str, help_: str, samples: list[str]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(samples)
+
+    proxy.metrics.render(raw_family)
 
     def per_backend(attr: str) -> Iterator[tuple[str, object]]:
         for s in stats.values():

@@ -10,10 +10,10 @@ cancel whatever is left and close the pools.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
-import ssl
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -22,14 +22,18 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSListener
 
-from ..config import Address, Config, ListenerConfig
+from ..config import Address, Config, ConfigError, ListenerConfig
+from ..core.metrics import Metrics
+from ..core.outcome import Outcome
 from ..router import Router
 from .admin import serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .fast_stream import asyncio_running, serve_fast
 from .pool import ClusterPool, PoolStatistics
+from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
+from .tls import ServerCertificates
 
 log = logging.getLogger("muxproxy")
 
@@ -55,6 +59,32 @@ class Proxy:
         }
         self.refused_connections = 0
         self.internal_errors = 0
+        self.proxy_header_errors = 0  # PROXY protocol: untrusted peer, malformed, timed out
+        # Certificates load here, so a bad file stops ``run`` before anything binds.
+        self.certificates = {
+            lc.name: ServerCertificates(lc, f"listeners[{i}]")
+            for i, lc in enumerate(config.listeners)
+            if lc.tls is not None
+        }
+        # Called with each request's or tunnel's Outcome once it is over (access log,
+        # metrics).  Empty by default: then nothing is called.
+        self.recorders: list[Callable[[Outcome], None]] = []
+        self.metrics = Metrics()  # request counters and histograms for /metrics
+        self.recorders.append(self.metrics.observe)
+
+    def record(self, outcome: Outcome) -> None:
+        """Hand one finished request's or tunnel's outcome to every recorder."""
+        for recorder in self.recorders:
+            try:
+                recorder(outcome)
+            except Exception:  # a broken recorder must not cost the request
+                log.exception("outcome recorder %r failed", recorder)
+
+    def reload_certificates(self) -> None:
+        """Re-read every listener's certificate files; ConfigError (nothing changed for the
+        listener at fault) if one does not load."""
+        for certs in self.certificates.values():
+            certs.reload()
 
     def is_trusted(self, listener: ListenerConfig, ip: str) -> bool:
         nets = self._trusted.get(listener.name)
@@ -85,27 +115,33 @@ class Proxy:
         task_status: anyio.abc.TaskStatus[dict[str, Address]] = anyio.TASK_STATUS_IGNORED,
         reuse_port: bool = False,
     ) -> None:
+        # Bind first: a port in use stops the start before any backend is dialled.
+        bound: dict[str, Address] = {}
+        listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
+        admin: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
+        try:
+            for lc in self.config.listeners:
+                listener, bound[lc.name] = await self._bind(lc, reuse_port)
+                listeners.append(listener)
+            if self.config.admin is not None:
+                admin = await _listen(self.config.admin.listen, "admin.listen", reuse_port=False)
+                sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
+                bound["admin"] = Address(*sock.getsockname()[:2])
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+            raise
         async with anyio.create_task_group() as pools_tg:
             self.wheel.tick(anyio.current_time())
             pools_tg.start_soon(self.wheel.run)
             for pool in self.pools.values():
                 await pools_tg.start(pool.run)
-            bound: dict[str, Address] = {}
             async with anyio.create_task_group() as clients_tg:
-                listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
                 async with anyio.create_task_group() as accept_tg:
-                    for lc in self.config.listeners:
-                        listener, addr = await self._bind(lc, reuse_port)
-                        listeners.append(listener)
-                        bound[lc.name] = addr
+                    for lc, listener in zip(self.config.listeners, listeners, strict=True):
                         accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
-                    if self.config.admin is not None:
-                        admin = await anyio.create_tcp_listener(
-                            local_host=self.config.admin.listen.host,
-                            local_port=self.config.admin.listen.port,
-                        )
-                        sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
-                        bound["admin"] = Address(*sock.getsockname()[:2])
+                    if admin is not None:
                         # In the clients' group: /healthz answers 503 while draining.
                         clients_tg.start_soon(admin.serve, partial(serve_admin, self), clients_tg)
                     task_status.started(bound)
@@ -125,21 +161,18 @@ class Proxy:
     async def _bind(
         self, lc: ListenerConfig, reuse_port: bool
     ) -> tuple[anyio.abc.Listener[anyio.abc.ByteStream], Address]:
-        tcp = await anyio.create_tcp_listener(
-            local_host=lc.listen.host,
-            local_port=lc.listen.port,
-            reuse_port=reuse_port,
-            backlog=4096,
-        )
+        index = self.config.listeners.index(lc)
+        tcp = await _listen(lc.listen, f"listeners[{index}].listen", reuse_port=reuse_port)
         sock = tcp.extra(anyio.abc.SocketAttribute.raw_socket)
         host, port = sock.getsockname()[:2]
         listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
-        if lc.tls is not None:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
-            ctx.set_alpn_protocols(["http/1.1"])
+        certs = self.certificates.get(lc.name)
+        if certs is not None and not lc.proxy_protocol:  # (else: TLS after the PROXY header)
             listener = _QuietTLSListener(
-                tcp, ctx, standard_compatible=False, handshake_timeout=lc.limits.header_timeout
+                tcp,
+                certs.context,
+                standard_compatible=False,
+                handshake_timeout=lc.limits.header_timeout,
             )
         return listener, Address(host, port)
 
@@ -172,10 +205,27 @@ class Proxy:
                 sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
                 if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except NETWORK_ERRORS:
+            except (*NETWORK_ERRORS, anyio.TypedAttributeLookupError):  # gone already (trio)
                 await stream.aclose()
                 return
+            early = b""
+            if lc.proxy_protocol:  # in this connection's task, never in the accept loop
+                got = await read_proxy_header(self, lc, stream, peer)  # type: ignore[arg-type]
+                if got is None:
+                    self.proxy_header_errors += 1
+                    await anyio.aclose_forcefully(stream)
+                    return
+                peer, early = got
+                certs = self.certificates.get(lc.name)
+                if certs is not None:
+                    tls = await start_tls(stream, early, certs.context, lc.limits.header_timeout)
+                    if tls is None:
+                        await anyio.aclose_forcefully(stream)
+                        return
+                    stream, early = tls, b""
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
+            if early:  # what followed the PROXY header: the start of the first request
+                client.session.receive_data(early)
             self.clients.add(client)
             open_here.add(client)
             client.open_here = open_here
@@ -198,6 +248,26 @@ class Proxy:
         client.open_here.discard(client)
         if self.draining and not self.clients:
             self._no_clients.set()
+
+
+async def _listen(
+    addr: Address, where: str, *, reuse_port: bool
+) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+    """Bind one listen address; a failure is a ConfigError naming the key (one line)."""
+    try:
+        return await anyio.create_tcp_listener(
+            local_host=addr.host, local_port=addr.port, reuse_port=reuse_port, backlog=4096
+        )
+    except OSError as exc:
+        raise ConfigError(bind_error(where, addr, exc)) from None
+
+
+def bind_error(where: str, addr: Address, exc: OSError) -> str:
+    """The one line for a listen address that cannot be bound."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += " (another process, or another listener here, has this port)"
+    return f"{where}: cannot listen on {addr}: {reason}"
 
 
 class _QuietTLSListener(TLSListener):

@@ -6,6 +6,11 @@
 restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for the
 workers' graceful drain.  A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
 the kernel and drains too.  The kernel spreads new client connections across the workers.
+
+The admin port belongs to the supervisor (io/admin_gather.py): each worker serves its own
+admin endpoints on a private loopback port that it names in its ready line, and the
+supervisor answers a scrape of the configured ``[admin].listen`` by asking every worker and
+labelling each series with ``worker="N"`` — one scrape sees every worker.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import Address
+from .admin_gather import AdminGatherer
+
 log = logging.getLogger("muxproxy.supervisor")
 
 READY_TIMEOUT = 30.0
 SUPERVISOR_ENV = "MUXPROXY_SUPERVISOR"  # the supervisor's pid, in each worker's environment
+WORKER_ENV = "MUXPROXY_WORKER"  # the worker's index
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -30,7 +39,7 @@ def _spawn(config: Path, loop: str, index: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "muxproxy", "run", "-c", str(config), "--loop", loop, "--worker"],
         stdout=subprocess.PIPE,
-        env={**os.environ, "MUXPROXY_WORKER": str(index), SUPERVISOR_ENV: str(os.getpid())},
+        env={**os.environ, WORKER_ENV: str(index), SUPERVISOR_ENV: str(os.getpid())},
     )
 
 
@@ -50,8 +59,8 @@ def die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> str | None:
-    """The first worker's ready line once every worker printed one; None if one died."""
+def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> list[str] | None:
+    """Every worker's ready line once each printed one; None if one died."""
     sel = selectors.DefaultSelector()
     for i, w in enumerate(workers):
         assert w.stdout is not None
@@ -73,10 +82,17 @@ def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> str | None:
                 lines[i] = line.strip()
                 sel.unregister(key.fileobj)
     sel.close()
-    return lines[0]
+    return [lines[i] for i in range(len(workers))]
 
 
-def supervise(config: Path, loop: str, workers: int, grace: float) -> int:
+def _ready_fields(line: str) -> dict[str, str]:
+    """``ready edge=127.0.0.1:8080 admin=127.0.0.1:41234`` → {name: address}."""
+    return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+
+
+def supervise(
+    config: Path, loop: str, workers: int, grace: float, admin: Address | None = None
+) -> int:
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -85,20 +101,35 @@ def supervise(config: Path, loop: str, workers: int, grace: float) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gatherer = AdminGatherer(admin, workers) if admin is not None else None
     procs = [_spawn(config, loop, i) for i in range(workers)]
-    ready = _wait_ready(procs)
-    if ready is None:
+    lines = _wait_ready(procs)
+    if lines is None:
         log.error("a worker failed to start")
         for p in procs:
             p.kill()
+        if gatherer is not None:
+            gatherer.close()
         return 1
-    print(ready, file=sys.stderr, flush=True)
+    fields = _ready_fields(lines[0])
+    if gatherer is not None:
+        for i, line in enumerate(lines):
+            gatherer.workers[i] = _ready_fields(line).get("admin")
+        fields["admin"] = str(gatherer.address)
+    print("ready " + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
     while not stop:
         for i, p in enumerate(procs):
             if p.poll() is not None:
                 log.error("worker %d exited with %s; restarting it", i, p.returncode)
+                if gatherer is not None:
+                    gatherer.workers[i] = None
                 procs[i] = _spawn(config, loop, i)
+                again = _wait_ready([procs[i]])
+                if gatherer is not None and again is not None:
+                    gatherer.workers[i] = _ready_fields(again[0]).get("admin")
         time.sleep(0.2)  # a supervisor's heartbeat, not a synchronisation
+    if gatherer is not None:
+        gatherer.close()
     for p in procs:
         p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace + 5

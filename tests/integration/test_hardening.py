@@ -327,7 +327,7 @@ async def test_slow_reader_is_dropped_after_send_timeout_holding_one_window() ->
     async with running(
         script,
         listener={"send_timeout": "500ms"},
-        cluster={"connections": 1, "stream_window": window},
+        cluster={"connections": 1, "stream_window": f"{window}B"},
     ) as h:
         slow = await anyio.connect_tcp(h.addr.host, h.addr.port)
         await slow.send(f"GET /big?{size} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode())

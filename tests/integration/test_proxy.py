@@ -307,7 +307,7 @@ async def test_slow_reader_holds_at_most_one_window_and_neighbours_flow() -> Non
     script = Script()
     window = 65535
     size = 32 * 1024 * 1024
-    async with running(script, cluster={"connections": 1, "stream_window": window}) as h:
+    async with running(script, cluster={"connections": 1, "stream_window": f"{window}B"}) as h:
         slow = await anyio.connect_tcp(h.addr.host, h.addr.port)
         await slow.send(f"GET /big?{size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
         await wait_for(lambda: len(script.started) == 1)

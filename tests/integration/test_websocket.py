@@ -366,7 +366,7 @@ async def test_websocket_client_that_stops_reading_holds_one_window_then_is_drop
         script,
         origin={"connect_protocol": True},
         listener={"send_timeout": "500ms"},
-        cluster={"connections": 1, "stream_window": window},
+        cluster={"connections": 1, "stream_window": f"{window}B"},
         routes=ws_routes(),
     ) as h:
         ws = await WSClient.connect(h.addr.host, h.addr.port, path="/flood")

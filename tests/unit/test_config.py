@@ -149,15 +149,15 @@ def test_full_config_resolves_every_value() -> None:
         ("1h", 3600.0),
         ("1.5s", 1.5),
         (" 10s ", 10.0),
-        (3, 3.0),
-        (0.5, 0.5),
     ],
 )
 def test_duration_units(text: str | float, seconds: float) -> None:
     assert Duration.parse(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["5", "5 sec", "s", "-1s", "1d", "5S", "", True, -3, None])
+@pytest.mark.parametrize(
+    "text", ["5", "5 sec", "s", "-1s", "1d", "5S", "", True, -3, None, 3, 0.5, 10]
+)
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         Duration.parse(text)
@@ -165,13 +165,13 @@ def test_bad_durations(text: object) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("512B", 512), ("64KiB", 65536), ("3MiB", 3 * 1024**2), ("1GiB", 1024**3), (100, 100)],
+    [("512B", 512), ("64KiB", 65536), ("3MiB", 3 * 1024**2), ("1GiB", 1024**3)],
 )
 def test_size_units(text: str | int, size: int) -> None:
     assert Size.parse(text) == size
 
 
-@pytest.mark.parametrize("text", ["64KB", "64kib", "1.5MiB", "10", "GiB", True, -1, 1.5])
+@pytest.mark.parametrize("text", ["64KB", "64kib", "1.5MiB", "10", "GiB", True, -1, 1.5, 100])
 def test_bad_sizes(text: object) -> None:
     with pytest.raises(ValueError):
         Size.parse(text)
@@ -359,8 +359,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_check_prints_the_resolved_routes(tmp_path: Path) -> None:
+    import trustme
+
+    cert = trustme.CA().issue_cert("edge.example")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "edge.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "edge.key"))
     path = tmp_path / "proxy.toml"
-    path.write_text(FULL, encoding="utf-8")
+    path.write_text(FULL.replace('"edge.', f'"{tmp_path}/edge.'), encoding="utf-8")
     r = _cli("check", "-c", str(path))
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
