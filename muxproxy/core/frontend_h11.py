@@ -294,6 +294,11 @@ class ClientSession:
             return False
         return self._h11 is None or self._h11.their_state in _COMPLETE
 
+    @property
+    def can_keep_alive(self) -> bool:
+        """The connection may serve another request after this one (as far as is known)."""
+        return not self._must_close and self.request_complete
+
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
         req = self.request
@@ -307,7 +312,6 @@ class ClientSession:
         """Serialise a final response head and choose its framing (RFC 9112 §6.3)."""
         req = self.request
         assert req is not None and not self.response_started
-        self.response_started = True
         lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         length: int | None = None
         for name, value in headers:
@@ -316,6 +320,7 @@ class ClientSession:
                     raise ResponseFramingError("bad content-length from the backend")
                 length = int(value)
             lines.append(name + b": " + value + b"\r\n")
+        self.response_started = True  # (not before: a head refused above can become a 502)
         if status < 200 or status in (204, 304) or req.method == b"HEAD":
             self._framing = _NONE
         elif length is not None:
