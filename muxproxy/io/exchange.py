@@ -288,7 +288,7 @@ class Exchange:
     async def _download(
         self, conn: BackendConnection, st: StreamState, news: Signal, opened: float
     ) -> bool:
-        await self._await_head(st, news)
+        await self._await_head(conn, st, news)
         assert st.headers is not None
         self.outcome.upstream_s = time.monotonic() - opened
         status, headers = response_from_h2(st.headers)
@@ -297,7 +297,7 @@ class Exchange:
         await self._relay_response(conn, st, news, status, headers)
         return False
 
-    async def _await_head(self, st: StreamState, news: Signal) -> None:
+    async def _await_head(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
         """Wait for the response head: within request_timeout of the request having been sent
         whole.  Raises _Replay for a stream the backend never processed, BackendError (502) or
         BackendTimeout (504)."""
@@ -320,7 +320,7 @@ class Exchange:
             if st.reset_code is not None:
                 if st.refused:
                     raise _Replay
-                self.outcome.reason = "backend_lost" if st.error else "backend_reset"
+                self.outcome.reason = "backend_lost" if conn.core.closed else "backend_reset"
                 raise BackendError(st.error or "backend failed the stream")
             if not timing_head:
                 self.outcome.reason = "body_timeout"
