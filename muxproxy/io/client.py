@@ -134,8 +134,10 @@ class ClientConnection:
 
     # Slots: an idle WebSocket keeps its ClientConnection, and a __dict__ would double its size.
     __slots__ = (
+        "_head",
         "_out",
         "_recording",
+        "_route",
         "detached",
         "fwd",
         "idle",
@@ -191,6 +193,9 @@ class ClientConnection:
         self.open_here: set[ClientConnection] = _UNLISTED
         self.outcome = _NO_OUTCOME  # the current request's record
         self._recording = False  # self.outcome is a live record, not yet handed over
+        # What the outcome's text fields are made from, only when someone listens.
+        self._head: RequestHead | None = None
+        self._route: RouteConfig | None = None
         self._out: list[bytes] = []  # response bytes queued by send_head/send_data/end
         self.linger = False  # closing after a refusal: drain what the client still sends
 
@@ -291,15 +296,13 @@ class ClientConnection:
                     await self.stream.aclose()
 
     def _begin(self, start: float, head: RequestHead | None) -> Outcome:
-        """A new outcome record for the request whose head started at ``start``."""
+        """A new outcome record for the request whose head started at ``start``.  (Its text
+        fields are filled in ``_finish``, and only when a recorder listens.)"""
         peer = self.peer
-        o = Outcome(time.time(), start, self.listener.name, peer[0], peer[1])
-        if head is not None:
-            o.method = head.method.decode("latin-1")
-            o.authority = head.authority.decode("latin-1")
-            o.path = head.target.decode("latin-1")
-            o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
+        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
         self.outcome = o
+        self._head = head
+        self._route = None
         self._recording = True
         return o
 
@@ -307,10 +310,25 @@ class ClientConnection:
         """Hand the current request's outcome to the proxy's recorders, once."""
         if self._recording:
             self._recording = False
-            o = self.outcome
-            o.end = time.monotonic()
-            if self.proxy.recorders:
-                self.proxy.record(o)
+            proxy = self.proxy
+            if proxy.recorders:
+                o = self.outcome
+                o.end = now = time.monotonic()
+                o.wall_start = time.time() - (now - o.start)
+                head = self._head
+                if head is not None:
+                    o.method = head.method.decode("latin-1")
+                    o.authority = head.authority.decode("latin-1")
+                    o.path = head.target.decode("latin-1")
+                    if not o.protocol:
+                        o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
+                route = self._route
+                if route is not None:
+                    o.route = _route_label(route)
+                    o.cluster = route.cluster
+                proxy.record(o)
+            self._head = None
+            self._route = None
 
     async def _serve(self) -> None:
         session = self.session
@@ -326,12 +344,10 @@ class ClientConnection:
                 if route is None:
                     keep = await self.send_error(ProxyError("no route for this host and path", 404))
                 else:
-                    o = self.outcome
-                    o.route = _route_label(route)
-                    o.cluster = route.cluster
+                    self._route = route
                     pool = self.proxy.pools[route.cluster]
                     if route.websocket and is_upgrade(head.headers):
-                        o.protocol = "websocket"
+                        self.outcome.protocol = "websocket"
                         keep = await Tunnel(self, head, route, pool).run()
                     else:
                         keep = await Exchange(self, head, route, pool).run()

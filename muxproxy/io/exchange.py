@@ -44,16 +44,24 @@ class _Replay(Exception):
     """The stream was never processed by the backend: try again on another connection."""
 
 
-_random = b""
+class _Ids:
+    """Request ids: 16 hex digits of os.urandom each, 256 per getrandom call."""
+
+    __slots__ = ("hex", "pos")
+
+    def __init__(self) -> None:
+        self.hex = b""
+        self.pos = 0
+
+    def next(self) -> bytes:
+        pos = self.pos
+        if pos >= len(self.hex):
+            self.hex, pos = os.urandom(2048).hex().encode(), 0
+        self.pos = pos + 16
+        return self.hex[pos : pos + 16]
 
 
-def request_id() -> bytes:
-    """16 random hex digits: cheap (one getrandom per 512 ids) and unguessable."""
-    global _random
-    if not _random:
-        _random = os.urandom(4096)
-    rid, _random = _random[:8], _random[8:]
-    return rid.hex().encode()
+request_id = _Ids().next
 
 
 class BodySource:
