@@ -64,6 +64,22 @@ class _Ids:
 request_id = _Ids().next
 
 
+class _Stall:
+    """The upload's deadline: the backend must take each piece of body within body_timeout."""
+
+    __slots__ = ("deadline", "ex", "news", "timer_bucket")
+
+    def __init__(self, ex: Exchange, news: Signal) -> None:
+        self.ex = ex
+        self.news = news
+        self.deadline = math.inf
+        self.timer_bucket: int | None = None
+
+    def on_deadline(self) -> None:
+        self.ex.stalled = True
+        self.news.set()
+
+
 class BodySource:
     """The request body, read from the client on demand, remembered for replays while small."""
 
@@ -121,6 +137,7 @@ class Exchange:
         "pool",
         "route",
         "sent_whole",
+        "stalled",
         "timer_bucket",
         "upgrade",
     )
@@ -152,6 +169,7 @@ class Exchange:
         self.timer_bucket: int | None = None
         self.expired = False
         self.sent_whole = False  # the whole request (body included) went to the backend
+        self.stalled = False  # the backend gave no credit for the body within body_timeout
         self.keep = True  # the client connection may serve another request afterwards
         self._news: Signal | None = None
 
@@ -242,7 +260,7 @@ class Exchange:
     ) -> None:
         news = Signal(conn.loop)
         self._news = news
-        self.expired = False
+        self.expired = self.stalled = False
         self.sent_whole = body is None
         conn.news[st.stream_id] = news
         taken = False
@@ -269,21 +287,24 @@ class Exchange:
     async def _upload(
         self, conn: BackendConnection, st: StreamState, body: BodySource, news: Signal
     ) -> None:
-        """Client → backend.  While the body flows, ``body_timeout`` bounds each step (the
-        client's reads and the backend's credit); once it is sent whole, request_timeout."""
+        """Client → backend.  While the body flows, ``body_timeout`` bounds each step: the
+        client's reads (the connection's timer: 408) and the backend's credit (here: 504).
+        Once the body is sent whole, request_timeout runs for the response head."""
         sid = st.stream_id
         core = conn.core
         down = self.down
         wheel = down.wheel
         window = Signal(conn.loop)
         stall = down.body_timeout
+        timer = _Stall(self, news)
         try:
             await down.send_continue()
-            wheel.start(self, stall)
-            async for chunk in body.chunks():
-                if not await conn.send_body(sid, chunk, window):
+            async for chunk in body.chunks():  # (the client's reads: its own body_timeout)
+                wheel.start(timer, stall)  # the backend's credit must come within body_timeout
+                sent = await conn.send_body(sid, chunk, window)
+                wheel.clear(timer)
+                if not sent:
                     return  # reset or failed: the download side reports it
-                wheel.start(self, stall)
             if sid in core.streams:
                 core.end_stream(sid, body.trailers or None)
                 conn.schedule_flush()
@@ -292,6 +313,8 @@ class Exchange:
         except (ProxyError, ClientGone) as exc:
             self.failure = exc
             news.set()
+        finally:
+            wheel.discard(timer)
 
     async def _download(
         self, conn: BackendConnection, st: StreamState, news: Signal, opened: float
@@ -314,6 +337,8 @@ class Exchange:
         if timing_head:
             wheel.start(self, self.cfg.request_timeout)
         while st.headers is None and st.reset_code is None and not self.failure:
+            if self.stalled:
+                break
             if not timing_head and self.sent_whole:
                 timing_head = True
                 self.expired = False
@@ -330,7 +355,7 @@ class Exchange:
                     raise _Replay
                 self.outcome.reason = "backend_lost" if conn.core.closed else "backend_reset"
                 raise BackendError(st.error or "backend failed the stream")
-            if not timing_head:
+            if self.stalled:
                 self.outcome.reason = "body_timeout"
                 raise BackendTimeout("backend took no request body within body_timeout")
             self.outcome.reason = "upstream_timeout"

@@ -185,3 +185,17 @@ async def test_websocket_tunnel_is_recorded_once_when_it_ends() -> None:
         (o,) = await settled(seen, 1)
         assert (o.status, o.reason, o.protocol) == (101, "tunnel_closed", "websocket")
         assert o.stream_id > 0 and HEX16.match(o.request_id)
+
+
+async def test_backend_that_takes_no_body_is_504_after_body_timeout() -> None:
+    """While the body flows, a backend giving no credit for body_timeout ends the request (and
+    request_timeout, much longer here, is not what decides)."""
+    async with running(Script(), origin={"initial_window": 1000},
+                       cluster={"request_timeout": "30s"},
+                       listener={"body_timeout": "500ms"}) as h:
+        seen = recorder(h)
+        with anyio.fail_after(10):
+            r = await h.get("/stall", body=b"x" * 100_000)
+        assert r.status == 504 and b"body_timeout" in r.body
+        (o,) = await settled(seen, 1)
+        assert (o.status, o.reason) == (504, "body_timeout")
