@@ -70,6 +70,8 @@ class ProxyHost(Protocol):
 _UNLISTED: set[ClientConnection] = set()
 _SPENT = ClientSession()  # what a detached client connection keeps instead of its session
 _NO_OUTCOME = Outcome(0.0, 0.0)  # between requests (never recorded)
+_SPENT_OUT: list[bytes] = []  # (never written to: a detached connection queues nothing)
+_SPENT_PEER = ("", 0)
 
 
 @functools.cache
@@ -136,7 +138,6 @@ class ClientConnection:
     __slots__ = (
         "_head",
         "_out",
-        "_recording",
         "_route",
         "detached",
         "fwd",
@@ -191,8 +192,8 @@ class ClientConnection:
         # Its listener's connections, set by server.py (a shared empty set until then: an
         # idle WebSocket should not pay for a set of its own).
         self.open_here: set[ClientConnection] = _UNLISTED
-        self.outcome = _NO_OUTCOME  # the current request's record
-        self._recording = False  # self.outcome is a live record, not yet handed over
+        # The current request's record, until it is handed over (_NO_OUTCOME: none).
+        self.outcome = _NO_OUTCOME
         # What the outcome's text fields are made from, only when someone listens.
         self._head: RequestHead | None = None
         self._route: RouteConfig | None = None
@@ -262,7 +263,17 @@ class ClientConnection:
     def detach(self, tunnel: DetachedTunnel) -> bytes:
         self.detached = tunnel
         first = self.session.detach()
-        self.session = _SPENT  # the HTTP/1.1 session is over; an idle tunnel is small
+        # An idle tunnel should be small: the HTTP/1.1 session, the head and the output list
+        # go; the outcome stays (text fields filled now) only if a recorder will want it.
+        self.session = _SPENT
+        self._out = _SPENT_OUT
+        self.peer = _SPENT_PEER
+        if self.proxy.recorders:
+            self._describe(self.outcome)
+        else:
+            self.outcome = _NO_OUTCOME
+            self._head = None
+            self._route = None
         return first
 
     def forget(self) -> None:
@@ -278,12 +289,12 @@ class ClientConnection:
                 await self._serve()
             self.scope = None
             if self.timed_out in ("header", "body"):
-                if not self._recording:  # a head that never completed is recorded too
+                if self.outcome is _NO_OUTCOME:  # a head that never completed is recorded too
                     self._begin(time.monotonic() - self.limits.header_timeout, None)
                 what = "request head" if self.timed_out == "header" else "request body"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await self._send_error_quietly(ClientError(f"{what} not received in time", 408))
-            elif self.timed_out == "send" and self._recording:
+            elif self.timed_out == "send" and self.outcome is not _NO_OUTCOME:
                 self.outcome.reason = "send_timeout"
         finally:
             self.wheel.discard(self.read_timer)
@@ -297,35 +308,40 @@ class ClientConnection:
 
     def _begin(self, start: float, head: RequestHead | None) -> Outcome:
         """A new outcome record for the request whose head started at ``start``.  (Its text
-        fields are filled in ``_finish``, and only when a recorder listens.)"""
+        fields are filled in ``_describe``, and only when a recorder listens.)"""
         peer = self.peer
         o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
         self.outcome = o
         self._head = head
         self._route = None
-        self._recording = True
         return o
+
+    def _describe(self, o: Outcome) -> None:
+        """Fill the outcome's text fields from the request head and route, and let them go."""
+        head = self._head
+        if head is not None:
+            o.method = head.method.decode("latin-1")
+            o.authority = head.authority.decode("latin-1")
+            o.path = head.target.decode("latin-1")
+            if not o.protocol:
+                o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
+        route = self._route
+        if route is not None:
+            o.route = _route_label(route)
+            o.cluster = route.cluster
+        self._head = None
+        self._route = None
 
     def _finish(self) -> None:
         """Hand the current request's outcome to the proxy's recorders, once."""
-        if self._recording:
-            self._recording = False
+        o = self.outcome
+        if o is not _NO_OUTCOME:
+            self.outcome = _NO_OUTCOME
             proxy = self.proxy
             if proxy.recorders:
-                o = self.outcome
+                self._describe(o)
                 o.end = now = time.monotonic()
                 o.wall_start = time.time() - (now - o.start)
-                head = self._head
-                if head is not None:
-                    o.method = head.method.decode("latin-1")
-                    o.authority = head.authority.decode("latin-1")
-                    o.path = head.target.decode("latin-1")
-                    if not o.protocol:
-                        o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
-                route = self._route
-                if route is not None:
-                    o.route = _route_label(route)
-                    o.cluster = route.cluster
                 proxy.record(o)
             self._head = None
             self._route = None
@@ -357,7 +373,7 @@ class ClientConnection:
                 if not keep or self.proxy.draining or not session.start_next_cycle():
                     return
         except ClientGone:
-            if self._recording and not self.outcome.reason:
+            if self.outcome is not _NO_OUTCOME and not self.outcome.reason:
                 self.outcome.reason = "client_gone"
         except ClientError as exc:
             await self._send_error_quietly(exc)
