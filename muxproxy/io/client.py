@@ -383,7 +383,7 @@ class ClientConnection:
         session = self.session
         timer = self.read_timer
         timer.kind = ""
-        start = time.monotonic() if session.head_started else 0.0
+        start = 0.0  # when the head's first byte came (now, for one already buffered)
         while True:
             try:
                 ev = session.next_event()
@@ -393,7 +393,7 @@ class ClientConnection:
                 return None
             if type(ev) is RequestHead:
                 self.wheel.clear(timer)
-                self._begin(start, ev)
+                self._begin(start or time.monotonic(), ev)
                 return ev
             if ev is CLOSED:
                 return None
@@ -402,6 +402,7 @@ class ClientConnection:
                 if timer.kind != "header":  # from the first byte: trickling does not extend it
                     timer.kind = "header"
                     self.wheel.start(timer, self.limits.header_timeout)
+                    start = start or time.monotonic()
                 data = await self.receive()
             else:
                 if self.proxy.draining:
