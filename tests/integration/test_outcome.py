@@ -144,7 +144,7 @@ async def test_slow_steady_upload_outlives_request_timeout() -> None:
 async def test_refusal_lingers_so_a_large_body_still_sees_the_response() -> None:
     """Issue 16 item 8: a client still sending a large body to a refused request reads the
     whole error response, not a reset."""
-    async with running(Script(), listener={"max_body": 1000}) as h:
+    async with running(Script(), listener={"max_body": "1000B"}) as h:
         for _ in range(3):
             stream = await anyio.connect_tcp(h.addr.host, h.addr.port)
             body = b"x" * (192 * 1024)
