@@ -26,11 +26,11 @@ from ..config import Address, Config, ConfigError, ListenerConfig
 from ..core.metrics import Metrics
 from ..core.outcome import Outcome
 from ..router import Router
-from .admin import serve_admin
+from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .fast_stream import asyncio_running, serve_fast
-from .pool import ClusterPool, PoolStatistics
+from .pool import ClusterPool
 from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
 from .tls import ServerCertificates
@@ -96,8 +96,15 @@ class Proxy:
             return False
         return any(addr in n for n in nets)
 
-    def statistics(self) -> dict[str, PoolStatistics]:
-        return {name: pool.statistics() for name, pool in self.pools.items()}
+    def statistics(self) -> ProxyStatistics:
+        return ProxyStatistics(
+            draining=self.draining,
+            client_connections=len(self.clients),
+            refused_connections=self.refused_connections,
+            pools={name: pool.statistics() for name, pool in self.pools.items()},
+            proxy_header_errors=self.proxy_header_errors,
+            metrics=self.metrics,
+        )
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent, never blocks)."""
@@ -143,7 +150,8 @@ class Proxy:
                         accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
                     if admin is not None:
                         # In the clients' group: /healthz answers 503 while draining.
-                        clients_tg.start_soon(admin.serve, partial(serve_admin, self), clients_tg)
+                        serve = partial(serve_admin, self.statistics)
+                        clients_tg.start_soon(admin.serve, serve, clients_tg)
                     task_status.started(bound)
                     await self._stop.wait()
                     accept_tg.cancel_scope.cancel()
