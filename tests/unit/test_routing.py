@@ -75,6 +75,28 @@ def test_first_matching_route_wins(
     assert found is not None and found.name == route
 
 
+def test_the_host_index_keeps_file_order_across_exact_and_wildcard_hosts() -> None:
+    router = Router(
+        [
+            RouteConfig(name="wild-a", cluster="x", path_prefix="/a"),
+            RouteConfig(name="h", cluster="x", host="h.test"),
+            RouteConfig(name="suffix", cluster="x", host="*.test"),
+            RouteConfig(name="h-late", cluster="x", host="h.test", path_prefix="/late"),
+            RouteConfig(name="wild", cluster="x"),
+        ]
+    )
+    cases = {
+        (b"h.test", b"/a/1"): "wild-a",
+        (b"h.test:81", b"/b"): "h",
+        (b"H.TEST", b"/late"): "h",
+        (b"g.test", b"/late"): "suffix",
+        (b"other", b"/late"): "wild",
+    }
+    for (authority, target), name in cases.items():
+        found = router.match_route(authority, target)
+        assert found is not None and found.name == name, (authority, target)
+
+
 def test_a_route_without_extra_conditions_matches_as_before() -> None:
     m = Matcher(host="api.example.com", path_prefix="/v1/")
     assert m.matches(b"GET", b"api.example.com", b"/v1/x", [])
