@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .config import HeaderRulesConfig, RouteConfig
-from .core.headers import Header
+from .core.headers import Forwarding, Header
+from .core.request_head import RequestHead
 from .core.routing import (
     HeaderRules,
     Matcher,
@@ -92,6 +93,20 @@ class Route:
             if name == key:
                 return choice.sticky(value)
         return choice.sticky(client_ip.encode())  # no such field: fall back to the address
+
+    def facts(
+        self, fwd: Forwarding, request_id: str, head: RequestHead
+    ) -> RequestFacts:
+        """What ``{variables}`` in this route's templates refer to, for one request."""
+        return RequestFacts(
+            client_ip=fwd.client_ip,
+            request_id=request_id,
+            route=self.name,
+            host=host_only(head.authority),
+            path=head.target,
+            method=head.method,
+            scheme=fwd.scheme,
+        )
 
     def redirect_location(self, facts: RequestFacts) -> bytes:
         assert self.config.redirect is not None

@@ -15,8 +15,8 @@ from functools import partial
 import anyio
 import pytest
 
-from muxproxy.io.h1client import H1Client
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h1client import H1Client
+from muxproxy.demo.h2server import H2Origin
 
 from .harness import Harness, running
 from .origin import Script
