@@ -81,6 +81,7 @@ from .h2wire import (
     check_fields,
     code_name,
     frame,
+    max_continuations,
     unpad,
 )
 from .headers import Header
@@ -148,6 +149,10 @@ class H2Backend:
         self._block_stream = 0
         self._block_end_stream = False
         self._block_size = 0
+        self._block_frames = 0  # CONTINUATION frames in the block awaiting END_HEADERS
+        # The highest stream whose HEADERS left through data_to_send(): a stream above it was
+        # never seen by the backend, so a connection that dies now may replay it.
+        self._handed_out = 0
         self._encoder = Encoder()
         self._decoder = Decoder(max_header_list_size=max_header_list_size)
 
@@ -331,8 +336,7 @@ class H2Backend:
 
     def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
-            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, code)))
-            self._terminate("closed by the proxy")
+            self._terminate("closed by the proxy", None, frame(GOAWAY, 0, 0, U32x2.pack(0, code)))
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -340,6 +344,7 @@ class H2Backend:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._handed_out = self.highest_stream_id
         return data
 
     # --- input -------------------------------------------------------------------------
@@ -375,8 +380,8 @@ class H2Backend:
                 if self.closed:
                     return up
         except ConnectionError_ as exc:
-            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, exc.code)))
-            self._terminate(f"backend protocol error: {exc}", up)
+            goaway = frame(GOAWAY, 0, 0, U32x2.pack(0, exc.code))
+            self._terminate(f"backend protocol error: {exc}", up, goaway)
             return up
         self._in = buf[pos:] if pos < end else b""
         return up
@@ -489,15 +494,21 @@ class H2Backend:
             self._block_stream = sid
             self._block_end_stream = bool(flags & END_STREAM)
             self._block_size = len(payload)
+            self._block_frames = 0
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if self._block is None or sid != self._block_stream:
             raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
         self._block.append(payload)
         self._block_size += len(payload)
+        self._block_frames += 1
         if self._block_size > self.max_header_list_size + MAX_FRAME_SIZE:
             # A CONTINUATION flood: bounded, whatever the peer means to send.
             raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+        if self._block_frames > max_continuations(self.max_header_list_size):
+            # Empty or tiny frames pass the byte cap; counting them bounds the work and the
+            # fragment list (CVE-2024-28182, as nghttp2 counts them).
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
         if flags & END_HEADERS:
             block = b"".join(self._block)
             self._block = None
@@ -672,12 +683,21 @@ class H2Backend:
         if code:
             self._terminate(f"backend sent GOAWAY ({code_name(code)})", up)
 
-    def _terminate(self, reason: str, up: Update | None = None) -> None:
+    def _terminate(self, reason: str, up: Update | None = None, goaway: bytes = b"") -> None:
+        """Fail every stream; only ``goaway`` is still sent.  Output not yet handed out is
+        dropped, so a stream whose HEADERS were in it is provably unprocessed: replayable."""
         self.closed = True
         self.close_reason = reason
+        self._out.clear()
+        if goaway:
+            self._out.append(goaway)
         for st in self.streams.values():
             if st.reset_code is None and not st.ended:
-                st.reset_code = INTERNAL_ERROR
+                if st.stream_id > self._handed_out:  # the backend never saw it: replayable
+                    st.reset_code = REFUSED
+                    st.refused = True
+                else:
+                    st.reset_code = INTERNAL_ERROR
                 st.error = reason
             if up is not None:
                 up.streams.append(st)
