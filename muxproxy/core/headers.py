@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import BackendError
+from .memo import Memo
 
 Header = tuple[bytes, bytes]
 
@@ -62,8 +63,16 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
 
 # Response fields already found safe: backends repeat the same few (server, content-type, the
-# date of this second), and checking each was a measurable share of a request's CPU.
-_SAFE: set[Header] = set()
+# date of this second), and checking each was a measurable share of a request's CPU.  Shared by
+# every backend, so bounded in bytes: a field above SAFE_ITEM_MAX is checked every time.
+SAFE_BUDGET = 512 * 1024
+SAFE_ITEM_MAX = 2048
+_SAFE: Memo[Header, bool] = Memo(budget=SAFE_BUDGET, item_max=SAFE_ITEM_MAX, count=4096)
+
+
+def memo_bytes() -> int:
+    """Bytes held by the process-wide memo of checked response fields."""
+    return _SAFE.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +178,7 @@ def response_from_h2(
         if field not in _SAFE:
             if _BAD_VALUE.search(value) is not None or not _TOKEN.match(name):
                 raise BackendError("backend sent a header field that cannot be forwarded")
-            if len(_SAFE) >= 4096:
-                _SAFE.clear()
-            _SAFE.add(field)
+            _SAFE.admit(field, True, len(name) + len(value))
         out.append(field)
     if not 100 <= status <= 599 or (status == 101 and not allow_101):
         raise BackendError(f"backend sent status {status}")
