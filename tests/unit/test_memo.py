@@ -45,7 +45,7 @@ def test_checked_response_fields_memo_holds_its_budget() -> None:
         assert headers.memo_bytes() <= headers.SAFE_BUDGET
     assert all(len(v) <= headers.SAFE_ITEM_MAX for _, v in headers._SAFE)
     # Small distinct fields churn the memo but never take it past the budget either.
-    for i in range(5000):
+    for _ in range(5000):
         headers.response_from_h2([(b":status", b"200"), (b"x-id", os.urandom(500).hex().encode())])
         assert headers.memo_bytes() <= headers.SAFE_BUDGET
 
