@@ -124,6 +124,8 @@ def request_to_h2(
         (b":authority", authority),
         (b":path", path),
     ]
+    if not authority:  # RFC 9113 §8.3.1: no authority to convey, no (empty) :authority
+        del out[2]
     xff: list[bytes] = []
     xfp = xfh = None
     vias: list[bytes] = []
@@ -150,7 +152,8 @@ def request_to_h2(
     xff.append(fwd.client_ip.encode("ascii"))
     out.append((b"x-forwarded-for", b", ".join(xff)))
     out.append((b"x-forwarded-proto", xfp or fwd.scheme))
-    out.append((b"x-forwarded-host", xfh or authority))
+    if xfh or authority:
+        out.append((b"x-forwarded-host", xfh or authority))
     vias.append(http_version + b" " + fwd.via)
     out.append((b"via", b", ".join(vias)))
     return out
