@@ -419,9 +419,18 @@ class H2Backend:
             self._goaway(last & MAX_STREAM_ID, code, up)
         elif type_ == PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
-        elif type_ == PRIORITY and not sid:
-            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        elif type_ == PRIORITY:
+            self._on_priority(sid, payload, up)
         # Unknown frame types are ignored (RFC 9113 §4.1).
+
+    def _on_priority(self, sid: int, payload: bytes, up: Update) -> None:
+        """Ignored (no priority tree), but checked: RFC 9113 §6.3."""
+        if not sid:
+            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            st = self.streams.get(sid)
+            if st is not None:
+                self._stream_error(st, StreamError(FRAME_SIZE_ERROR, "PRIORITY size"), up)
 
     def _stream_for(self, sid: int, what: str) -> _H2Stream | None:
         """The open stream a frame is for; None if it is gone (reset or ended)."""

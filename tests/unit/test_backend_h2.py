@@ -763,6 +763,18 @@ def test_streams_the_backend_never_saw_are_replayable_when_the_connection_fails(
     assert [type(f) for f in out] == [GoAwayFrame]
 
 
+def test_priority_of_the_wrong_size_is_a_stream_error() -> None:
+    """RFC 9113 §6.3 (found by the differential test against h2): PRIORITY is ignored, but one
+    whose length is not 5 resets its stream with FRAME_SIZE_ERROR; the connection goes on."""
+    p = Pair()
+    bad, good = p.open(), p.open()
+    up = p.core.receive_data(raw(2, 0, 1, b"\x00" * 4) + raw(2, 0, 3, b"\x00" * 5))
+    assert not up.closed and bad.reset_code == 6 and good.reset_code is None
+    assert rst_codes(p.core.data_to_send()) == {1: 6}
+    p.respond(good.stream_id, b"fine")
+    assert good.ended and body_of(good) == b"fine"
+
+
 def test_a_peer_can_lower_the_stream_windows_below_zero_and_recover() -> None:
     """RFC 9113 §6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE change moves every open stream's window,
     possibly below zero; sending resumes when WINDOW_UPDATEs bring it back."""
