@@ -67,12 +67,13 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 # every backend, so bounded in bytes: a field above SAFE_ITEM_MAX is checked every time.
 SAFE_BUDGET = 512 * 1024
 SAFE_ITEM_MAX = 2048
-_SAFE: Memo[Header, bool] = Memo(budget=SAFE_BUDGET, item_max=SAFE_ITEM_MAX, count=4096)
+_SAFE_MEMO: Memo[Header, bool] = Memo(budget=SAFE_BUDGET, item_max=SAFE_ITEM_MAX, count=4096)
+_SAFE = _SAFE_MEMO.data
 
 
 def memo_bytes() -> int:
     """Bytes held by the process-wide memo of checked response fields."""
-    return _SAFE.size
+    return _SAFE_MEMO.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +182,7 @@ def response_from_h2(
         if field not in _SAFE:
             if _BAD_VALUE.search(value) is not None or not _TOKEN.match(name):
                 raise BackendError("backend sent a header field that cannot be forwarded")
-            _SAFE.admit(field, True, len(name) + len(value))
+            _SAFE_MEMO.admit(field, True, len(name) + len(value))
         out.append(field)
     if not 100 <= status <= 599 or (status == 101 and not allow_101):
         raise BackendError(f"backend sent status {status}")

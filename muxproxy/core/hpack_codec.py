@@ -101,16 +101,17 @@ _PER_REQUEST = {b"x-request-id": b"\x00" + _literal(b"x-request-id")}
 class Encoder:
     """Stateless HPACK encoding with a memo of every field it encoded."""
 
-    __slots__ = ("_announced", "_cache")
+    __slots__ = ("_announced", "_cache", "_memo")
 
     def __init__(self) -> None:
-        self._cache: Memo[Header, bytes] = Memo(
+        self._memo: Memo[Header, bytes] = Memo(
             budget=ENCODE_BUDGET, item_max=ENCODE_ITEM_MAX, count=4096
         )
+        self._cache = self._memo.data
         self._announced = False
 
     def memo_bytes(self) -> int:
-        return self._cache.size
+        return self._memo.size
 
     def encode(self, headers: list[Header]) -> bytes:
         cache = self._cache
@@ -126,7 +127,7 @@ class Encoder:
                     parts.append(b"%s%c%s" % (prefix, len(field[1]), field[1]))
                     continue
                 enc = encode_field(*field)
-                cache.admit(field, enc, len(field[0]) + len(field[1]) + len(enc))
+                self._memo.admit(field, enc, len(field[0]) + len(field[1]) + len(enc))
             parts.append(enc)
         return b"".join(parts)
 
@@ -135,8 +136,10 @@ class Decoder:
     """HPACK decoding with a dynamic table of at most ``max_table_size`` bytes."""
 
     __slots__ = (
+        "_block_memo",
         "_blocks",
         "_huffman",
+        "_huffman_memo",
         "_limit",
         "_max",
         "_size",
@@ -157,17 +160,19 @@ class Decoder:
         # Whole blocks that only use the static table and literals: the same bytes always mean
         # the same fields and the same insertions (nginx sends identical blocks, inserting
         # every field, for every response within a second).
-        self._blocks: Memo[bytes, _Block] = Memo(
+        self._block_memo: Memo[bytes, _Block] = Memo(
             budget=BLOCKS_BUDGET, item_max=BLOCKS_ITEM_MAX, count=256
         )
+        self._blocks = self._block_memo.data
         # raw → (decoded, valid)
-        self._huffman: Memo[bytes, tuple[bytes, bool]] = Memo(
+        self._huffman_memo: Memo[bytes, tuple[bytes, bool]] = Memo(
             budget=HUFFMAN_BUDGET, item_max=HUFFMAN_ITEM_MAX, count=4096
         )
+        self._huffman = self._huffman_memo.data
 
     def memo_bytes(self) -> int:
         """Bytes held by this decoder's memos (whole blocks and Huffman strings)."""
-        return self._blocks.size + self._huffman.size
+        return self._block_memo.size + self._huffman_memo.size
 
     def _add(self, name: bytes, value: bytes, size: int) -> None:
         """Insert an entry of ``size`` (= len(name) + len(value) + 32) and evict (§4.4)."""
@@ -295,7 +300,7 @@ class Decoder:
         if cacheable and not too_large and bad is None and len(data) <= BLOCKS_ITEM_MAX:
             # The block's bytes plus the fields it decodes to (never more than 8 × its size).
             kept = len(data) + sum(len(n) + len(v) for n, v in out)
-            self._blocks.admit(
+            self._block_memo.admit(
                 bytes(data), (tuple(out), tuple(inserts), tuple(sizes), sum(sizes)), kept
             )
         return out, too_large, bad
@@ -314,15 +319,14 @@ class Decoder:
         raw = data[pos:end]
         if not b & 0x80:
             return raw, end, BAD_FIELD_VALUE.search(raw) is None
-        cache = self._huffman
-        hit = cache.get(raw)
+        hit = self._huffman.get(raw)
         if hit is None:
             try:
                 out = decode_huffman(raw)
             except HPACKDecodingError as exc:
                 raise HPACKError(f"bad Huffman string: {exc}") from None
             hit = (out, BAD_FIELD_VALUE.search(out) is None)
-            cache.admit(raw, hit, len(raw) + len(out))
+            self._huffman_memo.admit(raw, hit, len(raw) + len(out))
         return hit[0], end, hit[1]
 
 

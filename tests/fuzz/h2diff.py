@@ -199,7 +199,7 @@ class H2Side:
             last = ev.last_stream_id or 0
             self.goaway_last = last if self.goaway_last is None else min(last, self.goaway_last)
             for s, v in self.views.items():
-                if s > self.goaway_last and not v.ended and v.reset is None:
+                if s > self.goaway_last and not v.ended and v.reset is None and not v.failed:
                     v.refused = True
             if ev.error_code:
                 self.alive = False

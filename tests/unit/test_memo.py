@@ -20,20 +20,22 @@ from muxproxy.core.memo import Memo
 def test_memo_admits_within_its_budget_and_skips_large_entries() -> None:
     m: Memo[bytes, int] = Memo(budget=100, item_max=40, count=10)
     m.admit(b"big", 1, 41)
-    assert b"big" not in m and m.size == 0
+    assert b"big" not in m.data and m.size == 0
+    data = m.data
     for i in range(10):
         m.admit(bytes([i]), i, 30)
-        assert m.size <= 100 and len(m) <= 3
-    assert bytes([9]) in m  # the newest entry always lands
+        assert m.size <= 100 and len(m.data) <= 3
+    assert bytes([9]) in m.data  # the newest entry always lands
+    assert m.data is data  # emptied in place: readers keep their reference
     m.clear()
-    assert m.size == 0 and not m
+    assert m.size == 0 and not m.data
 
 
 def test_memo_count_bound() -> None:
     m: Memo[int, int] = Memo(budget=10**9, item_max=10, count=5)
     for i in range(12):
         m.admit(i, i, 1)
-        assert len(m) <= 5
+        assert len(m.data) <= 5
 
 
 def test_checked_response_fields_memo_holds_its_budget() -> None:
