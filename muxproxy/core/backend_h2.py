@@ -683,7 +683,7 @@ class H2Backend:
         # except the connection's very first stream under an error code — a backend that
         # fails the first request it sees may be failing on the request itself.
         for sid, st in list(self.streams.items()):
-            if sid > last:
+            if sid > last and not st.ended:  # (a complete response stays complete)
                 del self.streams[sid]
                 st.reset_code = REFUSED
                 st.refused = st.headers is None and not (code and sid == 1)

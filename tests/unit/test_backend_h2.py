@@ -775,6 +775,19 @@ def test_priority_of_the_wrong_size_is_a_stream_error() -> None:
     assert good.ended and body_of(good) == b"fine"
 
 
+def test_goaway_below_a_stream_whose_response_is_complete_leaves_it_complete() -> None:
+    """A server that answered a stream whole (we are still sending its body) and then names a
+    lower last_stream_id in GOAWAY contradicts itself (RFC 9113 §6.8); the complete response
+    stands, as h2 has it (found by the differential test)."""
+    p = Pair()
+    st_ = p.open(POST, end_stream=False)
+    p.core.receive_data(raw(1, 5, 1, block([(b":status", b"200")])))
+    assert st_.ended
+    up = p.core.receive_data(goaway(0))
+    assert st_.reset_code is None and st_.headers == [(b":status", b"200")]
+    assert not up.closed
+
+
 def test_a_peer_can_lower_the_stream_windows_below_zero_and_recover() -> None:
     """RFC 9113 §6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE change moves every open stream's window,
     possibly below zero; sending resumes when WINDOW_UPDATEs bring it back."""
