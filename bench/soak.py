@@ -342,7 +342,9 @@ async def control(
         if now >= next_restart:
             if not args.abrupt:
                 await drain(origins[which], args.drain_limit)
-            scopes[which].cancel()  # what is left (WebSockets) is dropped
+            for conn in list(origins[which].connections):  # what is left (WebSockets)
+                await conn.abort()  # closed, so the proxy sees it at once
+            scopes[which].cancel()
             await anyio.sleep(0.5)
             await restart(which)
             restarts += 1
