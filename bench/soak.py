@@ -58,10 +58,7 @@ import wsproto.events
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-try:  # the demo origin moves to muxproxy.demo (issue 12); either place will do
-    from muxproxy.demo.h2server import H2Origin, OriginRequest  # type: ignore[import-not-found]
-except ImportError:
-    from muxproxy.io.h2server import H2Origin, OriginRequest
+from muxproxy.demo.h2server import H2Origin, OriginRequest  # noqa: E402
 from tests.integration.h3origin import H3Origin, _Conn  # noqa: E402
 from tests.integration.ws_origin import WSScript  # noqa: E402
 

@@ -150,9 +150,6 @@ class H2Backend:
         self._block_end_stream = False
         self._block_size = 0
         self._block_frames = 0  # CONTINUATION frames in the block awaiting END_HEADERS
-        # The highest stream whose HEADERS left through data_to_send(): a stream above it was
-        # never seen by the backend, so a connection that dies now may replay it.
-        self._handed_out = 0
         self._encoder = Encoder()
         self._decoder = Decoder(max_header_list_size=max_header_list_size)
 
@@ -344,7 +341,6 @@ class H2Backend:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        self._handed_out = self.highest_stream_id
         return data
 
     # --- input -------------------------------------------------------------------------
@@ -694,7 +690,8 @@ class H2Backend:
 
     def _terminate(self, reason: str, up: Update | None = None, goaway: bytes = b"") -> None:
         """Fail every stream; only ``goaway`` is still sent.  Output not yet handed out is
-        dropped, so a stream whose HEADERS were in it is provably unprocessed: replayable."""
+        dropped: a stream whose HEADERS were in it is never sent after it was failed, so the
+        driver may replay it as never processed (io/backend.py ``_never_sent``)."""
         self.closed = True
         self.close_reason = reason
         self._out.clear()
@@ -702,11 +699,7 @@ class H2Backend:
             self._out.append(goaway)
         for st in self.streams.values():
             if st.reset_code is None and not st.ended:
-                if st.stream_id > self._handed_out:  # the backend never saw it: replayable
-                    st.reset_code = REFUSED
-                    st.refused = True
-                else:
-                    st.reset_code = INTERNAL_ERROR
+                st.reset_code = INTERNAL_ERROR
                 st.error = reason
             if up is not None:
                 up.streams.append(st)

@@ -16,7 +16,7 @@ from muxproxy.config import loads
 from muxproxy.core import headers as core_headers
 from muxproxy.core.h2wire import CONTINUATION, END_HEADERS, END_STREAM, HEADERS, frame
 from muxproxy.core.hpack_codec import encode_field
-from muxproxy.io.h2server import H2Origin, OriginRequest
+from muxproxy.demo.h2server import H2Origin, OriginRequest
 from muxproxy.io.server import Proxy
 
 from .harness import Harness, config_text, running
