@@ -64,15 +64,18 @@ KNOWN = {
     ),
     "lenient-h2": (
         "h2 accepts what RFC 9113 forbids and muxproxy refuses: a 101 or a 1xx with END_STREAM "
-        "(§8.1), a response without :status (§8.3.2), RST_STREAM on an idle stream (§6.4: "
-        "connection error), SETTINGS out of range (§6.5.2: ENABLE_PUSH other than 0 from a "
-        "server, INITIAL_WINDOW_SIZE above 2^31-1, MAX_FRAME_SIZE outside 2^14..2^24-1; RFC "
-        "8441 §3: ENABLE_CONNECT_PROTOCOL other than 0 or 1)."
+        "(§8.1), a response without :status (§8.3.2), RST_STREAM or WINDOW_UPDATE on an idle "
+        "stream (§5.1, §6.4: a connection error), SETTINGS out of range (§6.5.2: "
+        "ENABLE_PUSH other than 0 from a server, INITIAL_WINDOW_SIZE above 2^31-1, "
+        "MAX_FRAME_SIZE outside 2^14..2^24-1; RFC 8441 §3: ENABLE_CONNECT_PROTOCOL other "
+        "than 0 or 1)."
     ),
     "strict-h2": (
         "h2 refuses what muxproxy accepts on purpose: SETTINGS_MAX_HEADER_LIST_SIZE is "
         "advisory (RFC 9113 §6.5.2), unknown settings are ignored (§6.5.2), a frame type h2 "
-        "does not know on a closed stream is ignored (§4.1, §5.5)."
+        "does not know on a closed stream is ignored (§4.1, §5.5). hyperframe also refuses "
+        "padding of exactly the payload length minus one (an empty fragment or data): RFC 9113 "
+        "§6.1 and §6.2 refuse only padding that exceeds what follows the Pad Length field."
     ),
     "early-frame-size": (
         "A frame header announcing more than SETTINGS_MAX_FRAME_SIZE: muxproxy fails the "
@@ -280,6 +283,9 @@ class Pair:
         return diffs, m, r
 
 
+_SETTING_NAMES = ("ENABLE_PUSH", "INITIAL_WINDOW_SIZE", "MAX_FRAME_SIZE", "ENABLE_CONNECT_PROTOCOL")
+
+
 def classify(
     what: str, mux: Observation, ref: Observation, diffs: list[str], *, closed: bool = False
 ) -> str:
@@ -298,7 +304,7 @@ def classify(
             if "FlowControl" in ref.error or "flow control" in ref.error.lower():
                 return "stream-window-scope"
             return "malformed-scope"
-        if what == "SETTINGS":
+        if what == "SETTINGS" or "Settings" in ref.error or "invalid padding" in ref.error:
             return "strict-h2"
     if not mux.alive and ref.alive:
         if what == "GOAWAY" and mux.error.startswith("backend sent GOAWAY"):
@@ -307,8 +313,10 @@ def classify(
             return "early-frame-size"
         if "PUSH_PROMISE" in mux.error:
             return "push-before-ack"
-        if mux.error.startswith("backend protocol error") and what in ("SETTINGS", "RST"):
-            return "lenient-h2"  # settings out of range, RST_STREAM on an idle stream
+        if mux.error.startswith("backend protocol error") and (
+            "idle stream" in mux.error or any(n in mux.error for n in _SETTING_NAMES)
+        ):
+            return "lenient-h2"  # a frame on an idle stream, settings out of range
     if mux.alive and ref.alive:
         if mux_failed and not h2_failed:
             return "lenient-h2"
