@@ -77,6 +77,11 @@ KNOWN = {
         "padding of exactly the payload length minus one (an empty fragment or data): RFC 9113 "
         "§6.1 and §6.2 refuse only padding that exceeds what follows the Pad Length field."
     ),
+    "ignored-fields": (
+        "A malformed content-length in a 1xx head or in trailers: muxproxy ignores it (a 1xx "
+        "head is never relayed and has no content, RFC 9110 §15.2; a content-length trailer is "
+        "never used, §6.5.1, and never forwarded), h2 fails the connection."
+    ),
     "early-frame-size": (
         "A frame header announcing more than SETTINGS_MAX_FRAME_SIZE: muxproxy fails the "
         "connection on the header (RFC 9113 §4.2: FRAME_SIZE_ERROR); h2 first waits for the "
@@ -300,6 +305,8 @@ def classify(
             return "goaway-drain"
         if closed:
             return "closed-stream-frames"
+        if "Invalid content-length" in ref.error and not mux_failed:
+            return "ignored-fields"
         if mux_failed:
             if "FlowControl" in ref.error or "flow control" in ref.error.lower():
                 return "stream-window-scope"
