@@ -276,6 +276,15 @@ class ClientConnection:
             self._route = None
         return first
 
+    def local_authority(self) -> bytes:
+        """``host:port`` this connection was accepted on (the target URI's authority when a
+        request names none, RFC 9112 §3.3)."""
+        addr = self.stream.extra(anyio.abc.SocketAttribute.local_address, None)
+        if not isinstance(addr, tuple):
+            return b""
+        host, port = str(addr[0]), int(addr[1])
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
     def forget(self) -> None:
         """Called by a detached tunnel when it has closed the connection."""
         self._finish()
@@ -356,7 +365,9 @@ class ClientConnection:
                 if not head.has_body:
                     end = session.next_event()  # emitted at once for a bodiless request
                     assert type(end) is EndOfRequest, end
-                route = self.proxy.router.match(head.authority, head.target)
+                if not head.authority:  # no Host (HTTP/1.0): RFC 9112 §3.3, our own address
+                    head.authority = self.local_authority()
+                route = self.proxy.router.route(head, self.listener)  # normalises head.target
                 if route is None:
                     keep = await self.send_error(ProxyError("no route for this host and path", 404))
                 else:
