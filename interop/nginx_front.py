@@ -126,6 +126,8 @@ http {{
         location / {{
             proxy_pass http://127.0.0.1:{backend_port};
             proxy_http_version 1.1;
+            # The path nginx routed on (its normalised $uri), for the path differential.
+            proxy_set_header X-Nginx-Uri $uri;
             proxy_connect_timeout 2s;
             proxy_read_timeout 5s;
         }}

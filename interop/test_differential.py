@@ -177,3 +177,59 @@ def test_te_mutation_matrix_against_nginx(tmp_path: Path) -> None:
                     framed_otherwise.append(name)
     assert len(forwarded) == 542
     assert sorted(framed_otherwise) == ["prespace-0a-last", "xnprespace-0a-last"]
+
+
+# Paths (issue 16 item 7): target → (muxproxy: status, path its backend received),
+# (nginx: status, the path it routed on, its $uri).  muxproxy normalises per RFC 3986 §6.2.2 and
+# forwards what it routed; nginx routes on its normalised $uri but forwards the target as sent
+# (proxy_pass without a URI), so its backend may act on another path than the one routed.
+# Intended differences, each in README "Paths":
+# - a ".." above the root: nginx 400; muxproxy drops it, as RFC 3986 §5.2.4 / §5.4.2 do;
+# - %2F and %5C: nginx decodes them for routing (and forwards them raw); muxproxy refuses them
+#   by default (escaped_slashes = "reject"; "keep" and "decode" are the alternatives);
+# - escapes of reserved or non-ASCII characters: nginx's $uri decodes every escape, muxproxy
+#   keeps them escaped (upper-case hex, RFC 3986 §6.2.2.1) — the same path for routing.
+PATH_CASES: list[tuple[bytes, tuple[int, bytes | None], tuple[int, bytes | None]]] = [
+    (b"/a/../b", (200, b"/b"), (200, b"/b")),
+    (b"/a/./b", (200, b"/a/b"), (200, b"/a/b")),
+    (b"/a/%2e%2e/b", (200, b"/b"), (200, b"/b")),
+    (b"/a/b/..", (200, b"/a/"), (200, b"/a/")),
+    (b"//a//b", (200, b"/a/b"), (200, b"/a/b")),
+    (b"/%7Euser", (200, b"/~user"), (200, b"/~user")),
+    (b"/%41bc", (200, b"/Abc"), (200, b"/Abc")),
+    (b"/a?x=/../y", (200, b"/a?x=/../y"), (200, b"/a")),
+    (b"/%zz", (400, None), (400, None)),
+    (b"/../b", (200, b"/b"), (400, None)),
+    (b"/a/b/../../../c", (200, b"/c"), (400, None)),
+    (b"/a%2fb", (400, None), (200, b"/a/b")),
+    (b"/a%2Fb", (400, None), (200, b"/a/b")),
+    (b"/a/..%2fb", (400, None), (200, b"/b")),
+    (b"/a%5cb", (400, None), (200, b"/a\\b")),
+    (b"/a%20b", (200, b"/a%20b"), (200, b"/a b")),
+    (b"/%3a", (200, b"/%3A"), (200, b"/:")),
+]
+
+
+def test_paths_against_nginx(tmp_path: Path) -> None:
+    got_mux, got_nginx = [], []
+    with run_front(tmp_path / "nginx") as nginx, muxproxy_in_process() as (h, rec):
+        for target, _, _ in PATH_CASES:
+            raw = b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+            before = len(rec.requests)
+            status, _ = exchange(h.addr.port, raw)
+            path = rec.requests[-1].path if len(rec.requests) > before else None
+            got_mux.append((status, path))
+            before = len(nginx.backend.heads)
+            status, _ = exchange(nginx.port, raw)
+            uri = None
+            if len(nginx.backend.heads) > before:
+                head = nginx.backend.heads[-1]
+                assert head.startswith(b"GET " + target + b" ")  # forwarded as sent
+                uri = next(
+                    line.split(b":", 1)[1].strip()
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"x-nginx-uri:")
+                )
+            got_nginx.append((status, uri))
+    assert got_mux == [m for _, m, _ in PATH_CASES]
+    assert got_nginx == [n for _, _, n in PATH_CASES]

@@ -205,6 +205,10 @@ class ListenerConfig(_Section, frozen=True):
     # Every connection starts with a PROXY protocol v1/v2 header, from a trusted_proxies peer
     proxy_protocol: bool = False
     limits: Limits = Limits()
+    # Path normalisation before routing (RFC 3986 §6.2.2, README "Paths"): "//" → "/", and
+    # what %2F / %5C in a path do: refused with 400, kept escaped, or decoded.
+    merge_slashes: bool = True
+    escaped_slashes: Literal["keep", "reject", "decode"] = "reject"
 
     @property
     def certificates(self) -> tuple[ListenerTLS, ...]:

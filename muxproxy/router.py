@@ -1,5 +1,6 @@
 """Route table: a request → the first matching route in file order, compiled once.
 
+:meth:`Router.route` is where a request is routed: it normalises the target's path first.
 Each ``[[routes]]`` entry becomes a :class:`Route`: its matcher, rewrite, header rules,
 cluster choice and rate limiter, built from the pure pieces in ``core/routing.py``.  Host
 patterns are exact (``api.example.com``), a wildcard suffix (``*.example.com``, which matches
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .config import HeaderRulesConfig, RouteConfig
+from .config import HeaderRulesConfig, ListenerConfig, RouteConfig
 from .core.headers import Forwarding, Header
+from .core.paths import normalise_target
 from .core.request_head import RequestHead
 from .core.routing import (
     HeaderRules,
@@ -139,6 +141,19 @@ class Router:
             return tuple(sorted((*own, *wild), key=lambda r: order[id(r)]))
 
         self._by_host = {h: in_file_order(own) for h, own in by_host.items()}
+
+    def route(self, head: RequestHead, listener: ListenerConfig) -> Route | None:
+        """Where a request is routed.  Normalises ``head.target`` in place first
+        (:mod:`muxproxy.core.paths`, the listener's ``merge_slashes`` and ``escaped_slashes``),
+        so the path a route matched is the path the backend receives.  Raises ClientError
+        (400) for a path the listener refuses (malformed or, by default, escaped slashes)."""
+        if head.target != b"*":
+            head.target = normalise_target(
+                head.target,
+                merge_slashes=listener.merge_slashes,
+                escaped_slashes=listener.escaped_slashes,
+            )
+        return self.match_route(head.authority, head.target, head.method, head.headers)
 
     def match_route(
         self,

@@ -81,6 +81,7 @@ from .h2wire import (
     check_fields,
     code_name,
     frame,
+    max_continuations,
     unpad,
 )
 from .headers import Header
@@ -148,6 +149,7 @@ class H2Backend:
         self._block_stream = 0
         self._block_end_stream = False
         self._block_size = 0
+        self._block_frames = 0  # CONTINUATION frames in the block awaiting END_HEADERS
         self._encoder = Encoder()
         self._decoder = Decoder(max_header_list_size=max_header_list_size)
 
@@ -331,8 +333,7 @@ class H2Backend:
 
     def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
-            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, code)))
-            self._terminate("closed by the proxy")
+            self._terminate("closed by the proxy", None, frame(GOAWAY, 0, 0, U32x2.pack(0, code)))
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -375,8 +376,8 @@ class H2Backend:
                 if self.closed:
                     return up
         except ConnectionError_ as exc:
-            self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(0, exc.code)))
-            self._terminate(f"backend protocol error: {exc}", up)
+            goaway = frame(GOAWAY, 0, 0, U32x2.pack(0, exc.code))
+            self._terminate(f"backend protocol error: {exc}", up, goaway)
             return up
         self._in = buf[pos:] if pos < end else b""
         return up
@@ -414,9 +415,18 @@ class H2Backend:
             self._goaway(last & MAX_STREAM_ID, code, up)
         elif type_ == PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
-        elif type_ == PRIORITY and not sid:
-            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        elif type_ == PRIORITY:
+            self._on_priority(sid, payload, up)
         # Unknown frame types are ignored (RFC 9113 §4.1).
+
+    def _on_priority(self, sid: int, payload: bytes, up: Update) -> None:
+        """Ignored (no priority tree), but checked: RFC 9113 §6.3."""
+        if not sid:
+            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            st = self.streams.get(sid)
+            if st is not None:
+                self._stream_error(st, StreamError(FRAME_SIZE_ERROR, "PRIORITY size"), up)
 
     def _stream_for(self, sid: int, what: str) -> _H2Stream | None:
         """The open stream a frame is for; None if it is gone (reset or ended)."""
@@ -489,15 +499,21 @@ class H2Backend:
             self._block_stream = sid
             self._block_end_stream = bool(flags & END_STREAM)
             self._block_size = len(payload)
+            self._block_frames = 0
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes, up: Update) -> None:
         if self._block is None or sid != self._block_stream:
             raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
         self._block.append(payload)
         self._block_size += len(payload)
+        self._block_frames += 1
         if self._block_size > self.max_header_list_size + MAX_FRAME_SIZE:
             # A CONTINUATION flood: bounded, whatever the peer means to send.
             raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+        if self._block_frames > max_continuations(self.max_header_list_size):
+            # Empty or tiny frames pass the byte cap; counting them bounds the work and the
+            # fragment list (CVE-2024-28182, as nghttp2 counts them).
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
         if flags & END_HEADERS:
             block = b"".join(self._block)
             self._block = None
@@ -663,7 +679,7 @@ class H2Backend:
         # except the connection's very first stream under an error code — a backend that
         # fails the first request it sees may be failing on the request itself.
         for sid, st in list(self.streams.items()):
-            if sid > last:
+            if sid > last and not st.ended:  # (a complete response stays complete)
                 del self.streams[sid]
                 st.reset_code = REFUSED
                 st.refused = st.headers is None and not (code and sid == 1)
@@ -672,9 +688,15 @@ class H2Backend:
         if code:
             self._terminate(f"backend sent GOAWAY ({code_name(code)})", up)
 
-    def _terminate(self, reason: str, up: Update | None = None) -> None:
+    def _terminate(self, reason: str, up: Update | None = None, goaway: bytes = b"") -> None:
+        """Fail every stream; only ``goaway`` is still sent.  Output not yet handed out is
+        dropped: a stream whose HEADERS were in it is never sent after it was failed, so the
+        driver may replay it as never processed (io/backend.py ``_never_sent``)."""
         self.closed = True
         self.close_reason = reason
+        self._out.clear()
+        if goaway:
+            self._out.append(goaway)
         for st in self.streams.values():
             if st.reset_code is None and not st.ended:
                 st.reset_code = INTERNAL_ERROR

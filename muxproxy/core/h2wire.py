@@ -15,6 +15,9 @@ STREAM_ID_RESERVE = 1000
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65535
 MAX_FRAME_SIZE = 16384  # what we accept (the protocol default; we never raise it)
+# CONTINUATION frames one header block may use: nghttp2's 8, or as many full frames as a
+# block of max_header_list_size needs, whichever is more.
+MIN_CONTINUATIONS = 8
 
 # Frame types (RFC 9113 §6) and flags.
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
@@ -44,6 +47,13 @@ SETTING = struct.Struct(">HL")
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+
+
+def max_continuations(max_header_list_size: int) -> int:
+    """The CONTINUATION frames allowed in one header block (RFC 9113 §6.10 sets no limit;
+    every implementation must, CVE-2024-28182): full frames for the largest block we accept,
+    plus one."""
+    return max(MIN_CONTINUATIONS, -(-max_header_list_size // MAX_FRAME_SIZE) + 1)
 
 
 def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import BackendError
+from .memo import Memo
 
 Header = tuple[bytes, bytes]
 
@@ -62,8 +63,17 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
 
 # Response fields already found safe: backends repeat the same few (server, content-type, the
-# date of this second), and checking each was a measurable share of a request's CPU.
-_SAFE: set[Header] = set()
+# date of this second), and checking each was a measurable share of a request's CPU.  Shared by
+# every backend, so bounded in bytes: a field above SAFE_ITEM_MAX is checked every time.
+SAFE_BUDGET = 512 * 1024
+SAFE_ITEM_MAX = 2048
+_SAFE_MEMO: Memo[Header, bool] = Memo(budget=SAFE_BUDGET, item_max=SAFE_ITEM_MAX, count=4096)
+_SAFE = _SAFE_MEMO.data
+
+
+def memo_bytes() -> int:
+    """Bytes held by the process-wide memo of checked response fields."""
+    return _SAFE_MEMO.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,8 @@ def request_to_h2(
         (b":authority", authority),
         (b":path", path),
     ]
+    if not authority:  # RFC 9113 §8.3.1: no authority to convey, no (empty) :authority
+        del out[2]
     xff: list[bytes] = []
     xfp = xfh = None
     vias: list[bytes] = []
@@ -141,7 +153,8 @@ def request_to_h2(
     xff.append(fwd.client_ip.encode("ascii"))
     out.append((b"x-forwarded-for", b", ".join(xff)))
     out.append((b"x-forwarded-proto", xfp or fwd.scheme))
-    out.append((b"x-forwarded-host", xfh or authority))
+    if xfh or authority:
+        out.append((b"x-forwarded-host", xfh or authority))
     vias.append(http_version + b" " + fwd.via)
     out.append((b"via", b", ".join(vias)))
     return out
@@ -169,9 +182,7 @@ def response_from_h2(
         if field not in _SAFE:
             if _BAD_VALUE.search(value) is not None or not _TOKEN.match(name):
                 raise BackendError("backend sent a header field that cannot be forwarded")
-            if len(_SAFE) >= 4096:
-                _SAFE.clear()
-            _SAFE.add(field)
+            _SAFE_MEMO.admit(field, True, len(name) + len(value))
         out.append(field)
     if not 100 <= status <= 599 or (status == 101 and not allow_101):
         raise BackendError(f"backend sent status {status}")

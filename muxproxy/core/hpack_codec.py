@@ -13,6 +13,8 @@ Values are sent raw, not Huffman-coded: a few bytes more on loopback-class links
 table with eviction, and table size updates (only at the start of a block, never above what we
 advertised).  Huffman strings are memoised too: backends such as nginx send the same few values
 (``server``, ``content-type``, the ``date`` of this second) as Huffman literals on every response.
+Every memo is a :class:`~muxproxy.core.memo.Memo`, bounded in bytes per connection; large values
+bypass it (issue 16: a backend sending a new 200 KB field each time must not fill memory).
 A block that decodes past ``max_header_list_size`` (§6.5.2 of RFC 9113, 32 bytes of overhead
 per field) is still decoded to the end, so the table stays in step with the peer, but its fields
 are dropped and the caller is told: a decompression bomb costs the peer a stream, not us memory.
@@ -27,6 +29,8 @@ from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
+from .memo import Memo
+
 Header = tuple[bytes, bytes]
 
 STATIC_TABLE: tuple[Header, ...] = HeaderTable.STATIC_TABLE
@@ -40,8 +44,11 @@ _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"s
 FIELD_NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 
-_CACHE_MAX = 4096
-_BLOCKS_MAX = 256
+# Memo budgets, per connection (a backend controls what it sends, a client what it asks).
+# Each keeps nginx-like traffic (a few hundred bytes of fields per block) fully cached.
+ENCODE_BUDGET, ENCODE_ITEM_MAX = 256 * 1024, 4096
+BLOCKS_BUDGET, BLOCKS_ITEM_MAX = 256 * 1024, 8192
+HUFFMAN_BUDGET, HUFFMAN_ITEM_MAX = 64 * 1024, 1024
 
 
 # A cached block: its fields, the entries it inserts (in order), their sizes and their total.
@@ -94,11 +101,17 @@ _PER_REQUEST = {b"x-request-id": b"\x00" + _literal(b"x-request-id")}
 class Encoder:
     """Stateless HPACK encoding with a memo of every field it encoded."""
 
-    __slots__ = ("_announced", "_cache")
+    __slots__ = ("_announced", "_cache", "_memo")
 
     def __init__(self) -> None:
-        self._cache: dict[Header, bytes] = {}
+        self._memo: Memo[Header, bytes] = Memo(
+            budget=ENCODE_BUDGET, item_max=ENCODE_ITEM_MAX, count=4096
+        )
+        self._cache = self._memo.data
         self._announced = False
+
+    def memo_bytes(self) -> int:
+        return self._memo.size
 
     def encode(self, headers: list[Header]) -> bytes:
         cache = self._cache
@@ -114,9 +127,7 @@ class Encoder:
                     parts.append(b"%s%c%s" % (prefix, len(field[1]), field[1]))
                     continue
                 enc = encode_field(*field)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[field] = enc
+                self._memo.admit(field, enc, len(field[0]) + len(field[1]) + len(enc))
             parts.append(enc)
         return b"".join(parts)
 
@@ -125,8 +136,10 @@ class Decoder:
     """HPACK decoding with a dynamic table of at most ``max_table_size`` bytes."""
 
     __slots__ = (
+        "_block_memo",
         "_blocks",
         "_huffman",
+        "_huffman_memo",
         "_limit",
         "_max",
         "_size",
@@ -147,8 +160,19 @@ class Decoder:
         # Whole blocks that only use the static table and literals: the same bytes always mean
         # the same fields and the same insertions (nginx sends identical blocks, inserting
         # every field, for every response within a second).
-        self._blocks: dict[bytes, _Block] = {}
-        self._huffman: dict[bytes, tuple[bytes, bool]] = {}  # raw → (decoded, valid)
+        self._block_memo: Memo[bytes, _Block] = Memo(
+            budget=BLOCKS_BUDGET, item_max=BLOCKS_ITEM_MAX, count=256
+        )
+        self._blocks = self._block_memo.data
+        # raw → (decoded, valid)
+        self._huffman_memo: Memo[bytes, tuple[bytes, bool]] = Memo(
+            budget=HUFFMAN_BUDGET, item_max=HUFFMAN_ITEM_MAX, count=4096
+        )
+        self._huffman = self._huffman_memo.data
+
+    def memo_bytes(self) -> int:
+        """Bytes held by this decoder's memos (whole blocks and Huffman strings)."""
+        return self._block_memo.size + self._huffman_memo.size
 
     def _add(self, name: bytes, value: bytes, size: int) -> None:
         """Insert an entry of ``size`` (= len(name) + len(value) + 32) and evict (§4.4)."""
@@ -273,15 +297,11 @@ class Decoder:
                     out.append((name, value))
         except IndexError:
             raise HPACKError("header block truncated") from None
-        if cacheable and not too_large and bad is None:
-            blocks = self._blocks
-            if len(blocks) >= _BLOCKS_MAX:
-                blocks.clear()
-            blocks[bytes(data)] = (
-                tuple(out),
-                tuple(inserts),
-                tuple(sizes),
-                sum(sizes),
+        if cacheable and not too_large and bad is None and len(data) <= BLOCKS_ITEM_MAX:
+            # The block's bytes plus the fields it decodes to (never more than 8 × its size).
+            kept = len(data) + sum(len(n) + len(v) for n, v in out)
+            self._block_memo.admit(
+                bytes(data), (tuple(out), tuple(inserts), tuple(sizes), sum(sizes)), kept
             )
         return out, too_large, bad
 
@@ -299,16 +319,14 @@ class Decoder:
         raw = data[pos:end]
         if not b & 0x80:
             return raw, end, BAD_FIELD_VALUE.search(raw) is None
-        cache = self._huffman
-        hit = cache.get(raw)
+        hit = self._huffman.get(raw)
         if hit is None:
             try:
                 out = decode_huffman(raw)
             except HPACKDecodingError as exc:
                 raise HPACKError(f"bad Huffman string: {exc}") from None
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            hit = cache[raw] = (out, BAD_FIELD_VALUE.search(out) is None)
+            hit = (out, BAD_FIELD_VALUE.search(out) is None)
+            self._huffman_memo.admit(raw, hit, len(raw) + len(out))
         return hit[0], end, hit[1]
 
 

@@ -268,6 +268,15 @@ class ClientConnection:
             self._head = None
         return first
 
+    def local_authority(self) -> bytes:
+        """``host:port`` this connection was accepted on (the target URI's authority when a
+        request names none, RFC 9112 §3.3)."""
+        addr = self.stream.extra(anyio.abc.SocketAttribute.local_address, None)
+        if not isinstance(addr, tuple):
+            return b""
+        host, port = str(addr[0]), int(addr[1])
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
     def forget(self) -> None:
         """Called by a detached tunnel when it has closed the connection."""
         self._finish()
@@ -342,9 +351,9 @@ class ClientConnection:
                 if not head.has_body:
                     end = session.next_event()  # emitted at once for a bodiless request
                     assert type(end) is EndOfRequest, end
-                route = self.proxy.router.match_route(
-                    head.authority, head.target, head.method, head.headers
-                )
+                if not head.authority:  # no Host (HTTP/1.0): RFC 9112 §3.3, our own address
+                    head.authority = self.local_authority()
+                route = self.proxy.router.route(head, self.listener)  # normalises head.target
                 keep = await dispatch(self, head, route, self.proxy.pools)
                 if self.detached is not None:
                     return  # the tunnel has the connection (and the outcome) now

@@ -41,3 +41,28 @@ def test_atheris_target_holds_the_invariant_briefly(tmp_path: Path) -> None:
     log = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, log[-4000:]
     assert "Done" in log and not list(artifacts.iterdir()), log[-4000:]
+
+
+def test_h2_differential_target_briefly(tmp_path: Path) -> None:
+    """``fuzz_h2diff``: muxproxy's HTTP/2 client codec and h2's agree on 2000 inputs, or
+    differ only as ``tests/fuzz/h2diff.py`` documents."""
+    found, artifacts = tmp_path / "found", tmp_path / "artifacts"
+    for d in (found, artifacts):
+        d.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz.fuzz_h2diff",
+            str(found),
+            f"-runs={RUNS}",
+            "-seed=20261204",
+            f"-artifact_prefix={artifacts}/",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
+    log = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, log[-4000:]
+    assert "Done" in log and not list(artifacts.iterdir()), log[-4000:]

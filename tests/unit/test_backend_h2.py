@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from muxproxy.core.backend_h2 import H2Backend, StreamLimitError
-from muxproxy.core.h2wire import frame
+from muxproxy.core.h2wire import frame, max_continuations
 from muxproxy.core.hpack_codec import encode_field
 from muxproxy.core.relay import StreamState, Update
 
@@ -711,6 +711,80 @@ def test_continuation_flood_is_bounded() -> None:
     up = p.core.receive_data(flood)
     assert up.closed and st_.reset_code is not None
     assert "too large" in p.core.close_reason
+
+
+def test_empty_continuation_frames_are_counted() -> None:
+    """CVE-2024-28182 (issue 16 item 4): zero-length CONTINUATION frames pass any byte cap; the
+    frames of one header block are counted, as nghttp2 does, and too many is a connection
+    error (ENHANCE_YOUR_CALM) that fails the connection at once, not after millions."""
+    p = Pair()
+    st_ = p.open()
+    cap = max_continuations(p.core.max_header_list_size)
+    assert 8 <= cap <= 32
+    flood = raw(1, 0, 1, block([(b":status", b"200")])) + raw(9, 0, 1) * (cap + 1)
+    up = p.core.receive_data(flood + raw(9, 0, 1) * 100_000)
+    assert up.closed and st_.reset_code is not None and not st_.refused
+    assert "CONTINUATION" in p.core.close_reason
+    goaways = [f for f in frames(p.core.data_to_send()) if isinstance(f, GoAwayFrame)]
+    assert [g.error_code for g in goaways] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+
+
+def test_a_block_split_into_as_many_frames_as_its_size_needs_is_accepted() -> None:
+    """The count leaves room for the largest legitimate block: max_header_list_size in full
+    frames, and nghttp2's 8 tiny ones."""
+    p = Pair()
+    st_ = p.open()
+    data = block([(b":status", b"200"), (b"x-big", b"v" * 200_000)])
+    chunks = [data[i : i + 16384] for i in range(0, len(data), 16384)]
+    wire = raw(1, 0, 1, chunks[0]) + b"".join(
+        raw(9, 4 if i == len(chunks) - 1 else 0, 1, c) for i, c in enumerate(chunks[1:], 1)
+    )
+    p.core.receive_data(wire)
+    assert not p.core.closed and st_.headers is not None and len(st_.headers) == 2
+    st2 = p.open()
+    small = block([(b":status", b"204")])
+    wire = raw(1, 0, 3, small[:1]) + raw(9, 0, 3) * 7 + raw(9, 4, 3, small[1:])
+    p.core.receive_data(wire)
+    assert not p.core.closed and st2.headers == [(b":status", b"204")]
+
+
+def test_a_failed_connection_sends_nothing_queued_but_its_goaway() -> None:
+    """A connection error fails every stream; HEADERS still queued (never handed to
+    data_to_send) are dropped, not sent after their stream was failed: the driver replays
+    those streams as never processed (io/backend.py), so they must never reach the backend."""
+    p = Pair()
+    sent = p.open()  # stream 1: handed out
+    queued = p.core.open_stream(REQ, end_stream=True)  # stream 3: still in our buffer
+    up = p.core.receive_data(raw(0, 0, 0, b"x"))  # DATA on stream 0: connection error
+    assert up.closed and sent.reset_code is not None and queued.reset_code is not None
+    assert queued.headers is None
+    out = frames(p.core.data_to_send())
+    assert [type(f) for f in out] == [GoAwayFrame]
+
+
+def test_priority_of_the_wrong_size_is_a_stream_error() -> None:
+    """RFC 9113 §6.3 (found by the differential test against h2): PRIORITY is ignored, but one
+    whose length is not 5 resets its stream with FRAME_SIZE_ERROR; the connection goes on."""
+    p = Pair()
+    bad, good = p.open(), p.open()
+    up = p.core.receive_data(raw(2, 0, 1, b"\x00" * 4) + raw(2, 0, 3, b"\x00" * 5))
+    assert not up.closed and bad.reset_code == 6 and good.reset_code is None
+    assert rst_codes(p.core.data_to_send()) == {1: 6}
+    p.respond(good.stream_id, b"fine")
+    assert good.ended and body_of(good) == b"fine"
+
+
+def test_goaway_below_a_stream_whose_response_is_complete_leaves_it_complete() -> None:
+    """A server that answered a stream whole (we are still sending its body) and then names a
+    lower last_stream_id in GOAWAY contradicts itself (RFC 9113 §6.8); the complete response
+    stands, as h2 has it (found by the differential test)."""
+    p = Pair()
+    st_ = p.open(POST, end_stream=False)
+    p.core.receive_data(raw(1, 5, 1, block([(b":status", b"200")])))
+    assert st_.ended
+    up = p.core.receive_data(goaway(0))
+    assert st_.reset_code is None and st_.headers == [(b":status", b"200")]
+    assert not up.closed
 
 
 def test_a_peer_can_lower_the_stream_windows_below_zero_and_recover() -> None:
