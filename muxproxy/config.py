@@ -32,6 +32,7 @@ __all__ = [
     "ProxyConfig",
     "RouteConfig",
     "Size",
+    "WeightedCluster",
     "load",
     "loads",
 ]
@@ -191,6 +192,8 @@ class Limits(_Section, frozen=True):
     linger_timeout: Duration = Duration(2.0)
     # A field name with "_": refuse the request, drop the field, or forward it (README: Security)
     underscore_headers: Literal["reject", "drop", "allow"] = "reject"
+    # Connections open at once from one true client address (per worker); None: no limit.
+    max_connections_per_client: int | None = None
 
 
 class ListenerConfig(_Section, frozen=True):
@@ -267,12 +270,68 @@ class ClusterConfig(_Section, frozen=True):
         return self.connections if self.max_connections is None else self.max_connections
 
 
+class WeightedCluster(_Section, frozen=True):
+    name: str
+    weight: int = 1
+
+
+class HeaderRulesConfig(_Section, frozen=True):
+    set: dict[str, str] = {}
+    add: dict[str, str] = {}
+    remove: tuple[str, ...] = ()
+
+
+class RedirectConfig(_Section, frozen=True):
+    to: str  # a template: "https://{host}{path}"
+    status: int = 308
+
+
+class RespondConfig(_Section, frozen=True):
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+class RateLimitConfig(_Section, frozen=True):
+    requests: int  # tokens per `per`, per client address, per worker
+    per: Duration = Duration(1.0)
+    burst: int | None = None  # bucket size; default `requests`
+    max_clients: int = 100_000  # LRU cap on the client addresses remembered
+
+
 class RouteConfig(_Section, frozen=True):
-    cluster: str
+    # Exactly one of cluster, clusters, redirect, respond says where the request goes.
+    cluster: str = ""
+    clusters: tuple[WeightedCluster, ...] = ()
+    sticky: str | None = None  # "header:NAME" or "client_ip"; with `clusters`
+    name: str = ""  # for logs and {route}; default "routes[i]"
+    # Match: all given conditions must hold.
     host: str = "*"
     path_prefix: str = "/"
+    path_exact: str | None = None
+    path_regex: str | None = None  # Python re, anchored at both ends
+    methods: tuple[str, ...] = ()
+    headers: dict[str, str] = {}  # name = "value" (exact) or "~regex"
+    query: dict[str, str] = {}
+    # Rewrite, after path normalisation.
+    strip_prefix: str | None = None
+    prefix_rewrite: str | None = None  # replaces the matched path_prefix
+    host_rewrite: str | None = None  # sets :authority
+    request_headers: HeaderRulesConfig | None = None
+    response_headers: HeaderRulesConfig | None = None
+    redirect: RedirectConfig | None = None
+    respond: RespondConfig | None = None
+    # Overrides of the cluster's / listener's values.
+    request_timeout: Duration | None = None
+    max_body: Size | None = None
+    max_replays: int | None = None
+    rate_limit: RateLimitConfig | None = None
     websocket: bool = False
     websocket_fallback_http1: bool = False
+
+    def cluster_names(self) -> tuple[str, ...]:
+        """Every cluster this route may send a request to."""
+        return (self.cluster,) if self.cluster else tuple(c.name for c in self.clusters)
 
 
 class Config(_Section, frozen=True):
@@ -320,6 +379,8 @@ def _check(cfg: Config) -> None:
         for key in ("max_header_bytes", "max_headers", "max_uri_bytes", "max_connections"):
             if getattr(lim, key) < 1:
                 fail(f"listeners[{i}].limits.{key}", "must be at least 1")
+        if lim.max_connections_per_client is not None and lim.max_connections_per_client < 1:
+            fail(f"listeners[{i}].limits.max_connections_per_client", "must be at least 1")
         for key in (
             "header_timeout",
             "idle_timeout",
@@ -371,13 +432,112 @@ def _check(cfg: Config) -> None:
             if getattr(c, key) <= 0:
                 fail(f"{p}.{key}", "must be more than 0")
     for i, r in enumerate(cfg.routes):
-        p = f"routes[{i}]"
-        if r.cluster not in names:
-            fail(f"{p}.cluster", f"no cluster named {r.cluster!r}")
-        if not _HOST_RE.match(r.host.lower()):
-            fail(f"{p}.host", f"bad host pattern {r.host!r} (exact, '*.suffix' or '*')")
-        if not r.path_prefix.startswith("/"):
-            fail(f"{p}.path_prefix", "must start with '/'")
+        _check_route(f"routes[{i}]", r, names, fail)
+
+
+def _check_route(p: str, r: RouteConfig, names: set[str], fail: Any) -> None:
+    targets = [k for k in ("cluster", "clusters", "redirect", "respond") if getattr(r, k)]
+    if len(targets) != 1:
+        fail(p, "needs exactly one of cluster, clusters, redirect or respond")
+    if r.cluster and r.cluster not in names:
+        fail(f"{p}.cluster", f"no cluster named {r.cluster!r}")
+    for j, wc in enumerate(r.clusters):
+        if wc.name not in names:
+            fail(f"{p}.clusters[{j}].name", f"no cluster named {wc.name!r}")
+        if wc.weight < 0:
+            fail(f"{p}.clusters[{j}].weight", "cannot be negative")
+    if r.clusters and sum(wc.weight for wc in r.clusters) < 1:
+        fail(f"{p}.clusters", "the weights must add up to at least 1")
+    if r.sticky is not None:
+        if not r.clusters:
+            fail(f"{p}.sticky", "only applies to weighted `clusters`")
+        sticky_header = re.fullmatch(r"header:[A-Za-z0-9!#$%&'*+.^_`|~-]+", r.sticky)
+        if r.sticky != "client_ip" and not sticky_header:
+            fail(f"{p}.sticky", "use 'client_ip' or 'header:NAME'")
+    if not _HOST_RE.match(r.host.lower()):
+        fail(f"{p}.host", f"bad host pattern {r.host!r} (exact, '*.suffix' or '*')")
+    for key in ("path_prefix", "path_exact", "strip_prefix", "prefix_rewrite"):
+        v = getattr(r, key)
+        if v is not None and not v.startswith("/"):
+            fail(f"{p}.{key}", "must start with '/'")
+    for key in ("path_prefix", "path_exact", "strip_prefix", "prefix_rewrite", "host_rewrite"):
+        v = getattr(r, key)
+        if v is not None and not _VISIBLE.fullmatch(v):
+            fail(f"{p}.{key}", "may hold only visible ASCII characters")
+    if r.strip_prefix is not None and r.prefix_rewrite is not None:
+        fail(f"{p}.prefix_rewrite", "cannot be combined with strip_prefix")
+    if r.host_rewrite is not None and not _HOST_RE.match(r.host_rewrite.lower().rsplit(":", 1)[0]):
+        fail(f"{p}.host_rewrite", f"bad host {r.host_rewrite!r}")
+    if r.path_regex is not None:
+        try:
+            re.compile(r.path_regex)
+        except re.error as exc:
+            fail(f"{p}.path_regex", f"not a valid regular expression: {exc}")
+    for name, value in r.headers.items():
+        if value.startswith("~"):
+            try:
+                re.compile(value[1:])
+            except re.error as exc:
+                fail(f"{p}.headers.{name}", f"not a valid regular expression: {exc}")
+    for m in r.methods:
+        if not re.fullmatch(r"[A-Z]+", m):
+            fail(f"{p}.methods", f"bad method {m!r} (upper-case token such as 'GET')")
+    for key in ("request_headers", "response_headers"):
+        rules = getattr(r, key)
+        if rules is not None:
+            _check_header_rules(f"{p}.{key}", rules, fail)
+    if r.redirect is not None:
+        if r.redirect.status not in (301, 302, 303, 307, 308):
+            fail(f"{p}.redirect.status", "must be one of 301, 302, 303, 307, 308")
+        _check_template(f"{p}.redirect.to", r.redirect.to, fail)
+    if r.respond is not None and not 200 <= r.respond.status <= 599:
+        fail(f"{p}.respond.status", "must be between 200 and 599")
+    if r.max_replays is not None and r.max_replays < 0:
+        fail(f"{p}.max_replays", "cannot be negative")
+    if r.request_timeout is not None and r.request_timeout <= 0:
+        fail(f"{p}.request_timeout", "must be more than 0")
+    rl = r.rate_limit
+    if rl is not None:
+        if rl.requests < 1:
+            fail(f"{p}.rate_limit.requests", "must be at least 1")
+        if rl.per <= 0:
+            fail(f"{p}.rate_limit.per", "must be more than 0")
+        if rl.burst is not None and rl.burst < 1:
+            fail(f"{p}.rate_limit.burst", "must be at least 1")
+        if rl.max_clients < 1:
+            fail(f"{p}.rate_limit.max_clients", "must be at least 1")
+
+
+_VISIBLE = re.compile(r"[\x21-\x7e]*")
+_FIELD_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_TEMPLATE_VARS = frozenset(("client_ip", "request_id", "route", "host", "path", "method", "scheme"))
+# The fields the proxy owns: no header rule may name them (core/routing.OWNED_FIELDS).
+_OWNED = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "host",
+     "content-length")
+)
+
+
+def _check_template(p: str, template: str, fail: Any) -> None:
+    if not re.fullmatch(r"[\x20-\x7e]*", template):
+        fail(p, "may hold only printable ASCII characters")
+    for var in re.findall(r"\{([^}]*)\}", template):
+        if var not in _TEMPLATE_VARS:
+            fail(p, f"unknown variable {{{var}}} (use {', '.join(sorted(_TEMPLATE_VARS))})")
+
+
+def _check_header_rules(p: str, rules: HeaderRulesConfig, fail: Any) -> None:
+    for kind, names in (("set", rules.set), ("add", rules.add), ("remove", rules.remove)):
+        for name in names:
+            low = name.lower()
+            if not _FIELD_NAME.fullmatch(low):
+                fail(f"{p}.{kind}", f"bad field name {name!r}")
+            if low in _OWNED:
+                fail(f"{p}.{kind}", f"{name!r} is owned by the proxy and cannot be changed")
+        if kind != "remove":
+            assert isinstance(names, dict)
+            for name, value in names.items():
+                _check_template(f"{p}.{kind}.{name}", value, fail)
 
 
 def _is_ip(host: str) -> bool:

@@ -89,6 +89,7 @@ REASONS = {
     413: "Content Too Large",
     414: "URI Too Long",
     426: "Upgrade Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",
     502: "Bad Gateway",

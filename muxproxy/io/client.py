@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 import anyio.abc
 
-from ..config import Limits, ListenerConfig, RouteConfig
+from ..config import Limits, ListenerConfig
 from ..core.frontend_h11 import (
     CLOSED,
     NEED_DATA,
@@ -32,15 +32,13 @@ from ..core.frontend_h11 import (
 )
 from ..core.headers import Forwarding, Header
 from ..core.outcome import Outcome
-from ..core.websocket import is_upgrade
 from ..errors import BackendError, ClientError, ProxyError
 from ..router import Router
 from .backend import NETWORK_ERRORS
+from .dispatch import dispatch
 from .downstream import ClientGone
-from .exchange import Exchange
 from .fast_stream import FastStream
 from .timers import TimerWheel
-from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .detached import DetachedTunnel
@@ -86,11 +84,6 @@ def _head_limits(lim: Limits) -> HeadLimits:
     )
 
 
-@functools.cache
-def _route_label(route: RouteConfig) -> str:
-    return f"{route.host}{route.path_prefix}"
-
-
 def _refusal_reason(exc: ProxyError, timed_out: str) -> str:
     """The outcome's reason code for a proxy-generated answer."""
     code = getattr(exc, "code", "")
@@ -103,6 +96,8 @@ def _refusal_reason(exc: ProxyError, timed_out: str) -> str:
         return "refused_limit"
     if status == 404:
         return "no_route"
+    if status == 429:
+        return "rate_limited"
     if isinstance(exc, ClientError):
         return "refused_malformed"
     if status == 504:
@@ -138,7 +133,6 @@ class ClientConnection:
     __slots__ = (
         "_head",
         "_out",
-        "_route",
         "detached",
         "fwd",
         "idle",
@@ -196,7 +190,6 @@ class ClientConnection:
         self.outcome = _NO_OUTCOME
         # What the outcome's text fields are made from, only when someone listens.
         self._head: RequestHead | None = None
-        self._route: RouteConfig | None = None
         self._out: list[bytes] = []  # response bytes queued by send_head/send_data/end
         self.linger = False  # closing after a refusal: drain what the client still sends
 
@@ -273,7 +266,6 @@ class ClientConnection:
         else:
             self.outcome = _NO_OUTCOME
             self._head = None
-            self._route = None
         return first
 
     def local_authority(self) -> bytes:
@@ -322,11 +314,11 @@ class ClientConnection:
         o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
         self.outcome = o
         self._head = head
-        self._route = None
         return o
 
     def _describe(self, o: Outcome) -> None:
-        """Fill the outcome's text fields from the request head and route, and let them go."""
+        """Fill the outcome's text fields from the request head, and let it go.  (Route and
+        cluster are written by the dispatch as it decides them.)"""
         head = self._head
         if head is not None:
             o.method = head.method.decode("latin-1")
@@ -334,12 +326,7 @@ class ClientConnection:
             o.path = head.target.decode("latin-1")
             if not o.protocol:
                 o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
-        route = self._route
-        if route is not None:
-            o.route = _route_label(route)
-            o.cluster = route.cluster
         self._head = None
-        self._route = None
 
     def _finish(self) -> None:
         """Hand the current request's outcome to the proxy's recorders, once."""
@@ -353,7 +340,6 @@ class ClientConnection:
                 o.wall_start = time.time() - (now - o.start)
                 proxy.record(o)
             self._head = None
-            self._route = None
 
     async def _serve(self) -> None:
         session = self.session
@@ -368,16 +354,7 @@ class ClientConnection:
                 if not head.authority:  # no Host (HTTP/1.0): RFC 9112 §3.3, our own address
                     head.authority = self.local_authority()
                 route = self.proxy.router.route(head, self.listener)  # normalises head.target
-                if route is None:
-                    keep = await self.send_error(ProxyError("no route for this host and path", 404))
-                else:
-                    self._route = route
-                    pool = self.proxy.pools[route.cluster]
-                    if route.websocket and is_upgrade(head.headers):
-                        self.outcome.protocol = "websocket"
-                        keep = await Tunnel(self, head, route, pool).run()
-                    else:
-                        keep = await Exchange(self, head, route, pool).run()
+                keep = await dispatch(self, head, route, self.proxy.pools)
                 if self.detached is not None:
                     return  # the tunnel has the connection (and the outcome) now
                 self._finish()

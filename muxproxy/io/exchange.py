@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..config import Address, RouteConfig
+from ..config import Address
 from ..core.frontend_h11 import Body, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
 from ..core.relay import StreamState
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, ProxyError
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ClientError, ProxyError
+from ..router import Route
 from .backend import BackendConnection, Signal
 from .downstream import ClientGone, Downstream
 
@@ -84,11 +85,13 @@ class _Stall:
 class BodySource:
     """The request body, read from the client on demand, remembered for replays while small."""
 
-    __slots__ = ("complete", "down", "kept", "kept_size", "limit", "trailers")
+    __slots__ = ("complete", "down", "kept", "kept_size", "limit", "max_body", "size", "trailers")
 
-    def __init__(self, down: Downstream, replay_limit: int) -> None:
+    def __init__(self, down: Downstream, replay_limit: int, max_body: int | None = None) -> None:
         self.down = down
         self.limit = replay_limit
+        self.max_body = max_body  # a route's own limit, below the listener's
+        self.size = 0
         self.kept: list[bytes] | None = []  # None once the body outgrew the replay buffer
         self.kept_size = 0
         self.complete = False
@@ -106,6 +109,10 @@ class BodySource:
         while not self.complete:
             ev = await self.down.read_body()
             if type(ev) is Body:
+                if self.max_body is not None:
+                    self.size += len(ev.data)
+                    if self.size > self.max_body:
+                        raise ClientError("request body larger than max_body", 413)
                 if self.kept is not None:
                     self.kept_size += len(ev.data)
                     if self.kept_size <= self.limit:
@@ -134,8 +141,10 @@ class Exchange:
         "fields",
         "head",
         "keep",
+        "max_replays",
         "outcome",
         "pool",
+        "request_timeout",
         "route",
         "sent_whole",
         "stalled",
@@ -147,7 +156,7 @@ class Exchange:
         self,
         down: Downstream,
         head: RequestHead,
-        route: RouteConfig,
+        route: Route,
         pool: ClusterPool,
         *,
         fields: list[Header] | None = None,
@@ -159,7 +168,10 @@ class Exchange:
         self.head = head
         self.route = route
         self.pool = pool
-        self.cfg = pool.cfg
+        self.cfg = cfg = pool.cfg
+        rc = route.config  # the route's own timeouts and limits override the cluster's
+        self.request_timeout = rc.request_timeout or cfg.request_timeout
+        self.max_replays = cfg.max_replays if rc.max_replays is None else rc.max_replays
         self.fields = fields
         self.connect_protocol = connect_protocol
         self.upgrade = upgrade
@@ -217,12 +229,39 @@ class Exchange:
             rid = request_id()
             fields.append((b"x-request-id", rid))
         self.outcome.request_id = rid.decode("latin-1")
+        route = self.route
+        if route.rewrite is not None or route.request_rules is not None:
+            fields = self._apply_route(fields)
+        return fields
+
+    def _apply_route(self, fields: list[Header]) -> list[Header]:
+        """The route's rewrites (on :path and :authority; X-Forwarded-Host keeps what the
+        client asked for) and request header rules."""
+        route = self.route
+        rw = route.rewrite
+        if rw is not None:
+            for i, (name, value) in enumerate(fields):
+                if name == b":path" and rw.rewrites_path:
+                    fields[i] = (name, rw.path(value))
+                elif name == b":authority":
+                    fields[i] = (name, rw.authority(value))
+                elif name[:1] != b":":
+                    break
+        rules = route.request_rules
+        if rules is not None:
+            n = next((i for i, (name, _) in enumerate(fields) if name[:1] != b":"), len(fields))
+            facts = route.facts(self.down.fwd, self.outcome.request_id, self.head)
+            fields = fields[:n] + rules.apply(fields[n:], facts)
         return fields
 
     async def forward(self) -> None:
         """Open a stream and relay, replaying what the backend provably never processed."""
         fields = self._fields()
-        body = BodySource(self.down, self.cfg.replay_buffer) if self.head.has_body else None
+        body = (
+            BodySource(self.down, self.cfg.replay_buffer, self.route.config.max_body)
+            if self.head.has_body
+            else None
+        )
         outcome = self.outcome
         replays = 0
         while True:
@@ -249,7 +288,7 @@ class Exchange:
                 if body is not None and not body.replayable:
                     outcome.reason = "replays_exhausted"
                     raise BackendError(f"{st.error}; request body too large to replay") from None
-                if replays >= self.cfg.max_replays:
+                if replays >= self.max_replays:
                     outcome.reason = "replays_exhausted"
                     raise BackendError(st.error or "backend refused the stream") from None
                 replays += 1
@@ -336,14 +375,14 @@ class Exchange:
         wheel = self.down.wheel
         timing_head = self.sent_whole
         if timing_head:
-            wheel.start(self, self.cfg.request_timeout)
+            wheel.start(self, self.request_timeout)
         while st.headers is None and st.reset_code is None and not self.failure:
             if self.stalled:
                 break
             if not timing_head and self.sent_whole:
                 timing_head = True
                 self.expired = False
-                wheel.start(self, self.cfg.request_timeout)
+                wheel.start(self, self.request_timeout)
             if self.expired:
                 break
             await news.wait()
@@ -374,6 +413,10 @@ class Exchange:
         down = self.down
         wheel = down.wheel
         is_head = self.head.method == b"HEAD"
+        rules = self.route.response_rules
+        if rules is not None:
+            facts = self.route.facts(down.fwd, self.outcome.request_id, self.head)
+            headers = rules.apply(headers, facts)
         try:
             down.send_head(status, headers)
         except BackendError:
@@ -413,7 +456,7 @@ class Exchange:
                 )
                 self.keep = down.reset()
                 return
-            wheel.start(self, self.cfg.request_timeout)  # a body stalled this long is dropped
+            wheel.start(self, self.request_timeout)  # a body stalled this long is dropped
             while not chunks and not st.ended and st.reset_code is None and not self.failure:
                 if self.expired:
                     self.outcome.reason = "upstream_timeout"

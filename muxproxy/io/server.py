@@ -58,6 +58,8 @@ class Proxy:
             lst.name: tuple(n.net for n in lst.trusted_proxies) for lst in config.listeners
         }
         self.refused_connections = 0
+        # Open connections per (listener, client address), for max_connections_per_client.
+        self._per_client: dict[tuple[str, str], int] = {}
         self.internal_errors = 0
         self.proxy_header_errors = 0  # PROXY protocol: untrusted peer, malformed, timed out
         # Certificates load here, so a bad file stops ``run`` before anything binds.
@@ -231,6 +233,14 @@ class Proxy:
                         await anyio.aclose_forcefully(stream)
                         return
                     stream, early = tls, b""
+            per_client = lc.limits.max_connections_per_client
+            if per_client is not None:
+                key = (lc.name, peer[0])
+                if self._per_client.get(key, 0) >= per_client:
+                    self.refused_connections += 1
+                    await _too_many(stream)
+                    return
+                self._per_client[key] = self._per_client.get(key, 0) + 1
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
             if early:  # what followed the PROXY header: the start of the first request
                 client.session.receive_data(early)
@@ -252,10 +262,33 @@ class Proxy:
 
     def forget(self, client: ClientConnection) -> None:
         """The client connection is closed: it counts no more."""
+        if client.listener.limits.max_connections_per_client is not None:
+            key = (client.listener.name, client.fwd.client_ip)
+            left = self._per_client.get(key, 1) - 1
+            if left > 0:
+                self._per_client[key] = left
+            else:
+                self._per_client.pop(key, None)
         self.clients.discard(client)
         client.open_here.discard(client)
         if self.draining and not self.clients:
             self._no_clients.set()
+
+
+_TOO_MANY = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 36\r\nconnection: close\r\n\r\ntoo many connections from one client\n"
+)
+
+
+async def _too_many(stream: anyio.abc.ByteStream) -> None:
+    """max_connections_per_client: a short 429, then close (never read what it sent)."""
+    with anyio.move_on_after(1.0):
+        try:
+            await stream.send(_TOO_MANY)
+        except NETWORK_ERRORS:
+            pass
+    await anyio.aclose_forcefully(stream)
 
 
 async def _listen(

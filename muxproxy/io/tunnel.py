@@ -50,7 +50,7 @@ from .exchange import Exchange
 from .tunnel_tasks import StreamPort, TaskTunnel, relay_socket
 
 if TYPE_CHECKING:
-    from ..config import RouteConfig
+    from ..router import Route
     from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.tunnel")
@@ -61,7 +61,7 @@ class Tunnel:
     replays, a refused upgrade relayed as an ordinary response); a 2xx hands the stream here."""
 
     def __init__(
-        self, client: TunnelDownstream, head: RequestHead, route: RouteConfig, pool: ClusterPool
+        self, client: TunnelDownstream, head: RequestHead, route: Route, pool: ClusterPool
     ) -> None:
         self.client = client
         self.head = head
@@ -102,7 +102,7 @@ class Tunnel:
         try:
             await self.exchange.forward()
         except NoExtendedConnect:
-            if not self.route.websocket_fallback_http1:
+            if not self.route.config.websocket_fallback_http1:
                 raise
             await self._fallback_http1()
 

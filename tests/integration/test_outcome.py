@@ -51,7 +51,7 @@ async def test_success_outcome_names_backend_stream_and_request_id() -> None:
         )
         assert first.authority == "app.example" and first.protocol == "HTTP/1.1"
         assert first.listener == "edge" and first.client_addr == "127.0.0.1"
-        assert first.cluster == "app" and first.route == "*/"
+        assert first.cluster == "app" and first.route == "routes[0]"
         assert first.backend.startswith("127.0.0.1:")
         assert first.backend_conn > 0 and first.stream_id > 0
         assert second.stream_id > first.stream_id
@@ -217,7 +217,7 @@ async def test_an_idle_detached_websocket_keeps_no_request_state(anyio_backend: 
             assert c.detached is None  # trio: the tunnel keeps its task
         else:
             assert c.detached is not None
-            assert c._head is None and c._route is None
+            assert c._head is None
             assert c.outcome is client_module._NO_OUTCOME
             assert c._out is client_module._SPENT_OUT and c.session is client_module._SPENT
         await ws.close()
