@@ -31,7 +31,7 @@ from __future__ import annotations
 import h11
 
 from .headers import Header
-from .relay import StreamState, Update
+from .relay import StreamState, Update, fail_streams
 
 # Request fields h11 frames itself or HTTP/1.1 spells differently.
 _REQUEST_SKIP = frozenset({b"host", b"transfer-encoding", b"connection", b"te"})
@@ -293,17 +293,8 @@ class H1Backend:
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
         self.close_reason = reason
-        for st in self.streams.values():
-            if st.reset_code is None and not st.ended:
-                st.reset_code = INTERNAL_ERROR
-                st.error = reason
-            if up is not None:
-                up.streams.append(st)
-        self.streams.clear()
+        fail_streams(self.streams, INTERNAL_ERROR, reason, up)
         self._current = None
-        if up is not None:
-            up.closed = True
-            up.capacity_changed = True
 
 
 _OVER = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)

@@ -86,7 +86,7 @@ from .h2wire import (
 )
 from .headers import Header
 from .hpack_codec import Decoder, Encoder, HPACKError
-from .relay import StreamState, Update
+from .relay import StreamState, Update, fail_streams
 
 
 class StreamLimitError(Exception):
@@ -697,16 +697,7 @@ class H2Backend:
         self._out.clear()
         if goaway:
             self._out.append(goaway)
-        for st in self.streams.values():
-            if st.reset_code is None and not st.ended:
-                st.reset_code = INTERNAL_ERROR
-                st.error = reason
-            if up is not None:
-                up.streams.append(st)
-        self.streams.clear()
-        if up is not None:
-            up.closed = True
-            up.capacity_changed = True
+        fail_streams(self.streams, INTERNAL_ERROR, reason, up)
 
     def _maybe_forget(self, st: _H2Stream) -> None:
         if st.ended and st.local_closed:

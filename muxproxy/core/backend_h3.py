@@ -37,7 +37,7 @@ from aioquic.quic.connection import QuicConnection
 
 from .credit import CreditCap
 from .headers import Header
-from .relay import StreamState, Update
+from .relay import StreamState, Update, fail_streams
 
 REQUEST_CANCELLED = ErrorCode.H3_REQUEST_CANCELLED
 REQUEST_REJECTED = ErrorCode.H3_REQUEST_REJECTED
@@ -351,19 +351,15 @@ class H3Backend:
     def _terminate(self, reason: str, up: Update | None = None) -> None:
         self.closed = True
         self.close_reason = reason
-        for st in self.streams.values():
-            if st.reset_code is None and not st.ended:
-                st.reset_code = ErrorCode.H3_INTERNAL_ERROR
-                st.error = reason
-                # A close with no GOAWAY proves nothing of what was sent; what never left did
-                # not reach the backend.
-                st.refused = st.headers is None and self._never_sent(st.stream_id)
-            if up is not None:
-                up.streams.append(st)
-        self.streams.clear()
-        if up is not None:
-            up.closed = True
-            up.capacity_changed = True
+        # A close with no GOAWAY proves nothing of what was sent; what never left did not
+        # reach the backend.
+        fail_streams(
+            self.streams,
+            ErrorCode.H3_INTERNAL_ERROR,
+            reason,
+            up,
+            refused=lambda st: st.headers is None and self._never_sent(st.stream_id),
+        )
 
     def _maybe_forget(self, stream_id: int) -> None:
         st = self.streams.get(stream_id)

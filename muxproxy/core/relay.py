@@ -9,9 +9,9 @@ provide it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .headers import Header
 
@@ -73,3 +73,31 @@ class BackendCore(Protocol):
     def ping(self) -> None: ...
     def close(self, code: int = ...) -> None: ...
     def abort(self, reason: str) -> Update: ...
+
+
+S = TypeVar("S", bound=StreamState)
+
+
+def fail_streams(
+    streams: MutableMapping[int, S],
+    code: int,
+    reason: str,
+    up: Update | None,
+    refused: Callable[[S], bool] | None = None,
+) -> None:
+    """A connection ended: every stream not already ended or reset fails with ``code`` and
+    ``reason`` (``refused`` says which of them the backend provably never saw, so they may
+    be replayed), all are reported in ``up``, and the core forgets them.  Every protocol
+    core's termination calls this, so the rule is written once."""
+    for st in streams.values():
+        if st.reset_code is None and not st.ended:
+            st.reset_code = code
+            st.error = reason
+            if refused is not None:
+                st.refused = refused(st)
+        if up is not None:
+            up.streams.append(st)
+    streams.clear()
+    if up is not None:
+        up.closed = True
+        up.capacity_changed = True
