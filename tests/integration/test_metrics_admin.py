@@ -64,3 +64,37 @@ async def test_metrics_parse_and_count_outcomes() -> None:
         healthy = "muxproxy_backend_healthy"
         assert value(healthy, healthy, cluster="app") == 1
         await client.aclose()
+
+
+async def test_real_requests_reach_the_counters() -> None:
+    """End to end: requests through the proxy (not hand-made records) are counted by cluster
+    and status class, refused ones by reason, and timed in the histograms."""
+    async with running(Script(), admin=True) as h:
+        assert h.admin is not None
+        c = await h.client()
+        for target in ("/hello", "/hello", "/status/503"):
+            await c.request("GET", target)
+        await c.aclose()
+        raw = await h.raw(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400")
+
+        async def scrape() -> dict[str, object]:
+            _, body = await admin_get(h.admin, "/metrics")  # type: ignore[arg-type]
+            return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+        def value(fams: dict[str, object], family: str, sample: str, **labels: str) -> float:
+            for s in fams[family].samples:  # type: ignore[attr-defined]
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+            return 0.0
+
+        fams = await scrape()
+        total = "muxproxy_requests_total"
+        assert value(fams, "muxproxy_requests", total, cluster="app", code="2xx") == 2
+        assert value(fams, "muxproxy_requests", total, cluster="app", code="5xx") == 1
+        refused = "muxproxy_requests_refused_total"
+        assert value(fams, "muxproxy_requests_refused", refused, reason="refused_malformed") == 1
+        dur = "muxproxy_request_duration_seconds"
+        assert value(fams, dur, f"{dur}_count", cluster="app") == 3
+        up = "muxproxy_upstream_seconds"
+        assert value(fams, up, f"{up}_count", cluster="app") == 3
