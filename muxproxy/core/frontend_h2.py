@@ -248,9 +248,11 @@ class H2Server:
                     out.append(Cancelled(sid, ev.error_code or CANCEL))
             elif isinstance(ev, E.WindowUpdated):
                 out.append(WindowOpen(ev.stream_id))
-            elif isinstance(ev, E.RemoteSettingsChanged):
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                    out.append(WindowOpen(0))
+            elif (
+                isinstance(ev, E.RemoteSettingsChanged)
+                and h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings
+            ):
+                out.append(WindowOpen(0))
             # PING is answered by h2; SETTINGS ACKs, PRIORITY and unknown frames need nothing.
 
     def _request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
