@@ -30,7 +30,9 @@ class H2Client:
     def __init__(self, stream: anyio.abc.ByteStream, *, auto_ack: bool = True,
                  window: int | None = None) -> None:
         self.stream = stream
-        cfg = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        cfg = h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                         validate_outbound_headers=False,
+                                         normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(cfg)
         self.auto_ack = auto_ack
         self.responses: dict[int, Response] = {}

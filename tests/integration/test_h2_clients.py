@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from .h2client import H2Client
-from .h2harness import curl, running_h2
+from .h2client import H2Client, Response
+from .h2harness import H2Harness, curl, running_h2
+from .harness import wait_for
 from .origin import Script, pattern
 
 pytestmark = pytest.mark.anyio
@@ -62,3 +65,80 @@ async def test_100_streams_bodies_intact_sha256() -> None:
                 assert hashlib.sha256(r.body).hexdigest() == hashlib.sha256(pattern(n)).hexdigest()
             await c.aclose()
         assert h.origin is not None and h.origin.connections_accepted <= 2
+
+
+async def _one(h: H2Harness, *reqs: tuple[str, dict[str, Any]]) -> list[Response]:
+    c = await H2Client.connect(h.addr.host, h.addr.port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(c.run)
+        sids = [c.request(path, **kw) for path, kw in reqs]
+        await c.upload()
+        with anyio.fail_after(20):
+            for sid in sids:
+                await c.responses[sid].done.wait()
+        await c.aclose()
+    return [c.responses[s] for s in sids]
+
+
+async def test_errors_resets_and_trailers_per_stream() -> None:
+    async with running_h2(Script()) as h:
+        nf, reset, mid, trailers, nolen, hdrs, ok = await _one(
+            h,
+            ("/", {"authority": "x", "method": "GET"}),
+            ("/reset", {}),
+            ("/die-mid-body", {}),
+            ("/trailers", {}),
+            ("/nolength", {}),
+            ("/headers", {"headers": [(b"te", b"trailers"), (b"x-a", b"1")]}),
+            ("/hello", {}),
+        )
+        # A backend reset before the head: 502 on that stream only.
+        assert reset.status == 502 and b"backend" in reset.body
+        # A backend reset mid-body: the client's stream is reset, never ended cleanly.
+        assert mid.status == 200 and mid.reset is not None
+        assert trailers.status == 200 and bytes(trailers.body) == b"body"
+        assert trailers.trailers == [(b"x-checksum", b"abc")]
+        assert bytes(nolen.body) == b"part one, part two" and nolen.reset is None
+        seen = dict((k.encode(), v.encode()) for k, v in json.loads(bytes(hdrs.body)))
+        assert seen[b"te"] == b"trailers" and seen[b"x-a"] == b"1"
+        assert seen[b"via"].startswith(b"2 ")
+        assert seen[b":authority"] == b"localhost"
+        assert ok.status == 200 and bytes(ok.body) == b"hello\n"  # the connection lived on
+        assert nf.status in (200, 404)
+
+
+async def test_malformed_request_is_a_stream_error_and_404() -> None:
+    routes = '[[routes]]\nhost = "app.test"\npath_prefix = "/"\ncluster = "app"\n'
+    async with running_h2(Script(), routes=routes) as h:
+        bad, nf, ok = await _one(
+            h,
+            ("/hello", {"authority": "app.test", "headers": [(b"connection", b"close")]}),
+            ("/hello", {"authority": "other.test"}),
+            ("/hello", {"authority": "app.test"}),
+        )
+        assert bad.reset is not None and bad.status == 0  # RFC 9113 §8.2.2
+        assert nf.status == 404
+        assert ok.status == 200
+
+
+async def test_drain_goaway_lets_in_flight_streams_finish() -> None:
+    script = Script()
+    async with running_h2(script) as h:
+        cmd = ["nghttp", "-v", "-t", "20", f"{h.url}/block"]
+        async with await anyio.open_process(cmd) as proc:
+            await wait_for(lambda: len(script.started) == 1)
+            h.proxy.shutdown()
+            assert proc.stdout is not None
+            out = b""
+            with anyio.fail_after(10):
+                while b"recv GOAWAY" not in out:
+                    out += await proc.stdout.receive()
+                script.release.set()
+                async for chunk in proc.stdout:
+                    out += chunk
+                await proc.wait()
+        text = out.decode()
+        # (nghttp's request is stream 13, after its PRIORITY-only streams)
+        assert "recv GOAWAY" in text and "last_stream_id=13, error_code=NO_ERROR" in text
+        assert "released" in text and ":status: 200" in text
+        assert proc.returncode == 0
