@@ -23,16 +23,14 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import h2.exceptions
 
-from ..config import Limits, ListenerConfig, RouteConfig
+from ..config import Limits, ListenerConfig
 from ..core.frontend_h2 import (
     Body as H2Body,
 )
@@ -46,16 +44,12 @@ from ..core.frontend_h2 import (
     Request,
     WindowOpen,
 )
-from ..core.frontend_h11 import Body, EndOfRequest, RequestHead
-from ..core.h2wire import CANCEL, INTERNAL_ERROR
-from ..core.headers import Forwarding, Header
+from ..core.headers import Forwarding
 from ..core.outcome import Outcome
-from ..errors import ClientError, ProxyError
 from ..router import Router
 from .backend import NETWORK_ERRORS
-from .dispatch import dispatch
-from .downstream import ClientGone
 from .fast_stream import FastStream
+from .h2stream import H2Stream
 from .timers import TimerWheel
 
 if TYPE_CHECKING:
@@ -117,275 +111,6 @@ async def sniff_preface(
     return got.startswith(PREFACE), got
 
 
-class H2Stream:
-    """One request stream: the :class:`~.downstream.Downstream` of its exchange."""
-
-    __slots__ = (
-        "_acked",
-        "_end",
-        "_ended",
-        "_head",
-        "_head_sent",
-        "_pending",
-        "_trailers",
-        "_unacked",
-        "_wake",
-        "_window",
-        "conn",
-        "inbox",
-        "outcome",
-        "req",
-        "route",
-        "scope",
-        "sid",
-    )
-
-    def __init__(self, conn: H2ClientConnection, req: Request, start: float) -> None:
-        self.conn = conn
-        self.req = req
-        self.sid = req.stream_id
-        peer = conn.peer
-        self.outcome = Outcome(0.0, start, conn.listener.name, peer[0], peer[1], protocol="HTTP/2")
-        self.inbox: deque[Body | EndOfRequest] = deque()
-        self._wake: anyio.Event | None = None  # read_body waiting for the inbox
-        self._window: anyio.Event | None = None  # flush waiting for the client's window
-        self._unacked = 0  # flow-controlled bytes handed out, not yet given back
-        self._acked = 0
-        self._head: tuple[int, list[Header]] | None = None
-        self._head_sent = False
-        self._pending: list[bytes] = []
-        self._end = False
-        self._ended = False  # END_STREAM (or RST_STREAM) sent
-        self._trailers: list[Header] | None = None
-        self.route: RouteConfig | None = None
-        self.scope: anyio.CancelScope | None = None
-
-    # --- fed by the reader -----------------------------------------------------------------
-
-    def body(self, ev: H2Body) -> None:
-        self.inbox.append(Body(ev.data))
-        self._unacked += ev.flow
-        self._poke()
-
-    def end_of_request(self, trailers: list[Header] | None) -> None:
-        self.inbox.append(EndOfRequest(trailers or []))
-        self._poke()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def window_open(self) -> None:
-        if self._window is not None:
-            self._window.set()
-
-    # --- the downstream interface ----------------------------------------------------------
-
-    @property
-    def fwd(self) -> Forwarding:
-        return self.conn.fwd
-
-    @property
-    def wheel(self) -> TimerWheel:
-        return self.conn.wheel
-
-    @property
-    def body_timeout(self) -> float:
-        return self.conn.limits.body_timeout
-
-    async def read_body(self) -> Body | EndOfRequest:
-        # The piece handed out last went on to the backend: its window goes back now.
-        self._give_back()
-        inbox = self.inbox
-        if not inbox:
-            with anyio.move_on_after(self.conn.limits.body_timeout):
-                while not inbox:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-            self._wake = None
-            if not inbox:
-                self.outcome.reason = "body_timeout"
-                raise ClientError("request body not received in time", 408)
-        ev = inbox.popleft()
-        if type(ev) is Body:
-            self.outcome.bytes_in += len(ev.data)
-        return ev
-
-    def _give_back(self) -> None:
-        n = self._unacked - self._acked
-        # (the bytes still in the inbox are given back only once handed out)
-        held = sum(len(e.data) for e in self.inbox if type(e) is Body)
-        n -= held
-        if n > 0:
-            self._acked += n
-            self.conn.server.acknowledge(self.sid, n)
-            self.conn.kick()
-
-    async def send_continue(self) -> None:
-        return None  # HTTP/2 clients do not wait for 100 (RFC 9113 §8.1 lets them send at once)
-
-    def send_head(self, status: int, headers: list[Header]) -> None:
-        self._head = (status, headers)
-        self.outcome.status = status
-
-    def send_data(self, data: bytes) -> bool:
-        if data:
-            self._pending.append(data)
-        return True
-
-    def end(self, trailers: list[Header] | None) -> bool:
-        self._end = True
-        self._trailers = trailers or None
-        return True
-
-    def reset(self) -> bool:
-        """RST_STREAM: this response is cut, the connection lives on."""
-        if not self._ended:
-            self._ended = True
-            self._pending.clear()
-            self.conn.server.reset(self.sid, INTERNAL_ERROR)
-            self.conn.kick()
-        return True
-
-    async def flush(self) -> None:
-        server = self.conn.server
-        sid = self.sid
-        try:
-            if self._head is not None and not self._head_sent:
-                status, headers = self._head
-                self._head_sent = True
-                only = self._end and not self._pending and self._trailers is None
-                server.send_head(sid, status, headers, only)
-                self._ended = only
-            pending = self._pending
-            while pending:
-                data = pending[0]
-                last = len(pending) == 1 and self._end and self._trailers is None
-                n = server.send_data(sid, data, last)
-                self.outcome.bytes_out += n
-                if n == len(data):
-                    pending.pop(0)
-                    self._ended = last
-                    continue
-                pending[0] = data[n:]
-                await self._await_window()
-            if self._end and not self._ended:
-                self._ended = True
-                if self._trailers is not None:
-                    server.send_trailers(sid, self._trailers)
-                else:
-                    server.send_data(sid, b"", True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            raise ClientGone from None
-        await self.conn.sync()
-
-    async def _await_window(self) -> None:
-        """Wait for the client's window to open; nothing within send_timeout: the stream is
-        reset (the client stopped reading it)."""
-        conn = self.conn
-        conn.kick()  # what fitted goes out meanwhile
-        with anyio.move_on_after(conn.limits.send_timeout):
-            while conn.server.send_window(self.sid) <= 0:
-                if self.sid not in conn.streams or conn.server.closed:
-                    raise ClientGone
-                self._window = anyio.Event()
-                await self._window.wait()
-            self._window = None
-            return
-        self._window = None
-        self.outcome.reason = "send_timeout"
-        self.reset()
-        raise ClientGone
-
-    async def send_error(self, exc: ProxyError) -> bool:
-        o = self.outcome
-        if not o.reason:
-            o.reason = _reason(exc)
-        o.detail = exc.reason
-        if self._head_sent or self._ended:
-            return self.reset()
-        status = exc.status_hint
-        if status >= 500:
-            r = self.req
-            log.info(
-                "%s %s -> %d %s",
-                r.method.decode(),
-                r.path[:200].decode("latin-1"),
-                status,
-                exc.reason,
-            )
-        body = exc.reason.encode() + b"\n"
-        self._pending = [body]
-        self.send_head(
-            status,
-            [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", b"%d" % len(body)),
-                *exc.headers,
-            ],
-        )
-        self._end = True
-        self._trailers = None
-        await self.flush()
-        return True
-
-    # --- the stream's life -----------------------------------------------------------------
-
-    async def run(self) -> None:
-        req = self.req
-        head = RequestHead(
-            method=req.method,
-            target=req.path,
-            authority=req.authority,
-            headers=req.headers,
-            http_version=b"2",
-            has_body=not req.end_stream,
-            content_length=None,
-            keep_alive=True,
-            expects_continue=False,
-        )
-        conn = self.conn
-        try:
-            with anyio.CancelScope() as self.scope:
-                await dispatch(self, head, conn.proxy, None, self._routed)
-        except ClientGone:
-            if not self.outcome.reason:
-                self.outcome.reason = "client_gone"
-        finally:
-            self.scope = None
-            if not self._ended:  # cancelled or cut: the client must not take it as whole
-                self._ended = True
-                conn.server.reset(self.sid, CANCEL)
-            self.inbox.clear()
-            self._give_back()
-            conn.finished(self)
-
-    def _routed(self, route: RouteConfig) -> None:
-        self.route = route
-
-    def cancel(self) -> None:
-        """The client reset the stream."""
-        self._ended = True
-        if not self.outcome.reason:
-            self.outcome.reason = "client_gone"
-        if self.scope is not None:
-            self.scope.cancel()
-
-
-def _reason(exc: ProxyError) -> str:
-    code = getattr(exc, "code", "")
-    if code:
-        return str(code)
-    status = exc.status_hint
-    if status == 404:
-        return "no_route"
-    if status in (413, 414, 431):
-        return "refused_limit"
-    if isinstance(exc, ClientError):
-        return "refused_malformed"
-    return {504: "upstream_timeout", 503: "no_backend"}.get(status, "backend_lost")
-
-
 class H2ClientConnection:
     """One HTTP/2 client connection; see the module docstring."""
 
@@ -396,6 +121,8 @@ class H2ClientConnection:
         proxy: H2Host,
         peer: tuple[str, int],
         first: bytes = b"",
+        *,
+        websockets: bool = False,
     ) -> None:
         self.stream = stream
         self.listener = listener
@@ -410,7 +137,8 @@ class H2ClientConnection:
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
         )
-        self.server = H2Server(h2_limits(self.limits))
+        # RFC 8441 is announced when some route allows WebSockets.
+        self.server = H2Server(h2_limits(self.limits), connect_protocol=websockets)
         self.streams: dict[int, H2Stream] = {}
         self.idle = False  # (a shutdown drains HTTP/2 connections instead: see drain())
         self.detached = None  # (never: tunnels stay streams)
@@ -425,6 +153,10 @@ class H2ClientConnection:
         self.open_here: set[object] = set()
 
     # --- output ----------------------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> H2Host:
+        return self.proxy
 
     def kick(self) -> None:
         """Something was queued: the writer's next turn sends it."""
@@ -589,10 +321,6 @@ class H2ClientConnection:
             o.method = r.method.decode("latin-1")
             o.authority = r.authority.decode("latin-1")
             o.path = r.path.decode("latin-1")
-            route = st.route
-            if route is not None:
-                o.route = f"{route.host}{route.path_prefix}"
-                o.cluster = route.cluster
             o.end = now = time.monotonic()
             o.wall_start = time.time() - (now - o.start)
             proxy.record(o)

@@ -282,7 +282,8 @@ class Proxy:
             if not first:
                 return None
         if h2:
-            return H2ClientConnection(stream, lc, self, peer, first)
+            ws = any(r.websocket for r in self.config.routes)
+            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws)
         if "http1" not in protocols:
             return None
         client = ClientConnection(stream, lc, self, peer)

@@ -37,6 +37,7 @@ class H2Client:
         self.auto_ack = auto_ack
         self.responses: dict[int, Response] = {}
         self.pending: dict[int, bytes] = {}
+        self.tunnels: set[int] = set()  # streams whose pending bytes never end the stream
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = anyio.Event()
         self.remote_settings = anyio.Event()
@@ -87,7 +88,8 @@ class H2Client:
                 n = min(len(body), self.h2.local_flow_control_window(sid),
                         self.h2.max_outbound_frame_size)
                 if n > 0 or not body:
-                    self.h2.send_data(sid, body[:n], end_stream=n == len(body))
+                    end = n == len(body) and sid not in self.tunnels
+                    self.h2.send_data(sid, body[:n], end_stream=end)
                     progress = True
                     if n == len(body):
                         del self.pending[sid]

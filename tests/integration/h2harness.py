@@ -54,11 +54,12 @@ async def running_h2(
     cluster: dict[str, Any] | None = None,
     backends: list[str] | None = None,
     routes: str | None = None,
+    origin_options: dict[str, Any] | None = None,
 ) -> AsyncIterator[H2Harness]:
     async with anyio.create_task_group() as tg:
         origin = None
         if handler is not None:
-            origin = H2Origin(handler)
+            origin = H2Origin(handler, **(origin_options or {}))
             port = await tg.start(partial(origin.serve, ssl_context=None))
             backends = [f"127.0.0.1:{port}"]
         assert backends
