@@ -140,3 +140,22 @@ async def test_drain_goaway_lets_in_flight_streams_finish() -> None:
         assert "recv GOAWAY" in text and "last_stream_id=13, error_code=NO_ERROR" in text
         assert "released" in text and ":status: 200" in text
         assert proc.returncode == 0
+
+
+async def test_http1_still_served_beside_h2_and_upgrade_h2c_refused(tmp_path: Path) -> None:
+    async with running_h2(Script()) as h:  # plain, ["h2", "http1"]: told apart by the preface
+        r = await anyio.run_process(
+            ["curl", "-sS", "--http1.1", "-w", " %{http_version}", f"{h.url}/hello"], check=False
+        )
+        assert r.stdout == b"hello\n 1.1", r.stderr
+        # curl --http2 on a plain URL asks for Upgrade: h2c; it stays HTTP/1.1.
+        r = await anyio.run_process(
+            ["curl", "-sS", "--http2", "-w", " %{http_version}", f"{h.url}/hello"], check=False
+        )
+        assert r.stdout == b"hello\n 1.1", r.stderr
+    async with running_h2(Script(), tls_dir=tmp_path) as h:
+        r = await curl(h, "/hello", "--http1.1", "-w", " %{http_version}")
+        assert r.stdout == b"hello\n 1.1", r.stderr
+    async with running_h2(Script(), protocols=None) as h:  # plain default: HTTP/1.1 only
+        r = await curl(h, "/hello")
+        assert r.returncode != 0
