@@ -44,6 +44,7 @@ from ..core.frontend_h2 import (
     Request,
     WindowOpen,
 )
+from ..core.h2wire import REFUSED
 from ..core.headers import Forwarding
 from ..core.outcome import Outcome
 from ..router import Router
@@ -305,10 +306,23 @@ class H2ClientConnection:
                 st = streams.get(ev.stream_id)
                 if st is not None and ev.by_client:
                     st.cancel()
+                elif st is None and not ev.by_client and self.proxy.recorders:
+                    self._refused(ev)
             elif isinstance(ev, Closing) and not ev.graceful:
                 log.info("client %s: HTTP/2 connection closed: %s", self.peer[0], ev.reason)
                 for st in streams.values():
                     st.cancel()
+
+    def _refused(self, ev: Cancelled) -> None:
+        """A request refused before it became a stream (over the limit, malformed) is
+        recorded too: no response, a reason."""
+        now = time.monotonic()
+        peer = self.peer
+        o = Outcome(time.time(), now, self.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        o.reason = "refused_limit" if ev.code == REFUSED else "refused_malformed"
+        o.detail = ev.reason
+        o.end = now
+        self.proxy.record(o)
 
     def finished(self, st: H2Stream) -> None:
         """A stream's task ended: record its outcome."""

@@ -10,6 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
+from muxproxy.core.outcome import Outcome
+
 from .h2client import H2Client, Response
 from .h2harness import H2Harness, curl, running_h2
 from .harness import wait_for
@@ -159,3 +161,24 @@ async def test_http1_still_served_beside_h2_and_upgrade_h2c_refused(tmp_path: Pa
     async with running_h2(Script(), protocols=None) as h:  # plain default: HTTP/1.1 only
         r = await curl(h, "/hello")
         assert r.returncode != 0
+
+
+async def test_outcomes_recorded_once_per_stream_refusals_included() -> None:
+    routes = '[[routes]]\nhost = "app.test"\npath_prefix = "/"\ncluster = "app"\n'
+    async with running_h2(Script(), routes=routes) as h:
+        seen: list[Outcome] = []
+        h.proxy.recorders.append(seen.append)
+        await _one(
+            h,
+            ("/hello", {"authority": "app.test"}),
+            ("/hello", {"authority": "app.test", "headers": [(b"connection", b"close")]}),
+            ("/nope", {"authority": "other.test"}),
+        )
+        await wait_for(lambda: len(seen) == 3)
+        by = sorted((o.status, o.reason, o.protocol) for o in seen)
+        assert by == [(0, "refused_malformed", "HTTP/2"), (200, "", "HTTP/2"),
+                      (404, "no_route", "HTTP/2")]
+        ok = next(o for o in seen if o.status == 200)
+        assert (ok.method, ok.authority, ok.path) == ("GET", "app.test", "/hello")
+        assert ok.cluster == "app"
+        assert ok.bytes_out == 6 and ok.backend_conn > 0 and ok.end >= ok.start
