@@ -80,6 +80,7 @@ class H2Client:
         """Send the queued request bodies as the windows open."""
         await self.flush()
         while self.pending:
+            window = self._window  # (a WINDOW_UPDATE during the flush below sets this one)
             progress = False
             for sid, body in list(self.pending.items()):
                 if self.responses[sid].done.is_set():
@@ -97,7 +98,7 @@ class H2Client:
                         self.pending[sid] = body[n:]
             await self.flush()
             if not progress:
-                await self._window.wait()
+                await window.wait()
 
     async def run(self) -> None:
         """Read until the connection ends."""
