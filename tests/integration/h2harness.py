@@ -15,7 +15,7 @@ import anyio
 import trustme
 
 from muxproxy.config import Address, loads
-from muxproxy.io.h2server import H2Origin, Handler
+from muxproxy.demo.h2server import H2Origin, Handler
 from muxproxy.io.server import Proxy
 
 from .harness import config_text

@@ -131,7 +131,7 @@ async def test_continuation_flood() -> None:
 
 async def test_hpack_bomb() -> None:
     script = Script()
-    async with running_h2(script, limits={"max_header_list_size": 16384}) as h, bystander(h):
+    async with running_h2(script, limits={"max_header_list_size": "16KiB"}) as h, bystander(h):
         enc = hpack.Encoder()
         # A 4,000-byte value into the dynamic table, then referenced 1,000 times: 5 KB on the
         # wire, 4 MB decoded.
@@ -172,7 +172,7 @@ async def test_zero_window_client_holding_1000_streams_is_bounded() -> None:
         running_h2(
             Script(),
             limits={"max_concurrent_streams": 1000},
-            cluster={"stream_window": window, "connections": 8},  # origin: 128 streams each
+            cluster={"stream_window": f"{window}B", "connections": 8},  # origin: 128 streams each
         ) as h,
         bystander(h),
     ):

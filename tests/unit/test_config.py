@@ -448,7 +448,7 @@ def test_listener_protocols_default_by_tls() -> None:
          "listeners[0].limits.max_concurrent_streams: must be at least 1"),
         ("[listeners.limits]\ninitial_window = \"4GiB\"\n",
          "listeners[0].limits.initial_window: must be at most 2147483647"),
-        ("[listeners.limits]\nmax_header_list_size = 100\n",
+        ("[listeners.limits]\nmax_header_list_size = \"100B\"\n",
          "listeners[0].limits.max_header_list_size: must be at least 1KiB"),
         ("[listeners.limits]\nmax_pings_per_second = 0\n",
          "listeners[0].limits.max_pings_per_second: must be at least 1"),
