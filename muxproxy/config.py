@@ -194,6 +194,21 @@ class Limits(_Section, frozen=True):
     underscore_headers: Literal["reject", "drop", "allow"] = "reject"
     # Connections open at once from one true client address (per worker); None: no limit.
     max_connections_per_client: int | None = None
+    # HTTP/2 clients (core/h2guard.py H2Limits; README "HTTP/2 clients")
+    max_concurrent_streams: int = 100
+    max_header_list_size: Size = Size(64 * 1024)  # decoded (HPACK bomb) and encoded
+    initial_window: Size = Size(65535)  # stream receive window for request bodies
+    max_resets_per_second: int = 100  # rapid reset (CVE-2023-44487)
+    max_continuation_frames: int = 16  # per header block (CVE-2024-27316)
+    max_settings_per_second: int = 20
+    max_pings_per_second: int = 100
+    max_priority_per_second: int = 100
+    max_window_updates_per_second: int = 10_000
+    max_empty_frames_per_second: int = 100
+
+
+# The protocols a listener may speak to clients (ALPN ids "h2" and "http/1.1").
+ClientProtocol = Literal["h2", "http1"]
 
 
 class ListenerConfig(_Section, frozen=True):
@@ -220,6 +235,15 @@ class ListenerConfig(_Section, frozen=True):
     def tls_path(self, index: int) -> str:
         """The key path of one TLS entry, in the form the file used (for messages)."""
         return "tls" if isinstance(self.tls, ListenerTLS) else f"tls[{index}]"
+    # TLS: the ALPN list offered, in order (default h2, http1); plain: "h2" is h2c with prior
+    # knowledge, told apart by the connection preface (default http1 only).
+    protocols: tuple[ClientProtocol, ...] | None = None
+
+    @property
+    def client_protocols(self) -> tuple[ClientProtocol, ...]:
+        if self.protocols is not None:
+            return self.protocols
+        return ("h2", "http1") if self.tls is not None else ("http1",)
 
 
 class ClusterTLS(_Section, frozen=True):
@@ -352,6 +376,19 @@ class Config(_Section, frozen=True):
 _HOST_RE = re.compile(r"^(\*|\*\.[a-z0-9.\-]+|[a-z0-9.\-]+|\[[0-9a-f:.]+\])$")
 
 
+_H2_LIMITS = (
+    "max_concurrent_streams",
+    "initial_window",
+    "max_resets_per_second",
+    "max_continuation_frames",
+    "max_settings_per_second",
+    "max_pings_per_second",
+    "max_priority_per_second",
+    "max_window_updates_per_second",
+    "max_empty_frames_per_second",
+)
+
+
 def _check(cfg: Config) -> None:
     """Cross-field rules that a type cannot express; raise ConfigError naming the key."""
 
@@ -396,6 +433,18 @@ def _check(cfg: Config) -> None:
                 f"listeners[{i}].proxy_protocol",
                 "needs trusted_proxies: the peers allowed to send a PROXY header",
             )
+        for key in _H2_LIMITS:
+            if getattr(lim, key) < 1:
+                fail(f"listeners[{i}].limits.{key}", "must be at least 1")
+        if lim.initial_window > 2**31 - 1:
+            fail(f"listeners[{i}].limits.initial_window", "must be at most 2147483647")
+        if lim.max_header_list_size < 1024:
+            fail(f"listeners[{i}].limits.max_header_list_size", "must be at least 1KiB")
+        if lst.protocols is not None:
+            if not lst.protocols:
+                fail(f"listeners[{i}].protocols", "must name at least one protocol")
+            if len(set(lst.protocols)) != len(lst.protocols):
+                fail(f"listeners[{i}].protocols", "names a protocol twice")
     _check_addresses(cfg, fail)
     names: set[str] = set()
     for i, c in enumerate(cfg.clusters):

@@ -42,8 +42,12 @@ async def dispatch(
     head: RequestHead,
     route: Route | None,
     pools: dict[str, ClusterPool],
+    *,
+    websocket: bool | None = None,
 ) -> bool:
-    """Route one request and relay it; whether the client connection may be kept."""
+    """Route one request and relay it; whether the client connection may be kept.
+    ``websocket``: the request is a WebSocket (an HTTP/2 extended CONNECT, RFC 8441);
+    None: an HTTP/1.1 upgrade decides."""
     if route is None:
         return await down.send_error(ProxyError("no route for this host and path", 404))
     cfg = route.config
@@ -66,7 +70,11 @@ async def dispatch(
     cluster = route.cluster_for(down.fwd.client_ip, head.headers)
     outcome.cluster = cluster
     pool = pools[cluster]
-    if cfg.websocket and is_upgrade(head.headers):
+    if websocket is None:
+        websocket = cfg.websocket and is_upgrade(head.headers)
+    elif websocket and not cfg.websocket:  # (HTTP/2: a CONNECT cannot become a GET)
+        return await down.send_error(ProxyError("no WebSockets on this route", 404))
+    if websocket:
         outcome.protocol = "websocket"
         return await Tunnel(down, head, route, pool).run()
     return await Exchange(down, head, route, pool).run()

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSListener
+from anyio.streams.tls import TLSAttribute, TLSListener
 
 from ..config import Address, Config, ConfigError, ListenerConfig
 from ..core.metrics import Metrics
@@ -29,6 +29,7 @@ from ..router import Router
 from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
+from .client_h2 import H2ClientConnection, sniff_preface
 from .fast_stream import asyncio_running, serve_fast
 from .pool import ClusterPool
 from .proxy_header import read_proxy_header, start_tls
@@ -51,7 +52,7 @@ class Proxy:
         self.wheel = TimerWheel()
         self.pools = {c.name: ClusterPool(c, self.wheel) for c in config.clusters}
         self.draining = False
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[ClientConnection | H2ClientConnection] = set()
         self._stop = anyio.Event()
         self._no_clients = anyio.Event()
         self._trusted = {
@@ -114,7 +115,9 @@ class Proxy:
             log.info("shutting down: draining %d client connections", len(self.clients))
             self.draining = True
             for c in self.clients:
-                if c.idle and c.scope is not None:
+                if isinstance(c, H2ClientConnection):
+                    c.drain()  # GOAWAY: the streams in flight finish
+                elif c.idle and c.scope is not None:
                     c.scope.cancel()
             self._stop.set()
 
@@ -203,7 +206,7 @@ class Proxy:
         self, lc: ListenerConfig
     ) -> Callable[[anyio.abc.ByteStream], Coroutine[Any, Any, None]]:
         cap = lc.limits.max_connections
-        open_here: set[ClientConnection] = set()  # this listener's share of self.clients
+        open_here: set[Any] = set()  # this listener's share of self.clients
 
         async def handle(stream: anyio.abc.ByteStream) -> None:
             if len(open_here) >= cap or self.draining:
@@ -241,9 +244,10 @@ class Proxy:
                     await _too_many(stream)
                     return
                 self._per_client[key] = self._per_client.get(key, 0) + 1
-            client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]
-            if early:  # what followed the PROXY header: the start of the first request
-                client.session.receive_data(early)
+            client = await self._client(stream, lc, peer, early)
+            if client is None:
+                await stream.aclose()
+                return
             self.clients.add(client)
             open_here.add(client)
             client.open_here = open_here
@@ -260,7 +264,34 @@ class Proxy:
 
         return handle
 
-    def forget(self, client: ClientConnection) -> None:
+    async def _client(
+        self, stream: anyio.abc.ByteStream, lc: ListenerConfig, peer: Any, first: bytes
+    ) -> ClientConnection | H2ClientConnection | None:
+        """The connection for the protocol the client speaks: ALPN on TLS, the connection
+        preface on a plain listener offering h2c (prior knowledge).  None: none we speak."""
+        protocols = lc.client_protocols
+        if lc.tls is not None:
+            alpn = stream.extra(TLSAttribute.alpn_protocol, None)
+            h2 = alpn == "h2" or (alpn is None and "http1" not in protocols)
+        elif "h2" not in protocols:
+            h2 = False
+        elif "http1" not in protocols:
+            h2 = True
+        else:
+            h2, first = await sniff_preface(stream, lc.limits.header_timeout, first)
+            if not first:
+                return None
+        if h2:
+            ws = any(r.websocket for r in self.config.routes)
+            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws)
+        if "http1" not in protocols:
+            return None
+        client = ClientConnection(stream, lc, self, peer)
+        if first:
+            client.session.receive_data(first)
+        return client
+
+    def forget(self, client: ClientConnection | H2ClientConnection) -> None:
         """The client connection is closed: it counts no more."""
         if client.listener.limits.max_connections_per_client is not None:
             key = (client.listener.name, client.fwd.client_ip)

@@ -30,10 +30,15 @@ class _Table:
     default: ssl.SSLContext
 
 
-def _context(entry: ListenerTLS, where: str) -> ssl.SSLContext:
+def alpn(lc: ListenerConfig) -> list[str]:
+    """The ALPN ids offered, in the order of the listener's ``protocols``."""
+    return ["http/1.1" if p == "http1" else p for p in lc.client_protocols]
+
+
+def _context(entry: ListenerTLS, where: str, protocols: list[str]) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(protocols)
     for key in ("cert", "key"):
         path = getattr(entry, key)
         try:
@@ -56,7 +61,7 @@ def _table(lc: ListenerConfig, where: str) -> _Table:
     wildcard: dict[str, ssl.SSLContext] = {}
     default: ssl.SSLContext | None = None
     for i, entry in enumerate(lc.certificates):
-        ctx = _context(entry, f"{where}.{lc.tls_path(i)}")
+        ctx = _context(entry, f"{where}.{lc.tls_path(i)}", alpn(lc))
         if not entry.names and default is None:
             default = ctx
         for name in entry.names:
@@ -80,7 +85,7 @@ class ServerCertificates:
         self._table = _table(lc, where)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(alpn(lc))
         # No certificate of its own: the callback runs for every ClientHello (SNI or not)
         # and switches the connection to the chosen entry's context before one is needed.
         ctx.sni_callback = self._pick

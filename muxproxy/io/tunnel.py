@@ -24,7 +24,9 @@ does on an ``http1`` cluster; :func:`~muxproxy.io.tunnel_tasks.relay_socket` rel
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import anyio
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
     from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.tunnel")
+
+_NEGOTIATED = (b"sec-websocket-protocol", b"sec-websocket-extensions")
 
 
 class Tunnel:
@@ -90,9 +94,12 @@ class Tunnel:
 
     async def _forward(self) -> None:
         head = self.head
-        if head.has_body:
-            raise ClientError("a WebSocket upgrade request cannot carry a body")
-        self.key = check_handshake(head.method, head.http_version, head.headers)
+        if head.http_version == b"2":  # extended CONNECT (checked by core/h2guard.py)
+            self.key = b""
+        else:
+            if head.has_body:
+                raise ClientError("a WebSocket upgrade request cannot carry a body")
+            self.key = check_handshake(head.method, head.http_version, head.headers)
         if not self.pool.protocol.multiplexed:  # http1: each WebSocket has its own connection
             self._reserve_dedicated()
             await self._fallback_http1()
@@ -113,9 +120,7 @@ class Tunnel:
         (a detached one, or one that ended by its rules)."""
         self.pool.counters["websockets"] += 1
         client = self.client
-        await client.send(switching_protocols(self.key, headers))
-        client.outcome.status = 101
-        client.outcome.reason = "tunnel_closed"
+        await self._accept(headers)
         idle, send_timeout = self.cfg.tunnel_idle_timeout, client.send_timeout
         stream = client.fast_stream
         if stream is not None:
@@ -140,6 +145,18 @@ class Tunnel:
         ).run(client.leftover())
         return st.stream_id not in conn.news
 
+    async def _accept(self, headers: list[Header]) -> None:
+        """Tell the client its WebSocket is open: 101 (HTTP/1.1), or 200 on an HTTP/2
+        extended CONNECT stream (RFC 8441 §5: no Sec-WebSocket-Accept)."""
+        client = self.client
+        if self.key:
+            await client.send(switching_protocols(self.key, headers))
+            client.outcome.status = 101
+        else:
+            client.send_head(200, [f for f in headers if f[0] in _NEGOTIATED])
+            await client.flush()
+        client.outcome.reason = "tunnel_closed"
+
     # --- the HTTP/1.1 fallback --------------------------------------------------------------
 
     def _reserve_dedicated(self) -> None:
@@ -155,6 +172,8 @@ class Tunnel:
     async def _fallback_http1(self) -> None:
         """A dedicated HTTP/1.1 connection for this WebSocket (backend lacks RFC 8441)."""
         client, head, pool = self.client, self.head, self.pool
+        # An HTTP/2 client sent no key: the backend gets one of ours.
+        key = None if self.key else base64.b64encode(os.urandom(16))
         addr = pool.pick_backend()
         h1 = h11.Connection(h11.CLIENT)
         fields = [
@@ -173,7 +192,7 @@ class Tunnel:
             (b"host", head.authority),
             (b"connection", b"Upgrade"),
             (b"upgrade", b"websocket"),
-            (b"sec-websocket-key", self.key),
+            (b"sec-websocket-key", key or self.key),
         ]
         try:
             with anyio.fail_after(self.cfg.connect_timeout):
@@ -191,8 +210,12 @@ class Tunnel:
                 raise BackendError(
                     f"backend refused the WebSocket upgrade ({response.status_code})"
                 )
-            await client.send(_h1_head(response))
-            client.outcome.status = 101
+            if key is None:
+                await client.send(_h1_head(response))
+                client.outcome.status = 101
+                client.outcome.reason = "tunnel_closed"
+            else:
+                await self._accept([(n.lower(), v) for n, v in response.headers.raw_items()])
             rest, _ = h1.trailing_data
             client.outcome.reason = await relay_socket(
                 client,

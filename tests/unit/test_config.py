@@ -417,3 +417,44 @@ def test_cli_version() -> None:
     r = _cli("--version")
     assert r.returncode == 0
     assert r.stdout.strip() == f"muxproxy {muxproxy.__version__}"
+
+
+# --- HTTP/2 clients: listener protocols and limits (issue 14) -------------------------------
+
+_LISTEN = 'listen = "127.0.0.1:8080"\n'
+
+
+def test_listener_protocols_default_by_tls() -> None:
+    cfg = loads(MINIMAL)
+    assert cfg.listeners[0].protocols is None
+    assert cfg.listeners[0].client_protocols == ("http1",)
+    tls = _replace(_LISTEN, _LISTEN + 'tls = { cert = "c.pem", key = "k.pem" }\n')
+    assert loads(tls).listeners[0].client_protocols == ("h2", "http1")
+    own = _replace(_LISTEN, _LISTEN + 'protocols = ["http1", "h2"]\n')
+    assert loads(own).listeners[0].client_protocols == ("http1", "h2")
+    lim = loads(MINIMAL).listeners[0].limits
+    assert (lim.max_concurrent_streams, lim.initial_window, lim.max_resets_per_second) == (
+        100, 65535, 100)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('protocols = ["h2", "spdy"]\n', "listeners[0].protocols[1]: Invalid enum value 'spdy'"),
+        ('protocols = ["h2c"]\n', "listeners[0].protocols[0]: Invalid enum value 'h2c'"),
+        ("protocols = []\n", "listeners[0].protocols: must name at least one protocol"),
+        ('protocols = ["h2", "h2"]\n', "listeners[0].protocols: names a protocol twice"),
+        ("[listeners.limits]\nmax_concurrent_streams = 0\n",
+         "listeners[0].limits.max_concurrent_streams: must be at least 1"),
+        ("[listeners.limits]\ninitial_window = \"4GiB\"\n",
+         "listeners[0].limits.initial_window: must be at most 2147483647"),
+        ("[listeners.limits]\nmax_header_list_size = \"100B\"\n",
+         "listeners[0].limits.max_header_list_size: must be at least 1KiB"),
+        ("[listeners.limits]\nmax_pings_per_second = 0\n",
+         "listeners[0].limits.max_pings_per_second: must be at least 1"),
+    ],
+)
+def test_bad_listener_protocols_and_h2_limits(extra: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(_replace(_LISTEN, _LISTEN + extra))
+    assert str(info.value).startswith(message), str(info.value)

@@ -1,0 +1,345 @@
+"""One HTTP/2 client connection: a reader feeding :class:`~muxproxy.core.frontend_h2.H2Server`,
+a writer, and one task per request stream, all owned by the connection's task group.
+
+* The reader turns client bytes into events: a :class:`Request` starts an :class:`H2Stream`
+  task that runs the same :func:`~.dispatch.dispatch` as an HTTP/1.1 request (routes, header
+  rules, queue, replays, error statuses); body pieces wait in the stream's inbox, which the
+  client cannot overfill (its stream window is ``initial_window``); a client RST_STREAM cancels
+  the stream's task, and with it the backend stream (the exchange releases it as it unwinds).
+* The writer sends ``data_to_send()`` once per loop turn, so the frames queued by every stream
+  during that turn go out in one write.  A stream's :meth:`H2Stream.flush` waits until a turn
+  that started after its frames were queued has ended: backend credit goes back only as the
+  client takes the bytes.
+* Response bodies are sent within the client's windows; a stream waits for its WINDOW_UPDATE
+  for at most ``send_timeout`` (then RST_STREAM), stalling neither the other streams nor the
+  other clients.  Request-body windows are given back (:meth:`H2Server.acknowledge`) only once
+  the previous piece went on to the backend.
+* Draining (SIGTERM): GOAWAY with the last stream id; the streams in flight finish (the proxy
+  bounds them with ``grace_period``), then the connection closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ..config import Limits, ListenerConfig
+from ..core.frontend_h2 import (
+    Body as H2Body,
+)
+from ..core.frontend_h2 import (
+    Cancelled,
+    Closing,
+    End,
+    Event,
+    H2Limits,
+    H2Server,
+    Request,
+    WindowOpen,
+)
+from ..core.h2wire import REFUSED
+from ..core.headers import Forwarding
+from ..core.outcome import Outcome
+from ..router import Router
+from .backend import NETWORK_ERRORS
+from .fast_stream import FastStream
+from .h2stream import H2Stream
+from .timers import TimerWheel
+
+if TYPE_CHECKING:
+    from .pool import ClusterPool
+
+log = logging.getLogger("muxproxy.client")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+__all__ = ["PREFACE", "H2ClientConnection", "H2Stream", "sniff_preface"]
+
+
+class H2Host(Protocol):
+    """What an HTTP/2 client connection needs of the proxy (``server.Proxy``)."""
+
+    @property
+    def wheel(self) -> TimerWheel: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def pools(self) -> dict[str, ClusterPool]: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def recorders(self) -> list[Callable[[Outcome], None]]: ...
+    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
+    def record(self, outcome: Outcome) -> None: ...
+
+
+@functools.cache
+def h2_limits(lim: Limits) -> H2Limits:
+    """One H2Limits per listener's ``[listeners.limits]``."""
+    return H2Limits(
+        max_concurrent_streams=lim.max_concurrent_streams,
+        max_header_list_size=int(lim.max_header_list_size),
+        initial_window=int(lim.initial_window),
+        max_resets_per_second=lim.max_resets_per_second,
+        max_continuation_frames=lim.max_continuation_frames,
+        max_settings_per_second=lim.max_settings_per_second,
+        max_pings_per_second=lim.max_pings_per_second,
+        max_priority_per_second=lim.max_priority_per_second,
+        max_window_updates_per_second=lim.max_window_updates_per_second,
+        max_empty_frames_per_second=lim.max_empty_frames_per_second,
+    )
+
+
+async def sniff_preface(
+    stream: anyio.abc.ByteStream, timeout: float, got: bytes = b""
+) -> tuple[bool, bytes]:
+    """On a plain listener speaking both: read until the bytes (starting with ``got``) are,
+    or cannot be, the HTTP/2 connection preface.  Returns (is HTTP/2, the bytes read)."""
+    with anyio.move_on_after(timeout):
+        while len(got) < len(PREFACE) and PREFACE.startswith(got):
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, *NETWORK_ERRORS):
+                break
+            got += data
+    return got.startswith(PREFACE), got
+
+
+class H2ClientConnection:
+    """One HTTP/2 client connection; see the module docstring."""
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        listener: ListenerConfig,
+        proxy: H2Host,
+        peer: tuple[str, int],
+        first: bytes = b"",
+        *,
+        websockets: bool = False,
+    ) -> None:
+        self.stream = stream
+        self.listener = listener
+        self.proxy = proxy
+        self.wheel = proxy.wheel
+        self.peer = peer
+        self.limits = listener.limits
+        self.first = first
+        ip = peer[0]
+        self.fwd = Forwarding(
+            client_ip=ip,
+            scheme=b"https" if listener.tls else b"http",
+            trusted=proxy.is_trusted(listener, ip),
+        )
+        # RFC 8441 is announced when some route allows WebSockets.
+        self.server = H2Server(h2_limits(self.limits), connect_protocol=websockets)
+        self.streams: dict[int, H2Stream] = {}
+        self.idle = False  # (a shutdown drains HTTP/2 connections instead: see drain())
+        self.detached = None  # (never: tunnels stay streams)
+        self.scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._wake = anyio.Event()
+        self._turn = anyio.Event()
+        self._writing = False
+        self.turns = 0
+        self.draining = False
+        self.open_here: set[object] = set()
+
+    # --- output ----------------------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> H2Host:
+        return self.proxy
+
+    def kick(self) -> None:
+        """Something was queued: the writer's next turn sends it."""
+        self._wake.set()
+
+    async def sync(self) -> None:
+        """Wait until everything queued so far has been written to the client."""
+        target = self.turns + (2 if self._writing else 1)
+        self.kick()
+        while self.turns < target:
+            await self._turn.wait()
+
+    async def _writer(self) -> None:
+        server = self.server
+        stream = self.stream
+        send_timeout = self.limits.send_timeout
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            self._writing = True
+            await anyio.lowlevel.checkpoint()  # let the other streams of this turn queue too
+            data = server.data_to_send()
+            if data:
+                ok = False
+                with anyio.move_on_after(send_timeout):
+                    try:
+                        if isinstance(stream, FastStream):
+                            if not stream.write_nowait(data):
+                                await stream.drained()
+                        else:
+                            await stream.send(data)
+                        ok = True
+                    except NETWORK_ERRORS:
+                        pass
+                if not ok:  # gone, or not reading: everything on this connection ends
+                    for st in self.streams.values():
+                        if not st.outcome.reason:
+                            st.outcome.reason = "send_timeout"
+                    self._stop()
+                    return
+            self._writing = False
+            self.turns += 1
+            self._turn.set()
+            self._turn = anyio.Event()
+
+    # --- the connection's life -----------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful shutdown: GOAWAY(last stream id); close once the streams are done."""
+        if not self.draining:
+            self.draining = True
+            self.server.drain()
+            self.kick()
+            if not self.streams and self._read_scope is not None:
+                self._read_scope.cancel()
+
+    def _stop(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with anyio.CancelScope() as self.scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    tg.start_soon(self._writer)
+                    self.server.initiate()
+                    if self.proxy.draining:
+                        self.drain()
+                    self.kick()
+                    await self._read()
+                    # Graceful end: the streams in flight finish, then the last frames go.
+                    while self.streams and not self.server.closed:
+                        ev = anyio.Event()
+                        self._done = ev
+                        await ev.wait()
+                    with anyio.move_on_after(1.0):
+                        await self.sync()
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    _done: anyio.Event | None = None
+
+    async def _read(self) -> None:
+        server = self.server
+        stream = self.stream
+        data = self.first
+        self.first = b""
+        while True:
+            if data:
+                self._handle(server.receive_data(data, time.monotonic()))
+                self.kick()
+                if server.closed:
+                    return
+            if (self.draining or server.peer_goaway) and not self.streams:
+                return
+            with anyio.CancelScope() as scope:
+                self._read_scope = scope
+                if not self.streams:
+                    scope.deadline = anyio.current_time() + self.limits.idle_timeout
+                try:
+                    data = await stream.receive(65536)
+                except (anyio.EndOfStream, *NETWORK_ERRORS):
+                    data = b""
+                if not data:  # the client went away: so did its streams
+                    self._stop()
+                    return
+            self._read_scope = None
+            if scope.cancelled_caught:
+                if not self.draining:  # idle: a graceful GOAWAY, then close
+                    self.server.drain()
+                return
+
+    def _handle(self, events: list[Event]) -> None:
+        streams = self.streams
+        tg = self._tg
+        assert tg is not None
+        for ev in events:
+            if isinstance(ev, H2Body):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.body(ev)
+                else:
+                    self.server.acknowledge(ev.stream_id, ev.flow)
+            elif isinstance(ev, Request):
+                st = H2Stream(self, ev, time.monotonic())
+                streams[ev.stream_id] = st
+                if ev.end_stream:
+                    st.end_of_request(None)
+                tg.start_soon(st.run)
+            elif isinstance(ev, End):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.end_of_request(ev.trailers)
+            elif isinstance(ev, WindowOpen):
+                if ev.stream_id == 0:
+                    for st in streams.values():
+                        st.window_open()
+                else:
+                    st = streams.get(ev.stream_id)
+                    if st is not None:
+                        st.window_open()
+            elif isinstance(ev, Cancelled):
+                st = streams.get(ev.stream_id)
+                if st is not None and ev.by_client:
+                    st.cancel()
+                elif st is None and not ev.by_client and self.proxy.recorders:
+                    self._refused(ev)
+            elif isinstance(ev, Closing) and not ev.graceful:
+                log.info("client %s: HTTP/2 connection closed: %s", self.peer[0], ev.reason)
+                for st in streams.values():
+                    st.cancel()
+
+    def _refused(self, ev: Cancelled) -> None:
+        """A request refused before it became a stream (over the limit, malformed) is
+        recorded too: no response, a reason."""
+        now = time.monotonic()
+        peer = self.peer
+        o = Outcome(time.time(), now, self.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        o.reason = "refused_limit" if ev.code == REFUSED else "refused_malformed"
+        o.detail = ev.reason
+        o.end = now
+        self.proxy.record(o)
+
+    def finished(self, st: H2Stream) -> None:
+        """A stream's task ended: record its outcome."""
+        self.streams.pop(st.sid, None)
+        self.kick()
+        o = st.outcome
+        proxy = self.proxy
+        if proxy.recorders:
+            r = st.req
+            o.method = r.method.decode("latin-1")
+            o.authority = r.authority.decode("latin-1")
+            o.path = r.path.decode("latin-1")
+            o.end = now = time.monotonic()
+            o.wall_start = time.time() - (now - o.start)
+            proxy.record(o)
+        if not self.streams:
+            if self._done is not None:
+                self._done.set()
+            if (self.draining or self.server.peer_goaway) and self._read_scope is not None:
+                self._read_scope.cancel()

@@ -1,0 +1,384 @@
+"""One HTTP/2 client stream: the :class:`~.downstream.Downstream` (and ``TunnelDownstream``)
+of the request it carries, over the connection driven by ``client_h2.py``.
+
+* Output is queued (``send_head``/``send_data``/``end``) and written by :meth:`H2Stream.flush`,
+  which hands the bytes to ``H2Server`` only as the client's windows allow, waits (at most
+  ``send_timeout``) for its WINDOW_UPDATE, and then for the connection's writer to have sent
+  them: the exchange gives the backend its credit back only after that.  The head waits for
+  the first flush, so a response with no body goes out as one HEADERS with END_STREAM (gRPC's
+  trailers-only answers), and the last DATA carries END_STREAM when there are no trailers.
+* Input: request-body pieces wait in the stream's inbox (bounded by the stream window the
+  client must respect); their window is given back when the next piece is asked for, that
+  is once the previous one went on to the backend.
+* ``reset()`` is RST_STREAM: the connection and its other streams live on.
+* An extended CONNECT (RFC 8441) stream is a WebSocket tunnel: ``receive``/``send`` carry
+  the DATA frames, and the same :class:`~.tunnel.Tunnel` as for HTTP/1.1 upgrades relays it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
+import anyio
+import h2.exceptions
+
+from ..config import Limits, ListenerConfig
+from ..core.frontend_h2 import Body as H2Body
+from ..core.frontend_h2 import H2Server, Request
+from ..core.frontend_h11 import Body, EndOfRequest, RequestHead
+from ..core.h2wire import CANCEL, INTERNAL_ERROR
+from ..core.headers import Forwarding, Header
+from ..core.outcome import Outcome
+from ..errors import ClientError, ProxyError
+from .dispatch import dispatch
+from .downstream import ClientGone
+from .timers import TimerWheel
+
+if TYPE_CHECKING:
+    from ..router import Router
+    from .detached import DetachedTunnel
+    from .fast_stream import FastStream
+    from .pool import ClusterPool
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("muxproxy.client")
+
+__all__ = ["H2Stream", "StreamHost"]
+
+
+class Dispatcher(Protocol):
+    """What routing a request needs of the proxy."""
+
+    @property
+    def router(self) -> Router: ...
+    @property
+    def pools(self) -> dict[str, ClusterPool]: ...
+
+
+class StreamHost(Protocol):
+    """What a stream needs of its connection (``client_h2.H2ClientConnection``)."""
+
+    server: H2Server
+    limits: Limits
+    listener: ListenerConfig
+    peer: tuple[str, int]
+    fwd: Forwarding
+    wheel: TimerWheel
+    streams: dict[int, H2Stream]
+
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    def kick(self) -> None: ...
+    async def sync(self) -> None: ...
+    def finished(self, st: H2Stream) -> None: ...
+
+
+class H2Stream:
+    """One request stream: the :class:`~.downstream.Downstream` of its exchange."""
+
+    __slots__ = (
+        "_acked",
+        "_end",
+        "_ended",
+        "_head",
+        "_head_sent",
+        "_pending",
+        "_trailers",
+        "_unacked",
+        "_wake",
+        "_window",
+        "conn",
+        "inbox",
+        "outcome",
+        "req",
+        "scope",
+        "sid",
+    )
+
+    def __init__(self, conn: StreamHost, req: Request, start: float) -> None:
+        self.conn = conn
+        self.req = req
+        self.sid = req.stream_id
+        peer = conn.peer
+        self.outcome = Outcome(0.0, start, conn.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        self.inbox: deque[Body | EndOfRequest] = deque()
+        self._wake: anyio.Event | None = None  # read_body waiting for the inbox
+        self._window: anyio.Event | None = None  # flush waiting for the client's window
+        self._unacked = 0  # flow-controlled bytes handed out, not yet given back
+        self._acked = 0
+        self._head: tuple[int, list[Header]] | None = None
+        self._head_sent = False
+        self._pending: list[bytes] = []
+        self._end = False
+        self._ended = False  # END_STREAM (or RST_STREAM) sent
+        self._trailers: list[Header] | None = None
+        self.scope: anyio.CancelScope | None = None
+
+    # --- fed by the reader -----------------------------------------------------------------
+
+    def body(self, ev: H2Body) -> None:
+        self.inbox.append(Body(ev.data))
+        self._unacked += ev.flow
+        self._poke()
+
+    def end_of_request(self, trailers: list[Header] | None) -> None:
+        self.inbox.append(EndOfRequest(trailers or []))
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def window_open(self) -> None:
+        if self._window is not None:
+            self._window.set()
+
+    # --- the downstream interface ----------------------------------------------------------
+
+    @property
+    def fwd(self) -> Forwarding:
+        return self.conn.fwd
+
+    @property
+    def wheel(self) -> TimerWheel:
+        return self.conn.wheel
+
+    @property
+    def body_timeout(self) -> float:
+        return self.conn.limits.body_timeout
+
+    async def read_body(self) -> Body | EndOfRequest:
+        return await self._next(self.conn.limits.body_timeout)
+
+    async def _next(self, timeout: float) -> Body | EndOfRequest:
+        # The piece handed out last went on to the backend: its window goes back now.
+        self._give_back()
+        inbox = self.inbox
+        if not inbox:
+            with anyio.move_on_after(timeout):
+                while not inbox:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+            self._wake = None
+            if not inbox:
+                self.outcome.reason = "body_timeout"
+                raise ClientError("request body not received in time", 408)
+        ev = inbox.popleft()
+        if type(ev) is Body:
+            self.outcome.bytes_in += len(ev.data)
+        return ev
+
+    # --- a WebSocket over extended CONNECT: the TunnelDownstream part -----------------------
+
+    @property
+    def send_timeout(self) -> float:
+        return self.conn.limits.send_timeout
+
+    @property
+    def fast_stream(self) -> FastStream | None:
+        return None  # a stream is never detached: its tunnel runs in the stream's task
+
+    async def receive(self) -> bytes:
+        """DATA from the client; b"" once it ended the stream.  (The tunnel's own idle
+        timeout bounds the wait.)"""
+        ev = await self._next(math.inf)
+        return ev.data if type(ev) is Body else b""
+
+    async def send(self, data: bytes) -> None:
+        self.send_data(data)
+        await self.flush()
+
+    def leftover(self) -> bytes:
+        return b""
+
+    def detach(self, tunnel: DetachedTunnel) -> NoReturn:
+        raise AssertionError("HTTP/2 streams are never detached")
+
+    def forget(self) -> None:
+        return None
+
+    def _give_back(self) -> None:
+        n = self._unacked - self._acked
+        # (the bytes still in the inbox are given back only once handed out)
+        held = sum(len(e.data) for e in self.inbox if type(e) is Body)
+        n -= held
+        if n > 0:
+            self._acked += n
+            self.conn.server.acknowledge(self.sid, n)
+            self.conn.kick()
+
+    async def send_continue(self) -> None:
+        return None  # HTTP/2 clients do not wait for 100 (RFC 9113 §8.1 lets them send at once)
+
+    def send_head(self, status: int, headers: list[Header]) -> None:
+        self._head = (status, headers)
+        self.outcome.status = status
+
+    def send_data(self, data: bytes) -> bool:
+        if data:
+            self._pending.append(data)
+        return True
+
+    def end(self, trailers: list[Header] | None) -> bool:
+        self._end = True
+        self._trailers = trailers or None
+        return True
+
+    def reset(self) -> bool:
+        """RST_STREAM: this response is cut, the connection lives on."""
+        if not self._ended:
+            self._ended = True
+            self._pending.clear()
+            self.conn.server.reset(self.sid, INTERNAL_ERROR)
+            self.conn.kick()
+        return True
+
+    async def flush(self) -> None:
+        server = self.conn.server
+        sid = self.sid
+        try:
+            if self._head is not None and not self._head_sent:
+                status, headers = self._head
+                self._head_sent = True
+                only = self._end and not self._pending and self._trailers is None
+                server.send_head(sid, status, headers, only)
+                self._ended = only
+            pending = self._pending
+            while pending:
+                data = pending[0]
+                last = len(pending) == 1 and self._end and self._trailers is None
+                n = server.send_data(sid, data, last)
+                self.outcome.bytes_out += n
+                if n == len(data):
+                    pending.pop(0)
+                    self._ended = last
+                    continue
+                pending[0] = data[n:]
+                await self._await_window()
+            if self._end and not self._ended:
+                self._ended = True
+                if self._trailers is not None:
+                    server.send_trailers(sid, self._trailers)
+                else:
+                    server.send_data(sid, b"", True)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise ClientGone from None
+        await self.conn.sync()
+
+    async def _await_window(self) -> None:
+        """Wait for the client's window to open; nothing within send_timeout: the stream is
+        reset (the client stopped reading it)."""
+        conn = self.conn
+        conn.kick()  # what fitted goes out meanwhile
+        with anyio.move_on_after(conn.limits.send_timeout):
+            while conn.server.send_window(self.sid) <= 0:
+                if self.sid not in conn.streams or conn.server.closed:
+                    raise ClientGone
+                self._window = anyio.Event()
+                await self._window.wait()
+            self._window = None
+            return
+        self._window = None
+        self.outcome.reason = "send_timeout"
+        self.reset()
+        raise ClientGone
+
+    async def send_error(self, exc: ProxyError) -> bool:
+        o = self.outcome
+        if not o.reason:
+            o.reason = _reason(exc)
+        o.detail = exc.reason
+        if self._head_sent or self._ended:
+            return self.reset()
+        status = exc.status_hint
+        if status >= 500:
+            r = self.req
+            log.info(
+                "%s %s -> %d %s",
+                r.method.decode(),
+                r.path[:200].decode("latin-1"),
+                status,
+                exc.reason,
+            )
+        body = exc.reason.encode() + b"\n"
+        self._pending = [body]
+        self.send_head(
+            status,
+            [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+                *exc.headers,
+            ],
+        )
+        self._end = True
+        self._trailers = None
+        await self.flush()
+        return True
+
+    # --- the stream's life -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        req = self.req
+        ws = req.protocol == b"websocket"
+        head = RequestHead(
+            method=req.method,
+            target=req.path,
+            authority=req.authority,
+            headers=req.headers,
+            http_version=b"2",
+            has_body=not req.end_stream and not ws,  # (a tunnel's DATA is no body)
+            content_length=None,
+            keep_alive=True,
+            expects_continue=False,
+        )
+        conn = self.conn
+        try:
+            with anyio.CancelScope() as self.scope:
+                proxy = conn.dispatcher
+                try:
+                    route = proxy.router.route(head, conn.listener)  # normalises head.target
+                except ClientError as exc:
+                    await self.send_error(exc)
+                    return
+                await dispatch(self, head, route, proxy.pools, websocket=ws)
+                if ws and self._head_sent and not self._ended:
+                    self.end(None)  # the tunnel is over: END_STREAM (its failures reset)
+                    await self.flush()
+        except ClientGone:
+            if not self.outcome.reason:
+                self.outcome.reason = "client_gone"
+        finally:
+            self.scope = None
+            if not self._ended:  # cancelled or cut: the client must not take it as whole
+                self._ended = True
+                conn.server.reset(self.sid, CANCEL)
+            self.inbox.clear()
+            self._give_back()
+            conn.finished(self)
+
+    def cancel(self) -> None:
+        """The client reset the stream."""
+        self._ended = True
+        if not self.outcome.reason:
+            self.outcome.reason = "client_gone"
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+def _reason(exc: ProxyError) -> str:
+    code = getattr(exc, "code", "")
+    if code:
+        return str(code)
+    status = exc.status_hint
+    if status == 404:
+        return "no_route"
+    if status in (413, 414, 431):
+        return "refused_limit"
+    if isinstance(exc, ClientError):
+        return "refused_malformed"
+    return {504: "upstream_timeout", 503: "no_backend"}.get(status, "backend_lost")
