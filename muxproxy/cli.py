@@ -1,4 +1,4 @@
-"""Command line: ``muxproxy run | check | demo``, ``--version``.
+"""Command line: ``muxproxy run | check | reload | demo``, ``--version``.
 
 This is, with ``__main__``, the only place that picks the event loop.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,9 @@ import anyio.abc
 from . import __version__
 from .budget import connection_budget
 from .config import Address, Config, ConfigError, load
+from .io.accesslog import AccessLog, configure_logging
 from .io.server import Proxy
-from .io.supervisor import die_with_supervisor, supervise
+from .io.supervisor import READY_FD_ENV, die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
 
@@ -31,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="muxproxy", description=__doc__)
     p.add_argument("--version", action="version", version=f"muxproxy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "run the proxy"), ("check", "validate a config file")):
+    for name, help_ in (
+        ("run", "run the proxy"),
+        ("check", "validate a config file"),
+        ("reload", "validate a config file and make the running proxy (pid_file) reload it"),
+    ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
         if name == "run":
@@ -64,14 +70,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         _print_routes(cfg)
         return 0
+    if args.command == "reload":
+        return _signal_reload(cfg)
+    configure_logging(cfg.proxy.log_format, logging.root.level)
     loop = args.loop or cfg.proxy.loop
     if args.command == "run":
-        if cfg.proxy.workers > 1 and not args.worker:
-            return supervise(args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period)
         if args.worker:
             die_with_supervisor()
-        return _run_loop(loop, _serve, cfg, args.worker)
+            return _run_loop(loop, _serve, cfg, args.config, True)
+        with _pid_file(cfg):
+            if cfg.proxy.workers > 1:
+                return supervise(args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period)
+            return _run_loop(loop, _serve, cfg, args.config, False)
     return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
+
+
+def _signal_reload(cfg: Config) -> int:
+    """``muxproxy reload``: the file is valid; SIGHUP the pid in ``[proxy].pid_file``."""
+    pid_file = cfg.proxy.pid_file
+    if pid_file is None:
+        print(
+            f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"muxproxy: asked pid {pid} to reload {cfg.source}", file=sys.stderr)
+    return 0
+
+
+class _pid_file:
+    """Write ``[proxy].pid_file`` while running; remove it after if it still names us."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = Path(cfg.proxy.pid_file) if cfg.proxy.pid_file else None
+
+    def __enter__(self) -> None:
+        if self.path is not None:
+            self.path.write_text(f"{os.getpid()}\n")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -106,13 +156,25 @@ async def _with_signals(
     on_ready: Callable[[dict[str, Address]], Awaitable[None]],
     *,
     reuse_port: bool = False,
+    config_path: Path | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once."""
+    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once.  SIGHUP reloads
+    ``config_path``, SIGUSR1 reopens the access log."""
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
+            with anyio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+            ) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        if config_path is not None:
+                            tg.start_soon(proxy.reload_file, config_path)
+                        continue
+                    if signum == signal.SIGUSR1:
+                        if proxy.access_log is not None:
+                            proxy.access_log.reopen()
+                        continue
                     if proxy.draining:
                         tg.cancel_scope.cancel()
                     proxy.shutdown()
@@ -130,14 +192,26 @@ def _ready_line(bound: dict[str, Address]) -> str:
     return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
 
 
-async def _serve(cfg: Config, worker: bool = False) -> int:
+async def _serve(cfg: Config, config_path: Path | None = None, worker: bool = False) -> int:
     proxy = Proxy(cfg)
+    proxy.attach_access_log(AccessLog.from_config(cfg.proxy))
 
     async def ready(bound: dict[str, Address]) -> None:
-        # A worker tells its supervisor on stdout; the supervisor prints the one ready line.
-        print(_ready_line(bound), file=sys.stdout if worker else sys.stderr, flush=True)
+        # A worker tells its supervisor on a pipe of their own; the supervisor prints the one
+        # ready line (stdout is the access log's).
+        line = _ready_line(bound)
+        ready_fd = os.environ.get(READY_FD_ENV)
+        if worker and ready_fd is not None:
+            os.write(int(ready_fd), f"{line}\n".encode())
+            os.close(int(ready_fd))
+        else:
+            print(line, file=sys.stdout if worker else sys.stderr, flush=True)
 
-    await _with_signals(proxy, ready, reuse_port=worker)
+    try:
+        await _with_signals(proxy, ready, reuse_port=worker, config_path=config_path)
+    finally:
+        if proxy.access_log is not None:
+            proxy.access_log.close()
     return 0
 
 
