@@ -1,0 +1,162 @@
+"""Reload in place (Proxy.reload / SIGHUP): routes, clusters and listeners swap at once; an
+unchanged cluster keeps its pool and streams; a changed one drains; a bad config changes
+nothing, says why once and is counted."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+import pytest
+
+from muxproxy.config import loads
+from muxproxy.io.h1client import H1Client
+from muxproxy.io.server import ReloadError
+
+from .harness import config_text, running, wait_for
+from .origin import Script
+from .ws_origin import WSScript
+from .wsclient import WSClient
+
+pytestmark = pytest.mark.anyio
+
+
+def two_clusters(
+    port: int,
+    *,
+    extra_connections: int = 1,
+    extra_host: str = "extra.test",
+    listen2: str | None = None,
+    tls: str = "",
+) -> str:
+    text = config_text(
+        [f"127.0.0.1:{port}"],
+        cluster={"connections": 1},
+        routes=(
+            f'[[routes]]\nhost = "{extra_host}"\ncluster = "extra"\n'
+            '[[routes]]\nhost = "*"\ncluster = "app"\nwebsocket = true\n'
+        ),
+    )
+    text += (
+        f'[[clusters]]\nname = "extra"\nbackends = ["127.0.0.1:{port}"]\n'
+        f"connections = {extra_connections}\n"
+    )
+    if listen2 is not None:
+        text += f'[[listeners]]\nname = "second"\nlisten = "{listen2}"\n{tls}'
+    return text
+
+
+async def test_new_route_served_unchanged_pool_kept_changed_pool_drains() -> None:
+    script = WSScript()
+    async with running(script, cluster={"connections": 1}, origin={"connect_protocol": True}) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        await h.proxy.reload(loads(two_clusters(port)))
+        assert h.proxy.generation == 2
+        app_pool = h.proxy.pools["app"]
+        c = await h.client()
+        assert (await c.request("GET", "/hello", host="extra.test")).status == 200
+        ws = await WSClient.connect(h.addr.host, h.addr.port)
+        await ws.send("before")
+        assert await ws.receive() == "before"
+        # An in-flight request on "extra", whose settings change: its old pool drains.
+        blocked = await h.client()
+        result: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def in_flight() -> None:
+                result.append((await blocked.request("GET", "/block", host="extra.test")).status)
+
+            tg.start_soon(in_flight)
+            await wait_for(lambda: bool(script.started))
+            old_extra = h.proxy.pools["extra"]
+            await h.proxy.reload(
+                loads(two_clusters(port, extra_connections=2, extra_host="new.test"))
+            )
+            assert h.proxy.pools["app"] is app_pool  # unchanged: same pool, same streams
+            assert h.proxy.pools["extra"] is not old_extra
+            # The new route at once; extra.test now falls to the catch-all route.
+            assert (await c.request("GET", "/hello", host="new.test")).status == 200
+            assert h.proxy.router.match(b"extra.test", b"/hello").cluster == "app"  # type: ignore[union-attr]
+            assert old_extra in h.proxy._pool_scopes  # still draining: a stream is open
+            script.release.set()
+        assert result == [200]
+        await wait_for(lambda: old_extra not in h.proxy._pool_scopes)  # drained, closed
+        await ws.send("after")
+        assert await ws.receive() == "after"  # the WebSocket on the unchanged pool lives on
+        await ws.close()
+        await c.aclose()
+        await blocked.aclose()
+
+
+async def test_keep_alive_connection_uses_the_new_config_on_its_next_request() -> None:
+    async with running(Script(), cluster={"connections": 1}) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        c = await h.client()
+        assert (await c.request("GET", "/hello", host="nowhere.test")).status == 200
+        routes = '[[routes]]\nhost = "only.test"\ncluster = "app"\n'
+        await h.proxy.reload(loads(config_text([f"127.0.0.1:{port}"], routes=routes)))
+        assert (await c.request("GET", "/hello", host="nowhere.test")).status == 404
+        assert (await c.request("GET", "/hello", host="only.test")).status == 200
+        await c.aclose()
+
+
+async def test_bad_config_keeps_the_old_one_logs_one_line_and_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        path = tmp_path / "proxy.toml"
+        path.write_text(
+            config_text([f"127.0.0.1:{port}"]).replace('cluster = "app"', 'cluster = "nope"')
+        )
+        with caplog.at_level(logging.ERROR, "muxproxy"):
+            assert not await h.proxy.reload_file(path)
+        [rec] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "reload failed" in rec.getMessage() and "routes[0].cluster" in rec.getMessage()
+        # A missing certificate file: caught before anything changes.
+        caplog.clear()
+        bad_tls = two_clusters(
+            port,
+            listen2="127.0.0.1:0",
+            tls=f'[listeners.tls]\ncert = "{tmp_path}/no.pem"\nkey = "{tmp_path}/no.key"\n',
+        )
+        path.write_text(bad_tls)
+        with caplog.at_level(logging.ERROR, "muxproxy"):
+            assert not await h.proxy.reload_file(path)
+        [rec] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "listeners[1].tls" in rec.getMessage()
+        assert h.proxy.reload_statistics() == {
+            "config_generation": 1,
+            "reloads": 0,
+            "reloads_failed": 2,
+        }
+        assert set(h.proxy.pools) == {"app"}
+        assert (await h.get("/hello")).status == 200
+
+
+async def test_listener_added_then_removed() -> None:
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        free = probe.extra(anyio.abc.SocketAttribute.local_port)
+        await probe.aclose()
+        await h.proxy.reload(loads(two_clusters(port, listen2=f"127.0.0.1:{free}")))
+        c = await H1Client.connect("127.0.0.1", free)
+        assert (await c.request("GET", "/hello")).status == 200
+        # A port already taken: the reload fails as a whole and nothing changes.
+        taken = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        busy = taken.extra(anyio.abc.SocketAttribute.local_port)
+        with pytest.raises(ReloadError, match=r"listeners\[1\].listen: cannot bind"):
+            await h.proxy.reload(loads(two_clusters(port, listen2=f"127.0.0.1:{busy}")))
+        await taken.aclose()
+        assert h.proxy.generation == 2
+        await h.proxy.reload(loads(two_clusters(port)))
+        # The removed listener's idle keep-alive connection is closed...
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, OSError)):
+            await c.request("GET", "/hello")
+        await c.aclose()
+        # ...and it accepts no more.
+        with pytest.raises(OSError):
+            await H1Client.connect("127.0.0.1", free)
+        assert (await h.get("/hello")).status == 200
