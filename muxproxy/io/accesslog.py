@@ -12,7 +12,8 @@ next write: logrotate renames the file, signals, and the next line lands in a ne
 :func:`configure_logging` gives the other log lines the same format (``log_format``) and a
 filter that rate-limits repeated events: the same message template from the same logger
 within ``REPEAT_WINDOW`` seconds is counted, not printed, and the next one printed says how
-many were suppressed.
+many were suppressed.  Lines that answer an operator's action (a reload) pass with
+``extra=UNLIMITED``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from ..config import ProxyConfig
 from ..core.logfmt import access_json, access_text, event_json, event_text
 from ..core.outcome import Outcome
 
-__all__ = ["AccessLog", "RepeatFilter", "configure_logging"]
+__all__ = ["UNLIMITED", "AccessLog", "RepeatFilter", "configure_logging"]
 
 log = logging.getLogger("muxproxy.accesslog")
 
 PIPE_BATCH = 4096  # PIPE_BUF on Linux: a write this size to a pipe is atomic
 FILE_BATCH = 256 * 1024
 REPEAT_WINDOW = 10.0
+UNLIMITED = {"unlimited": True}  # ``log.error(..., extra=UNLIMITED)``: never rate-limited
 
 
 class AccessLog:
@@ -197,6 +199,8 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple[str, str, int], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "unlimited", False):  # an operator's action: always answered
+            return True
         key = (record.name, str(record.msg), record.levelno)
         now = record.created
         last = self._seen.get(key)

@@ -33,7 +33,7 @@ from anyio.streams.tls import TLSListener
 from ..config import Address, Config, ConfigError, ListenerConfig, load
 from ..core.outcome import Outcome
 from ..router import Router
-from .accesslog import AccessLog
+from .accesslog import UNLIMITED, AccessLog
 from .admin import serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
@@ -310,12 +310,24 @@ class Proxy:
             cfg = await anyio.to_thread.run_sync(load, path)
         except ConfigError as exc:
             self.reloads_failed += 1
-            log.error("reload failed, keeping generation %d: %s: %s", self.generation, path, exc)
+            log.error(
+                "reload failed, keeping generation %d: %s: %s",
+                self.generation,
+                path,
+                exc,
+                extra=UNLIMITED,
+            )
             return False
         try:
             await self.reload(cfg)
         except ReloadError as exc:
-            log.error("reload failed, keeping generation %d: %s: %s", self.generation, path, exc)
+            log.error(
+                "reload failed, keeping generation %d: %s: %s",
+                self.generation,
+                path,
+                exc,
+                extra=UNLIMITED,
+            )
             return False
         return True
 
@@ -397,6 +409,7 @@ class Proxy:
             self.generation,
             len(fresh),
             len(added),
+            extra=UNLIMITED,
         )
 
     def _stop_listening(self, entry: _Listening) -> None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, load
+from .accesslog import UNLIMITED
 
 log = logging.getLogger("muxproxy.supervisor")
 
@@ -134,7 +135,7 @@ def _valid(config: Path) -> bool:
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"listeners[{i}].tls: {exc}") from None
     except ConfigError as exc:
-        log.error("reload failed, workers keep their config: %s: %s", config, exc)
+        log.error("reload failed, workers keep their config: %s: %s", config, exc, extra=UNLIMITED)
         return False
     return True
 

@@ -192,3 +192,11 @@ def _wait(predicate: object, limit: float = 10.0) -> None:
             return
         ev.wait(0.005)
     raise AssertionError("condition not met in time")
+
+
+def test_repeat_filter_never_holds_back_an_answer_to_an_operator() -> None:
+    f = RepeatFilter(window=10.0)
+    for t in (100.0, 101.0):
+        r = _record("reload failed: %s", t)
+        r.unlimited = True  # what extra=UNLIMITED sets
+        assert f.filter(r)
