@@ -175,3 +175,44 @@ async def _reload_command(path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_workers_supervisor_validates_then_reloads_every_worker(tmp_path: Path) -> None:
+    """`workers = 2`: a bad file stops at the supervisor (one line, no worker touched); a good
+    one reaches both workers (every new connection, whichever worker takes it, sees it)."""
+
+    async def scenario() -> None:
+        origin = H2Origin(WSScript())
+        path = tmp_path / "proxy.toml"
+        pid_file = tmp_path / "muxproxy.pid"
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(origin.serve)
+            probe = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            listen = probe.extra(anyio.abc.SocketAttribute.local_port)
+            await probe.aclose()
+
+            def write(n: int, valid: bool) -> None:
+                text = config(port, n, valid=valid, pid_file=pid_file)
+                text = text.replace("127.0.0.1:0", f"127.0.0.1:{listen}")
+                path.write_text("[proxy]\nworkers = 2\n" + text.replace("[proxy]\n", ""))
+
+            write(0, True)
+            argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(path)]
+            async with proxy_process(argv) as px:
+                write(1, False)
+                px.proc.send_signal(signal.SIGHUP)
+                assert px.proc.stderr is not None
+                with anyio.fail_after(10):
+                    while b"workers keep their config" not in px.log:
+                        px.log += await px.proc.stderr.receive()
+                write(2, True)
+                await _reload_command(path)
+                with anyio.fail_after(10):
+                    streak = 0
+                    while streak < 20:  # 20 new connections in a row: both workers reloaded
+                        streak = streak + 1 if await _served(px, "gen2.test") else 0
+                assert await px.stop(30) == 0, px.log
+            assert px.log.count(b"reload failed") == 1
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
