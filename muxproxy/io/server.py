@@ -112,6 +112,7 @@ class Proxy:
         # Called once per finished request or tunnel (the access log, metrics).
         self.recorders: list[Recorder] = []
         self.access_log: AccessLog | None = None
+        self._access_log_managed = False
 
     def record(self, outcome: Outcome) -> None:
         """A request or tunnel is over: hand its record to every recorder."""
@@ -121,6 +122,7 @@ class Proxy:
     def attach_access_log(self, access_log: AccessLog | None) -> None:
         """Subscribe the access-log writer (None: ``access_log = "off"``)."""
         self.access_log = access_log
+        self._access_log_managed = True  # from now on reloads follow [proxy].access_log
         if access_log is not None:
             self.recorders.append(access_log)
 
@@ -401,8 +403,7 @@ class Proxy:
         for pool in old_pools.values():
             if pool not in in_use:
                 self._pools_tg.start_soon(self._retire_pool, pool, grace)
-        if self.access_log is not None:
-            self.access_log.reconfigure(cfg.proxy)
+        self._reconfigure_access_log(cfg)
         log.info(
             "reloaded %s: generation %d, %d new pool(s), %d listener(s) added",
             cfg.source,
@@ -411,6 +412,20 @@ class Proxy:
             len(added),
             extra=UNLIMITED,
         )
+
+    def _reconfigure_access_log(self, cfg: Config) -> None:
+        """A reload reopens the access log (logrotate), and may turn it on, off or elsewhere."""
+        current = self.access_log
+        if not self._access_log_managed:
+            return
+        if current is None:
+            self.attach_access_log(AccessLog.from_config(cfg.proxy))
+        elif cfg.proxy.access_log == "off":
+            self.recorders.remove(current)
+            self.access_log = None
+            current.close(timeout=0)  # (the writer finishes what it has on its own)
+        else:
+            current.reconfigure(cfg.proxy)
 
     def _stop_listening(self, entry: _Listening) -> None:
         """A listener left the config: stop accepting; its idle connections close now, busy

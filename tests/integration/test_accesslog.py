@@ -180,3 +180,28 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         return b""
+
+
+async def test_reload_reopens_moves_and_turns_the_access_log_off(tmp_path: Path) -> None:
+    from muxproxy.config import loads
+
+    from .harness import config_text
+
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        first, second = tmp_path / "a.log", tmp_path / "b.log"
+
+        def cfg(dest: str) -> Any:
+            return loads(f'[proxy]\naccess_log = "{dest}"\n' + config_text([f"127.0.0.1:{port}"]))
+
+        h.proxy.attach_access_log(None)  # as the CLI does with access_log = "off"
+        await h.proxy.reload(cfg(str(first)))
+        assert (await h.get("/hello?1")).status == 200
+        await wait_for(lambda: len(lines(first)) == 1)
+        await h.proxy.reload(cfg(str(second)))
+        assert (await h.get("/hello?2")).status == 200
+        await wait_for(lambda: len(lines(second)) == 1)
+        await h.proxy.reload(cfg("off"))
+        assert h.proxy.access_log is None and h.proxy.recorders == []
+        assert (await h.get("/hello?3")).status == 200
+    assert [d["path"] for d in lines(first) + lines(second)] == ["/hello?1", "/hello?2"]
