@@ -271,7 +271,7 @@ class Proxy:
                 sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
                 if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except NETWORK_ERRORS:
+            except (*NETWORK_ERRORS, anyio.TypedAttributeLookupError):  # gone already
                 await stream.aclose()
                 return
             client = ClientConnection(stream, lc, self, peer)  # type: ignore[arg-type]

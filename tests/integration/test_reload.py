@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.streams.tls
 import pytest
 
 from muxproxy.config import loads
@@ -159,4 +161,75 @@ async def test_listener_added_then_removed() -> None:
         # ...and it accepts no more.
         with pytest.raises(OSError):
             await H1Client.connect("127.0.0.1", free)
+        assert (await h.get("/hello")).status == 200
+
+
+async def test_reload_rereads_listener_certificates(tmp_path: Path) -> None:
+    """Replaced certificate files: after a reload, new handshakes get the new certificate on
+    the same (kept) listening socket."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    cert, key = tmp_path / "edge.pem", tmp_path / "edge.key"
+
+    def issue(name: str) -> bytes:
+        leaf = authority.issue_cert(name)
+        leaf.private_key_pem.write_to_path(str(key))
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+    client_ctx = ssl.create_default_context()
+    authority.configure_trust(client_ctx)
+    client_ctx.check_hostname = False
+
+    async def served_cert(addr: Any) -> bytes:
+        stream = await anyio.connect_tcp(addr.host, addr.port, tls=True, ssl_context=client_ctx)
+        der = stream.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
+        await anyio.aclose_forcefully(stream)
+        assert der is not None
+        return bytes(der)
+
+    first = issue("one.test")
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        tls = f'[listeners.tls]\ncert = "{cert}"\nkey = "{key}"\n'
+        text = two_clusters(port, listen2="127.0.0.1:0", tls=tls)
+        await h.proxy.reload(loads(text))
+        [tls_entry] = [e for e in h.proxy._listening.values() if e.lc.name == "second"]
+        assert await served_cert(tls_entry.address) == first
+        second = issue("two.test")
+        await h.proxy.reload(loads(text))
+        assert [e for e in h.proxy._listening.values() if e.lc.name == "second"] == [tls_entry]
+        assert await served_cert(tls_entry.address) == second
+
+
+async def test_tls_client_gone_right_after_its_handshake_costs_one_connection(
+    tmp_path: Path,
+) -> None:
+    """Found while testing certificate reloads: the peer address lookup of a TLS stream whose
+    client already left raised TypedAttributeLookupError, which took the whole proxy down."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    leaf = authority.issue_cert("edge.test")
+    leaf.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    ctx = ssl.create_default_context()
+    authority.configure_trust(ctx)
+    ctx.check_hostname = False
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        tls = f'[listeners.tls]\ncert = "{tmp_path}/c.pem"\nkey = "{tmp_path}/k.pem"\n'
+        await h.proxy.reload(loads(two_clusters(port, listen2="127.0.0.1:0", tls=tls)))
+        [entry] = [e for e in h.proxy._listening.values() if e.lc.name == "second"]
+        for _ in range(20):
+            s = await anyio.connect_tcp(
+                entry.address.host, entry.address.port, tls=True, ssl_context=ctx
+            )
+            await anyio.aclose_forcefully(s)
+        await wait_for(lambda: not entry.open_here)
         assert (await h.get("/hello")).status == 200
