@@ -25,9 +25,15 @@ __all__ = ["access_json", "access_text", "event_json", "event_text", "iso_time"]
 _encode = msgspec.json.Encoder().encode
 
 
+_second = [-1, ""]  # the last whole second formatted, and its text: one datetime a second
+
+
 def iso_time(wall: float) -> str:
     """``1733330000.123`` → ``2024-12-04T16:33:20.123Z`` (UTC, milliseconds)."""
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    sec = int(wall)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{int((wall - sec) * 1000):03d}Z"
 
 
 def _dur(seconds: float) -> float | None:
