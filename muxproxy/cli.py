@@ -21,7 +21,7 @@ from . import __version__
 from .budget import connection_budget
 from .config import Address, Config, ConfigError, load
 from .io.accesslog import AccessLog, configure_logging
-from .io.server import Proxy
+from .io.server import Proxy, listener_contexts
 from .io.supervisor import READY_FD_ENV, die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _signal_reload(cfg: Config) -> int:
-    """``muxproxy reload``: the file is valid; SIGHUP the pid in ``[proxy].pid_file``."""
+    """``muxproxy reload``: the file is valid (certificates too); SIGHUP the pid in
+    ``[proxy].pid_file``, which reloads the file it was started with."""
+    try:
+        listener_contexts(cfg)
+    except ConfigError as exc:
+        print(f"muxproxy: {cfg.source}: {exc}", file=sys.stderr)
+        return 1
     pid_file = cfg.proxy.pid_file
     if pid_file is None:
         print(

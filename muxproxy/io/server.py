@@ -67,6 +67,22 @@ def _listener_key(lc: ListenerConfig) -> tuple[str, bool]:
     return (str(lc.listen), lc.tls is not None)
 
 
+def listener_contexts(cfg: Config) -> dict[tuple[str, bool], ssl.SSLContext | None]:
+    """Every listener's TLS context, its certificate files read now (reload, ``muxproxy
+    reload`` and the supervisor check them before anything changes).
+
+    Raises:
+        ConfigError: a file is missing or unusable; the message names the listener's key.
+    """
+    contexts: dict[tuple[str, bool], ssl.SSLContext | None] = {}
+    for i, lc in enumerate(cfg.listeners):
+        try:
+            contexts[_listener_key(lc)] = _tls_context(lc)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"listeners[{i}].tls: {exc}") from None
+    return contexts
+
+
 def _tls_context(lc: ListenerConfig) -> ssl.SSLContext | None:
     """The listener's server context, certificate files read now (raises OSError/SSLError)."""
     if lc.tls is None:
@@ -337,12 +353,10 @@ class Proxy:
         if self._pools_tg is None or self._accept_tg is None or self.draining:
             raise ReloadError("the proxy is not serving")
         # 1. Everything that can fail, before anything changes.
-        contexts: dict[tuple[str, bool], ssl.SSLContext | None] = {}
-        for i, lc in enumerate(cfg.listeners):
-            try:
-                contexts[_listener_key(lc)] = _tls_context(lc)
-            except (OSError, ssl.SSLError) as exc:
-                raise ReloadError(f"listeners[{i}].tls: {exc}") from None
+        try:
+            contexts = listener_contexts(cfg)
+        except ConfigError as exc:
+            raise ReloadError(str(exc)) from None
         by_cfg = {p.cfg: p for p in self.pools.values()}
         pools: dict[str, ClusterPool] = {}
         fresh: list[ClusterPool] = []

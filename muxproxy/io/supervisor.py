@@ -18,7 +18,6 @@ import logging
 import os
 import selectors
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load
 from .accesslog import UNLIMITED
+from .server import listener_contexts
 
 log = logging.getLogger("muxproxy.supervisor")
 
@@ -125,15 +125,7 @@ def _close_ready(w: _Worker) -> None:
 def _valid(config: Path) -> bool:
     """SIGHUP: the whole check (config and certificate files) before any worker reloads."""
     try:
-        cfg = load(config)
-        for i, lst in enumerate(cfg.listeners):
-            if lst.tls is not None:
-                try:
-                    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                        lst.tls.cert, lst.tls.key
-                    )
-                except (OSError, ssl.SSLError) as exc:
-                    raise ConfigError(f"listeners[{i}].tls: {exc}") from None
+        listener_contexts(load(config))
     except ConfigError as exc:
         log.error("reload failed, workers keep their config: %s: %s", config, exc, extra=UNLIMITED)
         return False

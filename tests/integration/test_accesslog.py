@@ -77,9 +77,9 @@ async def test_404_and_400_are_logged_with_reason_codes(tmp_path: Path) -> None:
 async def test_a_destination_that_does_not_drain_drops_lines_not_requests() -> None:
     """A pipe nobody reads: the writer blocks, the loop does not; lines are dropped, counted."""
     r, w = os.pipe()
+    alog = AccessLog(f"/dev/fd/{w}", "json", 20)
     try:
         async with running(Script()) as h:
-            alog = AccessLog(f"/dev/fd/{w}", "json", 20)
             h.proxy.attach_access_log(alog)
             n = 400  # ~400 bytes a line: the pipe holds ~160, the buffer 20
             with anyio.fail_after(60):
@@ -89,7 +89,8 @@ async def test_a_destination_that_does_not_drain_drops_lines_not_requests() -> N
             assert alog.dropped > 0
             assert h.proxy.reload_statistics()["access_log_dropped"] >= alog.dropped
     finally:
-        os.close(r)
+        os.close(r)  # the writer's blocked write fails (EPIPE): it can stop
+        alog.close()
         os.close(w)
 
 

@@ -233,3 +233,37 @@ async def test_tls_client_gone_right_after_its_handshake_costs_one_connection(
             await anyio.aclose_forcefully(s)
         await wait_for(lambda: not entry.open_here)
         assert (await h.get("/hello")).status == 200
+
+
+def test_reload_command_checks_before_signalling(tmp_path: Path) -> None:
+    """`muxproxy reload`: a bad file, a missing certificate or no pid_file is one line and
+    exit 1, and nobody is signalled; a good file signals the pid in pid_file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def reload(text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "proxy.toml"
+        path.write_text(text)
+        argv = [sys.executable, "-m", "muxproxy", "reload", "-c", str(path)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    pid_file = tmp_path / "pid"
+    good = f'[proxy]\npid_file = "{pid_file}"\n' + config_text(["127.0.0.1:1"])
+    r = reload(config_text(["127.0.0.1:1"]))
+    assert r.returncode == 1 and "proxy.pid_file: not set" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    tls = f'tls = {{ cert = "{tmp_path}/no.pem", key = "{tmp_path}/no.key" }}\n'
+    r = reload(good.replace('listen = "127.0.0.1:0"\n', 'listen = "127.0.0.1:0"\n' + tls))
+    assert r.returncode == 1 and "listeners[0].tls" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    received: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: received.append(signum))
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+        r = reload(good)
+        assert r.returncode == 0, r.stderr
+        assert received == [signal.SIGHUP]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
