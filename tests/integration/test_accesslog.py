@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
+from muxproxy.demo.h1client import H1Client
 from muxproxy.io.accesslog import AccessLog
-from muxproxy.io.h1client import H1Client
 
 from .harness import Harness, running, wait_for
 from .origin import Script
@@ -103,7 +103,7 @@ async def _loop(h: Harness, n: int) -> None:
 
 def test_sigusr1_reopens_a_rotated_file(tmp_path: Path) -> None:
     """logrotate: rename the file, SIGUSR1, and the next line goes to a new file."""
-    from muxproxy.io.h2server import H2Origin
+    from muxproxy.demo.h2server import H2Origin
 
     async def scenario() -> None:
         origin = H2Origin(Script())
@@ -142,7 +142,7 @@ def test_access_lines_on_stdout_by_default_and_the_ready_line_still_works(
     tmp_path: Path,
 ) -> None:
     """Default access_log = "stdout": the harness finds `ready` (stderr), lines go to stdout."""
-    from muxproxy.io.h2server import H2Origin
+    from muxproxy.demo.h2server import H2Origin
 
     async def scenario() -> None:
         origin = H2Origin(Script())

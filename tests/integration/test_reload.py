@@ -13,7 +13,7 @@ import anyio.streams.tls
 import pytest
 
 from muxproxy.config import loads
-from muxproxy.io.h1client import H1Client
+from muxproxy.demo.h1client import H1Client
 from muxproxy.io.server import ReloadError
 
 from .harness import config_text, running, wait_for

@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from muxproxy.io.h1client import H1Client
-from muxproxy.io.h2server import H2Origin
+from muxproxy.demo.h1client import H1Client
+from muxproxy.demo.h2server import H2Origin
 
 from .test_tls_and_cli import ProxyProcess, proxy_process
 from .ws_origin import WSScript
