@@ -153,6 +153,13 @@ def metrics_text(proxy: Proxy) -> str:
             for k, v in sorted(s.counters.items())
         ),
     )
+    # Reload and access log (helper "reloadlog"): proxy.reload_statistics().
+    for key, value in proxy.reload_statistics().items():
+        gauge = key in ("config_generation", "access_log_queued")
+        name = f"muxproxy_{key}" if gauge else f"muxproxy_{key}_total"
+        family(
+            name, "gauge" if gauge else "counter", key.replace("_", " ") + ".", iter([("", value)])
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -28,8 +29,9 @@ from ..core.frontend_h11 import (
     RequestHead,
 )
 from ..core.headers import Forwarding
+from ..core.outcome import Outcome
 from ..core.websocket import is_upgrade
-from ..errors import ClientError, ProxyError
+from ..errors import BackendTimeout, BackendUnavailable, ClientError, ProxyError
 from .backend import NETWORK_ERRORS
 from .exchange import ClientGone, Exchange
 from .fast_stream import FastStream
@@ -85,6 +87,8 @@ class ClientConnection:
         "listener",
         "must_close",
         "open_here",
+        "outcome",
+        "peer",
         "proxy",
         "read_timer",
         "scope",
@@ -129,6 +133,29 @@ class ClientConnection:
         # Its listener's connections, set by server.py (a shared empty set until then: an
         # idle WebSocket should not pay for a set of its own).
         self.open_here: set[ClientConnection] = _UNLISTED
+        self.peer = peer
+        # The record of the request in progress, when someone records (proxy.recorders).
+        self.outcome: Outcome | None = None
+
+    def _begin(self, head: RequestHead | None) -> None:
+        """A request (or a refused attempt at one) starts: open its record."""
+        if not self.proxy.recorders:
+            return
+        o = self.outcome = Outcome(time.time(), time.monotonic(), self.listener.name)
+        o.client_addr, o.client_port = self.peer[0], self.peer[1]
+        if head is not None:
+            o.method = head.method.decode("latin-1")
+            o.authority = head.authority.decode("latin-1")
+            o.path = head.target.decode("latin-1")
+            o.protocol = f"HTTP/{head.http_version.decode('latin-1')}"
+
+    def _finish(self) -> None:
+        """The request or tunnel is over: hand its record to the recorders, once."""
+        o = self.outcome
+        if o is not None:
+            self.outcome = None
+            o.end = time.monotonic()
+            self.proxy.record(o)
 
     def forget(self) -> None:
         """Called by a detached tunnel when it has closed the connection."""
@@ -141,9 +168,12 @@ class ClientConnection:
             self.scope = None
             if self.timed_out in ("header", "body"):
                 what = "request head" if self.timed_out == "header" else "request body"
+                if self.outcome is None:
+                    self._begin(self.session.request)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await self._send_error_quietly(ClientError(f"{what} not received in time", 408))
         finally:
+            self._finish()
             self.wheel.discard(self.read_timer)
             self.wheel.discard(self.write_timer)
             if self.detached is None:
@@ -160,13 +190,19 @@ class ClientConnection:
                 if not head.has_body:
                     end = session.next_event()  # h11 emits it at once for a bodiless request
                     assert type(end) is EndOfRequest, end
+                self._begin(head)
                 route = self.proxy.router.match(head.authority, head.target)
                 if route is None:
                     await self.send_error(ProxyError("no route for this host and path", 404))
-                elif route.websocket and is_upgrade(head.headers):
-                    await Tunnel(self, head, route, self.proxy.pools[route.cluster]).run()
                 else:
-                    await Exchange(self, head, route, self.proxy.pools[route.cluster]).run()
+                    if self.outcome is not None:
+                        self.outcome.cluster = route.cluster
+                        self.outcome.route = f"{route.host}{route.path_prefix}"
+                    if route.websocket and is_upgrade(head.headers):
+                        await Tunnel(self, head, route, self.proxy.pools[route.cluster]).run()
+                    else:
+                        await Exchange(self, head, route, self.proxy.pools[route.cluster]).run()
+                self._finish()
                 if self.must_close or self.proxy.draining or not session.start_next_cycle():
                     return
         except ClientGone:
@@ -183,6 +219,7 @@ class ClientConnection:
             try:
                 ev = session.next_event()
             except ClientError as exc:
+                self._begin(None)  # refused before a head existed: logged all the same
                 await self._send_error_quietly(exc)
                 return None
             if type(ev) is RequestHead:
@@ -259,6 +296,11 @@ class ClientConnection:
         """Answer a proxy-generated error with its short reason; close if not clean."""
         if isinstance(exc, ClientError):
             self.must_close = True
+        o = self.outcome
+        if o is not None:
+            o.status = exc.status_hint
+            o.reason = _reason(exc, self.timed_out)
+            o.detail = exc.reason
         if exc.status_hint >= 500:
             req = self.session.request
             log.info(
@@ -281,3 +323,23 @@ class ClientConnection:
             await self.send_error(exc)
         except ClientGone:
             pass
+
+
+def _reason(exc: ProxyError, timed_out: str) -> str:
+    """The access log's reason code (core/outcome.REASONS) for a proxy-made answer."""
+    status = exc.status_hint
+    if status == 404:
+        return "no_route"
+    if status == 408:
+        return "body_timeout" if timed_out == "body" else "header_timeout"
+    if status in (413, 414, 431):
+        return "refused_limit"
+    if isinstance(exc, ClientError):
+        return "refused_malformed"
+    if isinstance(exc, BackendTimeout):
+        return "upstream_timeout"
+    if isinstance(exc, BackendUnavailable):
+        if "pending_timeout" in exc.reason:
+            return "pending_timeout"
+        return "queue_full" if "too many" in exc.reason else "no_backend"
+    return "backend_malformed" if "cannot be relayed" in exc.reason else "backend_reset"

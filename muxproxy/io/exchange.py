@@ -232,6 +232,8 @@ class Exchange:
             out = [session.response_head(status, headers)]
         except ResponseFramingError as exc:
             raise BackendError(f"backend response cannot be relayed: {exc}") from None
+        if client.outcome is not None:
+            client.outcome.status = status
         sid = st.stream_id
         core = conn.core
         chunks = st.chunks
