@@ -191,6 +191,9 @@ class Limits(_Section, frozen=True):
     max_connections: int = 100_000
     # proxy_protocol listeners: the whole PROXY header must arrive within this (spec: ≥ 3 s)
     proxy_protocol_timeout: Duration = Duration(5.0)
+    # After a refusal, read and drop what the client still sends (lingering close), up to:
+    linger_bytes: Size = Size(256 * 1024)
+    linger_timeout: Duration = Duration(2.0)
     # A field name with "_": refuse the request, drop the field, or forward it (README: Security)
     underscore_headers: Literal["reject", "drop", "allow"] = "reject"
 

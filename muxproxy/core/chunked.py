@@ -1,19 +1,21 @@
-"""A strict check of chunked request bodies (RFC 9112 §7.1), run on the raw bytes before h11.
+"""The framer of chunked request bodies (RFC 9112 §7.1): strict, incremental, sans-IO.
 
 Theory of operation
 -------------------
-h11 frames chunked bodies, but accepts chunk lines and trailer sections an edge proxy must
-refuse: chunk sizes of up to 20 hex digits, any bytes after ``;`` (bare CR, control
-characters, kilobytes of "extension"), and trailer fields with bare LF, obs-fold or control
-characters.  :class:`ChunkedScanner` sees every body byte just before h11 does and raises
-ClientError at the first one of those.  It follows chunk boundaries only: chunk data is
-skipped, never copied, so it costs O(1) per chunk.
+:class:`ChunkedScanner` sees every raw body byte once, as it arrives, and both checks and
+frames it: chunk data is handed out as slices of the input (never copied twice), chunk lines
+and the trailer section are checked and dropped, and ``feed`` says where the body ended, so
+the bytes after it (the next request's head) go back to the session's head buffer.
 
-Its grammar is strictly narrower than h11's (every chunk line it accepts, h11 accepts and
-reads the same size from; trailer lines must end in CRLF), so wherever the scanner accepts,
-the two agree on every boundary and the scanner can never make h11 read a body differently.
-It stops at the end of the body: what follows is the next request's head, which gets the
-head checks.
+It refuses what lenient parsers (h11 among them) accept but an edge proxy must not: chunk
+sizes over 16 hex digits, any bytes after ``;`` that are not an extension (bare CR, control
+characters, kilobytes of "extension"), chunk data not followed by CRLF, and trailer fields
+with bare LF, obs-fold or control characters.  Its grammar is strictly narrower than h11's
+(every chunk line it accepts, h11 accepts and reads the same size from; trailer lines must end
+in CRLF), so wherever it accepts, it reads the body exactly as h11 and the strict reference
+parser of the tests would.  The declared sizes count against ``max_body`` before their data
+arrives.  Errors are raised at the first bad byte, before any data of that input is handed
+out.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 
 class ChunkedScanner:
-    """Checks the raw bytes of one chunked request body; ``feed`` raises ClientError.
+    """Frames and checks the raw bytes of one chunked request body; ``feed`` raises
+    ClientError.
 
     ``max_body`` bounds the sum of the declared chunk sizes (413 before the data arrives);
     ``max_trailer_bytes`` and ``max_trailers`` bound the trailer section (431).
@@ -69,12 +72,29 @@ class ChunkedScanner:
         self._trailer_bytes = 0
         self._trailers = 0
 
-    def feed(self, data: bytes) -> None:
+    @property
+    def done(self) -> bool:
+        """The last chunk and the trailer section have been read."""
+        return self._state == _DONE
+
+    def feed(self, data: bytes, out: list[bytes]) -> int:
+        """Frame ``data``: append its chunk data to ``out``.  Returns -1 while the body goes on,
+        else the offset in ``data`` just past the body's end.  Raises ClientError (and then
+        has appended nothing of ``data``)."""
         i, n = 0, len(data)
+        mark = len(out)
+        try:
+            return self._feed(data, i, n, out)
+        except ClientError:
+            del out[mark:]
+            raise
+
+    def _feed(self, data: bytes, i: int, n: int, out: list[bytes]) -> int:
         while i < n:
             state = self._state
             if state == _DATA:
                 take = min(self._remaining, n - i)
+                out.append(data[i : i + take] if take != n else data)
                 i += take
                 self._remaining -= take
                 if not self._remaining:
@@ -89,13 +109,13 @@ class ChunkedScanner:
                     self._line.clear()
                     self._state = _SIZE
             elif state == _DONE:
-                return
+                return i
             else:
                 j = data.find(b"\n", i)
                 if j < 0:
                     self._line += data[i:]
                     self._check_partial_line()
-                    return
+                    return -1
                 self._line += data[i : j + 1]
                 i = j + 1
                 line = bytes(self._line)
@@ -104,6 +124,7 @@ class ChunkedScanner:
                     self._size_line(line)
                 else:
                     self._trailer_line(line)
+        return i if self._state == _DONE else -1
 
     def _check_partial_line(self) -> None:
         if self._state == _SIZE:

@@ -1,31 +1,30 @@
-"""One client connection speaking HTTP/1.1, hardened for the edge; h11 frames request bodies.
+"""One client connection speaking HTTP/1.1, hardened for the edge: heads, bodies, responses.
 
 Theory of operation
 -------------------
-Heads are parsed by :mod:`~muxproxy.core.request_head`, bodies are framed by h11.  h11 ≥ 0.16
-lets through heads a proxy must refuse (Content-Length with Transfer-Encoding, obs-fold, bare
-LF, control characters in values, a whole head over the limit when it comes in one read, ...),
-and parsing a head through h11 was the largest single cost of a proxied request, so every head
-is checked raw and parsed there; ``tests/unit/test_head_parser.py`` holds the parser to never
-accepting a head h11 would refuse.  A request without a body never meets h11 at all:
+Heads are parsed by :mod:`~muxproxy.core.request_head`; bodies are framed here (Content-Length)
+and by :class:`~.chunked.ChunkedScanner` (chunked); responses are serialised here.  h11 is
+not used on this path: it lets through heads and chunk lines a proxy must refuse
+(Content-Length with Transfer-Encoding, obs-fold, bare LF, control characters, 20-digit chunk
+sizes, ...), and parsing through it was the largest single cost of a proxied request.
+``tests/unit/test_head_parser.py`` holds the head parser to never accepting a head h11 would
+refuse, and the fuzz invariant holds the whole session to a strict reference parser.
 
-* While a head is expected, received bytes wait in ``_buf``; nothing reaches h11 until the
-  blank line ending the head is found and the raw head has passed :func:`check_raw_head`.
-  The incomplete head is scanned incrementally (each byte once, so trickling a 64 KiB head one
+* All received bytes that are not body bytes wait in one buffer, ``_buf``: the head being
+  read, and whatever follows a request (pipelined requests, or a tunnel's first bytes).  The
+  incomplete head is scanned incrementally (each byte once, so trickling a 64 KiB head one
   byte per read costs O(n), not O(n²)) and refused as soon as it holds a bare CR or LF, a
   control character or a folded line, rather than when the timeout ends it.
-* A request with a body then has its head, and everything after it, fed to h11, which frames
-  the body.  A chunked body's raw bytes also pass through :class:`~.chunked.ChunkedScanner`,
-  which refuses what h11 would accept but must not be (chunk-size lines over 16 hex digits,
-  bare CR in a chunk extension, a malformed trailer section) before h11 parses them.  A body
-  error in the bytes that came with the head refuses the request before its head is forwarded.
-* Request trailers are never forwarded: h11 unfolds and accepts trailer bytes that a head
-  would be refused for, and fields such as ``content-length`` or ``host`` in trailers are a
-  known way to confuse the next hop.  A well-formed trailer section is dropped; a malformed
-  one is refused like a malformed head.
-* When the exchange is over and keep-alive allows, the bytes beyond the request (pipelined
-  requests: h11's ``trailing_data``, or ``_after`` for a body-less request) move back into
-  ``_buf`` and the next cycle starts, so every head, pipelined or not, passes the same checks.
+* Once a head is read, body bytes go through the framer as they arrive (one framer for every
+  request): a Content-Length count, or the chunked scanner, which checks chunk lines and the
+  trailer section and hands out chunk data.  Bytes past the body's end go back to ``_buf``.
+  A body error in the bytes that came with the head refuses the request before its head is
+  forwarded; a body error in one read is raised before any data of that read is handed out.
+* Request trailers are never forwarded: fields such as ``content-length`` or ``host`` in
+  trailers are a known way to confuse the next hop.  A well-formed trailer section is
+  dropped; a malformed one is refused like a malformed head.
+* When the exchange is over and keep-alive allows, ``_buf`` already holds the next bytes and
+  the next cycle starts, so every head, pipelined or not, passes the same checks.
 
 Requests are answered strictly in order: the next head is not even parsed until the current
 response has been sent in full.
@@ -40,8 +39,6 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
-
-import h11
 
 from ..errors import REASONS, ClientError
 from .chunked import ChunkedScanner
@@ -106,8 +103,8 @@ class ClientSession:
     """Sans-IO server side of one HTTP/1.1 client connection."""
 
     __slots__ = (
-        "_after",
         "_body_bytes",
+        "_body_done",
         "_body_error",
         "_buf",
         "_chunks",
@@ -117,9 +114,10 @@ class ClientSession:
         "_eof",
         "_first_eol",
         "_framing",
-        "_h11",
         "_in_head",
+        "_length",
         "_must_close",
+        "_pending",
         "_remaining",
         "_response_done",
         "_scanned",
@@ -130,12 +128,11 @@ class ClientSession:
 
     def __init__(self, limits: HeadLimits = _DEFAULT_LIMITS) -> None:
         self.limits = limits
-        # h11 frames request bodies only: a request without one (most of them) never meets
-        # it, and its bytes after the head wait in ``_after`` for the next cycle.
-        self._h11: h11.Connection | None = None
-        self._after = bytearray()  # bytes after a body-less request (pipelined, or a tunnel's)
-        self._ended = False  # EndOfRequest was returned for the body-less request
-        self._buf = bytearray()
+        self._buf = bytearray()  # everything received that is not request body
+        self._body_done = True  # no body bytes are expected (none, or all arrived)
+        self._length = 0  # Content-Length body bytes still to come
+        self._pending: list[bytes] = []  # framed body data not yet handed out
+        self._ended = False  # EndOfRequest was returned
         self._eof = False
         self._in_head = True
         self._body_bytes = 0
@@ -152,9 +149,6 @@ class ClientSession:
         self._chunks: ChunkedScanner | None = None
         self._body_error: ClientError | None = None
 
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-
     # --- input -------------------------------------------------------------------------
 
     @property
@@ -164,51 +158,64 @@ class ClientSession:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the client; ``b""`` means the client closed its side."""
-        if self._in_head or self._h11 is None:
-            if data:
-                (self._buf if self._in_head else self._after).extend(data)
-            else:
-                self._eof = True
+        if not data:
+            self._eof = True
+        elif self._body_done:
+            self._buf.extend(data)
         else:
-            self._feed_body(data)
-            self._h11.receive_data(data)
+            self._frame_body(data)
 
-    def _feed_body(self, data: bytes) -> None:
+    def _frame_body(self, data: bytes) -> None:
+        """Body bytes (and maybe what follows the body) through the one framer."""
+        if self._body_error is not None:
+            return  # refused already: nothing more is framed
         scanner = self._chunks
-        if scanner is not None and data and self._body_error is None:
-            try:
-                scanner.feed(data)
-            except ClientError as exc:
-                self._body_error = exc  # raised by next_event, before h11 parses those bytes
+        if scanner is None:  # Content-Length
+            take = self._length
+            if len(data) <= take:
+                self._pending.append(data)
+                self._length = take - len(data)
+                self._body_done = not self._length
+                return
+            if take:
+                self._pending.append(data[:take])
+            self._length = 0
+            self._body_done = True
+            self._buf.extend(data[take:])
+            return
+        try:
+            end = scanner.feed(data, self._pending)
+        except ClientError as exc:
+            self._body_error = exc  # raised by next_event, before any of this data is handed out
+            return
+        if end >= 0:
+            self._body_done = True
+            if end < len(data):
+                self._buf.extend(data[end:])
 
     def next_event(self) -> Event:
         """The next request event, NEED_DATA, or CLOSED.  Raises ClientError."""
         if self._in_head:
             return self._next_head()
-        if self._h11 is None:
+        if self._body_error is not None:
+            raise self._body_error
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._body_bytes += len(data)
+            if self._body_bytes > self.limits.max_body:
+                raise ClientError("request body too large", 413)
+            return Body(data)
+        if self._body_done:
             if self._ended:
                 return NEED_DATA
             self._ended = True
-            return EndOfRequest([])
-        if self._body_error is not None:
-            raise self._body_error
-        try:
-            ev = self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise ClientError(f"malformed request body: {exc}", exc.error_status_hint) from None
-        if type(ev) is h11.Data:
-            self._body_bytes += len(ev.data)
-            if self._body_bytes > self.limits.max_body:
-                raise ClientError("request body too large", 413)
-            return Body(ev.data)
-        if type(ev) is h11.EndOfMessage:
             # Request trailers are dropped, as nginx does (see the theory of operation).
             return EndOfRequest([])
-        if ev is h11.NEED_DATA or ev is h11.PAUSED:
-            return NEED_DATA
-        if type(ev) is h11.ConnectionClosed:
+        if self._eof:
             raise ClientError("client closed the connection mid-request")
-        raise ClientError(f"unexpected {type(ev).__name__}")  # pragma: no cover
+        return NEED_DATA
 
     def _next_head(self) -> Event:
         buf = self._buf
@@ -244,42 +251,36 @@ class ClientSession:
                 return CLOSED
             return NEED_DATA
         if end + 4 == len(buf):  # the usual case: one whole head, nothing after it
-            raw, rest = bytes(buf), b""
+            raw = bytes(buf)
+            buf.clear()
         else:
-            raw, rest = bytes(buf[: end + 4]), bytes(buf[end + 4 :])
-        buf.clear()
+            raw = bytes(buf[: end + 4])
+            del buf[: end + 4]
         self._scanned = 0
         self._first_eol = -1
         head = read_head(raw, limits)
         self._in_head = False
         self._body_bytes = 0
+        self._ended = False
         self.request = head
         if not head.has_body:
-            self._after = bytearray(rest)
             return head
-        # h11 frames the body: it parses the same head again (agreeing with parse_head,
-        # which refuses a superset of what h11 does) and then the bytes after it.
-        self._h11 = conn = self._new_h11()
-        conn.receive_data(raw)
-        try:
-            ev = conn.next_event()
-        except h11.RemoteProtocolError as exc:  # pragma: no cover - parse_head refused it
-            raise ClientError(f"malformed request: {exc}", exc.error_status_hint) from None
-        if type(ev) is not h11.Request:  # pragma: no cover - a full head always parses
-            raise ClientError("malformed request")
+        self._body_done = False
         if head.content_length is None:
             self._chunks = ChunkedScanner(
                 limits.max_body, limits.max_header_bytes, limits.max_headers
             )
-        if rest:
-            self._feed_body(rest)
+        else:
+            self._length = head.content_length
+            self._body_done = not self._length
+        if buf and not self._body_done:  # body bytes that came with the head: frame them now
+            rest = bytes(buf)
+            buf.clear()
+            self._frame_body(rest)
             if self._body_error is not None:
                 # The body that came with the head is already known to be bad: refuse the
                 # request before anything of it is forwarded.
                 raise self._body_error
-            conn.receive_data(rest)
-        if self._eof:
-            conn.receive_data(b"")
         return head
 
     # --- output ---------------------------------------------------------------------
@@ -290,9 +291,12 @@ class ClientSession:
 
     @property
     def request_complete(self) -> bool:
-        if self._in_head:
-            return False
-        return self._h11 is None or self._h11.their_state in _COMPLETE
+        return not self._in_head and self._body_done
+
+    @property
+    def can_keep_alive(self) -> bool:
+        """The connection may serve another request after this one (as far as is known)."""
+        return not self._must_close and self.request_complete
 
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
@@ -307,7 +311,6 @@ class ClientSession:
         """Serialise a final response head and choose its framing (RFC 9112 §6.3)."""
         req = self.request
         assert req is not None and not self.response_started
-        self.response_started = True
         lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         length: int | None = None
         for name, value in headers:
@@ -316,6 +319,7 @@ class ClientSession:
                     raise ResponseFramingError("bad content-length from the backend")
                 length = int(value)
             lines.append(name + b": " + value + b"\r\n")
+        self.response_started = True  # (not before: a head refused above can become a 502)
         if status < 200 or status in (204, 304) or req.method == b"HEAD":
             self._framing = _NONE
         elif length is not None:
@@ -359,12 +363,8 @@ class ClientSession:
         """Hand the connection over to a tunnel: the bytes received after the request."""
         self._must_close = True
         self.request = None  # the tunnel keeps what it needs; an idle one should hold no more
-        if self._h11 is None:
-            data = bytes(self._after)
-            self._after = bytearray()
-            return data
-        data = bytes(self._h11.trailing_data[0])
-        self._h11 = None
+        data = bytes(self._buf)
+        self._buf = bytearray()
         return data
 
     def error_response(self, status: int, reason: str, extra: tuple[Header, ...] = ()) -> bytes:
@@ -395,18 +395,6 @@ class ClientSession:
         """After a response: True when the connection may serve another request."""
         if self._must_close or not self._response_done or not self.request_complete:
             return False
-        conn = self._h11
-        if conn is None:
-            self._buf = self._after
-            self._after = bytearray()
-            self._ended = False
-        else:
-            if conn.their_state is not h11.DONE:
-                return False
-            data, closed = conn.trailing_data
-            self._h11 = None
-            self._buf = bytearray(data)
-            self._eof = self._eof or closed
         self._in_head = True
         self._scanned = 0
         self._first_eol = -1
@@ -425,7 +413,6 @@ class ResponseFramingError(Exception):
 
 
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-_COMPLETE = (h11.DONE, h11.MUST_CLOSE, h11._state.MIGHT_SWITCH_PROTOCOL)
 _STATUS_LINES = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode())
     for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)

@@ -85,6 +85,12 @@ def encode_field(name: bytes, value: bytes) -> bytes:
     return bytes((first,)) + _literal(name) + _literal(value)
 
 
+# Fields whose value differs on every request: memoising them would only churn the memo.  A
+# value of letters and digits only (always valid) is encoded on the spot after its name's
+# literal, prepared once.
+_PER_REQUEST = {b"x-request-id": b"\x00" + _literal(b"x-request-id")}
+
+
 class Encoder:
     """Stateless HPACK encoding with a memo of every field it encoded."""
 
@@ -103,6 +109,10 @@ class Encoder:
         for field in headers:
             enc = cache.get(field)
             if enc is None:
+                prefix = _PER_REQUEST.get(field[0])
+                if prefix is not None and len(field[1]) < 127 and field[1].isalnum():
+                    parts.append(b"%s%c%s" % (prefix, len(field[1]), field[1]))
+                    continue
                 enc = encode_field(*field)
                 if len(cache) >= _CACHE_MAX:
                     cache.clear()

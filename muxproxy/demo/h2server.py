@@ -257,7 +257,7 @@ class OriginConnection:
             refuse = self.server.refuse_every
             if refuse and (self.server.requests_received + 1) % refuse == 0:
                 rid = dict(ev.headers).get(b"x-request-id")
-                if rid is None or rid not in self.server.refused_ids:  # at most once per id
+                if not self.server.refuse_once_per_id or rid not in self.server.refused_ids:
                     self.server.requests_received += 1
                     if rid is not None:
                         self.server.refused_ids.add(rid)
@@ -333,6 +333,7 @@ class H2Origin:
         goaway_after: int = 0,
         two_step_goaway: bool = False,
         refuse_every: int = 0,
+        refuse_once_per_id: bool = True,
         http1_handler: Callable[[anyio.abc.ByteStream, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.handler = handler
@@ -341,6 +342,7 @@ class H2Origin:
         self.two_step_goaway = two_step_goaway
         self.refuse_every = refuse_every  # RST_STREAM(REFUSED_STREAM) every n-th request
         self.refused_ids: set[bytes] = set()  # x-request-id values refused already
+        self.refuse_once_per_id = refuse_once_per_id  # (else a replay is refused again)
         self.max_concurrent_streams = max_concurrent_streams
         self.connect_protocol = connect_protocol
         self.initial_window = initial_window

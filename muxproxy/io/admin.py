@@ -11,24 +11,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
 import h11
 
+from ..core.metrics import Metrics
 from .backend import NETWORK_ERRORS
+from .pool import PoolStatistics
 
-if TYPE_CHECKING:
-    from .server import Proxy
+
+@dataclass(slots=True)
+class ProxyStatistics:
+    """A snapshot of the whole proxy, as ``Proxy.statistics()`` returns it."""
+
+    draining: bool
+    client_connections: int
+    refused_connections: int
+    pools: dict[str, PoolStatistics]
+    proxy_header_errors: int = 0
+    metrics: Metrics | None = None  # request counters and histograms (rendered as they are)
+    # Reload and access-log figures (Proxy.reload_statistics): generation, reloads, ...
+    reload: dict[str, int] = field(default_factory=dict)
+
+
+Statistics = Callable[[], ProxyStatistics]
 
 
 def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def metrics_text(proxy: Proxy) -> str:
+def metrics_text(snapshot: ProxyStatistics) -> str:
     """Prometheus text exposition (version 0.0.4) of the proxy's state."""
     lines: list[str] = []
 
@@ -37,24 +53,24 @@ def metrics_text(proxy: Proxy) -> str:
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-    stats = proxy.statistics()
+    stats = snapshot.pools
     family(
         "muxproxy_client_connections",
         "gauge",
         "Client connections open now.",
-        iter([("", len(proxy.clients))]),
+        iter([("", snapshot.client_connections)]),
     )
     family(
         "muxproxy_client_connections_refused_total",
         "counter",
         "Client connections closed at once because a listener was at max_connections.",
-        iter([("", proxy.refused_connections)]),
+        iter([("", snapshot.refused_connections)]),
     )
     family(
         "muxproxy_proxy_protocol_errors_total",
         "counter",
         "Connections closed for want of a valid PROXY header from a trusted peer.",
-        iter([("", proxy.proxy_header_errors)]),
+        iter([("", snapshot.proxy_header_errors)]),
     )
 
     def raw_family(name: str, kind: str, help_: str, samples: list[str]) -> None:
@@ -62,7 +78,8 @@ def metrics_text(proxy: Proxy) -> str:
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(samples)
 
-    proxy.metrics.render(raw_family)
+    if snapshot.metrics is not None:
+        snapshot.metrics.render(raw_family)
 
     def per_backend(attr: str) -> Iterator[tuple[str, object]]:
         for s in stats.values():
@@ -153,8 +170,8 @@ def metrics_text(proxy: Proxy) -> str:
             for k, v in sorted(s.counters.items())
         ),
     )
-    # Reload and access log (helper "reloadlog"): proxy.reload_statistics().
-    for key, value in proxy.reload_statistics().items():
+    # Reload and access log (helper "reloadlog"): Proxy.reload_statistics().
+    for key, value in snapshot.reload.items():
         gauge = key in ("config_generation", "access_log_queued")
         name = f"muxproxy_{key}" if gauge else f"muxproxy_{key}_total"
         family(
@@ -163,7 +180,7 @@ def metrics_text(proxy: Proxy) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def serve_admin(proxy: Proxy, stream: anyio.abc.ByteStream) -> None:
+async def serve_admin(statistics: Statistics, stream: anyio.abc.ByteStream) -> None:
     """Answer one request on an admin connection, then close it."""
     conn = h11.Connection(h11.SERVER)
     try:
@@ -176,7 +193,7 @@ async def serve_admin(proxy: Proxy, stream: anyio.abc.ByteStream) -> None:
                 break
             if not isinstance(ev, h11.Request):
                 return
-            status, ctype, body = _route(proxy, ev.method, ev.target)
+            status, ctype, body = _route(statistics, ev.method, ev.target)
             headers = [
                 ("content-type", ctype),
                 ("content-length", str(len(body))),
@@ -193,17 +210,18 @@ async def serve_admin(proxy: Proxy, stream: anyio.abc.ByteStream) -> None:
         await stream.aclose()
 
 
-def _route(proxy: Proxy, method: bytes, target: bytes) -> tuple[int, str, bytes]:
+def _route(statistics: Statistics, method: bytes, target: bytes) -> tuple[int, str, bytes]:
     if method not in (b"GET", b"HEAD"):
         return 405, "text/plain", b"GET only\n"
     path = target.split(b"?", 1)[0]
+    snapshot = statistics()
     if path == b"/healthz":
-        if proxy.draining:
+        if snapshot.draining:
             return 503, "text/plain", b"draining\n"
         return 200, "text/plain", b"ok\n"
     if path == b"/pools":
-        pools = {name: dataclasses.asdict(s) for name, s in proxy.statistics().items()}
+        pools = {name: dataclasses.asdict(s) for name, s in snapshot.pools.items()}
         return 200, "application/json", json.dumps(pools, indent=2).encode()
     if path == b"/metrics":
-        return 200, "text/plain; version=0.0.4", metrics_text(proxy).encode()
+        return 200, "text/plain; version=0.0.4", metrics_text(snapshot).encode()
     return 404, "text/plain", b"try /healthz, /pools or /metrics\n"

@@ -13,12 +13,13 @@ import functools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 
-from ..config import Limits, ListenerConfig
+from ..config import Limits, ListenerConfig, RouteConfig
 from ..core.frontend_h11 import (
     CLOSED,
     NEED_DATA,
@@ -27,24 +28,50 @@ from ..core.frontend_h11 import (
     EndOfRequest,
     HeadLimits,
     RequestHead,
+    ResponseFramingError,
 )
-from ..core.headers import Forwarding
+from ..core.headers import Forwarding, Header
 from ..core.outcome import Outcome
 from ..core.websocket import is_upgrade
-from ..errors import BackendTimeout, BackendUnavailable, ClientError, ProxyError
+from ..errors import BackendError, ClientError, ProxyError
+from ..router import Router
 from .backend import NETWORK_ERRORS
-from .exchange import ClientGone, Exchange
+from .downstream import ClientGone
+from .exchange import Exchange
 from .fast_stream import FastStream
+from .timers import TimerWheel
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .detached import DetachedTunnel
-    from .server import Proxy
+    from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.client")
 
 
+class ProxyHost(Protocol):
+    """What a client connection needs of the proxy it belongs to (``server.Proxy``)."""
+
+    @property
+    def wheel(self) -> TimerWheel: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def pools(self) -> dict[str, ClusterPool]: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def recorders(self) -> list[Callable[[Outcome], None]]: ...
+    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
+    def forget(self, client: ClientConnection) -> None: ...
+    def record(self, outcome: Outcome) -> None: ...
+
+
 _UNLISTED: set[ClientConnection] = set()
+_SPENT = ClientSession()  # what a detached client connection keeps instead of its session
+_NO_OUTCOME = Outcome(0.0, 0.0)  # between requests (never recorded)
+_SPENT_OUT: list[bytes] = []  # (never written to: a detached connection queues nothing)
+_SPENT_PEER = ("", 0)
 
 
 @functools.cache
@@ -57,6 +84,32 @@ def _head_limits(lim: Limits) -> HeadLimits:
         lim.max_body,
         underscore_headers=lim.underscore_headers,
     )
+
+
+@functools.cache
+def _route_label(route: RouteConfig) -> str:
+    return f"{route.host}{route.path_prefix}"
+
+
+def _refusal_reason(exc: ProxyError, timed_out: str) -> str:
+    """The outcome's reason code for a proxy-generated answer."""
+    code = getattr(exc, "code", "")
+    if code:
+        return str(code)
+    status = exc.status_hint
+    if status == 408:
+        return "body_timeout" if timed_out == "body" else "header_timeout"
+    if status in (413, 414, 431):
+        return "refused_limit"
+    if status == 404:
+        return "no_route"
+    if isinstance(exc, ClientError):
+        return "refused_malformed"
+    if status == 504:
+        return "upstream_timeout"
+    if status == 503:
+        return "no_backend"
+    return "backend_lost"
 
 
 class _Timer:
@@ -78,12 +131,19 @@ class _Timer:
 
 
 class ClientConnection:
+    """One HTTP/1.1 client connection: serves its requests in order, and is the
+    :class:`~muxproxy.io.downstream.Downstream` (and ``TunnelDownstream``) of each."""
+
     # Slots: an idle WebSocket keeps its ClientConnection, and a __dict__ would double its size.
     __slots__ = (
+        "_head",
+        "_out",
+        "_route",
         "detached",
         "fwd",
         "idle",
         "limits",
+        "linger",
         "listener",
         "must_close",
         "open_here",
@@ -103,13 +163,14 @@ class ClientConnection:
         self,
         stream: anyio.abc.ByteStream,
         listener: ListenerConfig,
-        proxy: Proxy,
+        proxy: ProxyHost,
         peer: tuple[str, int],
     ) -> None:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
         self.wheel = proxy.wheel
+        self.peer = peer
         lim = listener.limits
         self.limits = lim
         self.session = ClientSession(_head_limits(lim))
@@ -119,7 +180,6 @@ class ClientConnection:
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
         )
-        self.must_close = False
         self.idle = False  # waiting for the first byte of a request: a shutdown may close it
         # Cancelled by a passed deadline or a shutdown; exists while run() runs.
         self.scope: anyio.CancelScope | None = None
@@ -133,33 +193,98 @@ class ClientConnection:
         # Its listener's connections, set by server.py (a shared empty set until then: an
         # idle WebSocket should not pay for a set of its own).
         self.open_here: set[ClientConnection] = _UNLISTED
-        self.peer = peer
-        # The record of the request in progress, when someone records (proxy.recorders).
-        self.outcome: Outcome | None = None
+        # Set by a reload that removed this connection's listener: close after this request.
+        self.must_close = False
+        # The current request's record, until it is handed over (_NO_OUTCOME: none).
+        self.outcome = _NO_OUTCOME
+        # What the outcome's text fields are made from, only when someone listens.
+        self._head: RequestHead | None = None
+        self._route: RouteConfig | None = None
+        self._out: list[bytes] = []  # response bytes queued by send_head/send_data/end
+        self.linger = False  # closing after a refusal: drain what the client still sends
 
-    def _begin(self, head: RequestHead | None) -> None:
-        """A request (or a refused attempt at one) starts: open its record."""
-        if not self.proxy.recorders:
-            return
-        o = self.outcome = Outcome(time.time(), time.monotonic(), self.listener.name)
-        o.client_addr, o.client_port = self.peer[0], self.peer[1]
-        if head is not None:
-            o.method = head.method.decode("latin-1")
-            o.authority = head.authority.decode("latin-1")
-            o.path = head.target.decode("latin-1")
-            o.protocol = f"HTTP/{head.http_version.decode('latin-1')}"
+    # --- the downstream interface (see downstream.py) ---------------------------------------
 
-    def _finish(self) -> None:
-        """The request or tunnel is over: hand its record to the recorders, once."""
-        o = self.outcome
-        if o is not None:
-            self.outcome = None
-            o.end = time.monotonic()
-            self.proxy.record(o)
+    @property
+    def body_timeout(self) -> float:
+        return self.limits.body_timeout
+
+    @property
+    def send_timeout(self) -> float:
+        return self.limits.send_timeout
+
+    @property
+    def fast_stream(self) -> FastStream | None:
+        stream = self.stream
+        return stream if isinstance(stream, FastStream) else None
+
+    async def send_continue(self) -> None:
+        cont = self.session.continue_bytes()
+        if cont:
+            await self.send(cont)
+
+    def send_head(self, status: int, headers: list[Header]) -> None:
+        try:
+            self._out.append(self.session.response_head(status, headers))
+        except ResponseFramingError as exc:
+            raise BackendError(f"backend response cannot be relayed: {exc}") from None
+        self.outcome.status = status
+
+    def send_data(self, data: bytes) -> bool:
+        try:
+            out = self.session.response_body(data)
+        except ResponseFramingError:
+            self.outcome.reason = "backend_malformed"
+            return False
+        if out:
+            self._out.append(out)
+        return True
+
+    def end(self, trailers: list[Header] | None) -> bool:
+        session = self.session
+        try:
+            self._out.append(session.response_end(trailers))
+        except ResponseFramingError:
+            self.outcome.reason = "backend_malformed"
+            return False
+        return session.can_keep_alive
+
+    def reset(self) -> bool:
+        return False  # HTTP/1.1 has no way to cut one response but closing the connection
+
+    async def flush(self) -> None:
+        out = self._out
+        if out:
+            data = b"".join(out) if len(out) > 1 else out[0]
+            out.clear()
+            if data:
+                await self.send(data)
+
+    def leftover(self) -> bytes:
+        return self.session.detach()
+
+    def detach(self, tunnel: DetachedTunnel) -> bytes:
+        self.detached = tunnel
+        first = self.session.detach()
+        # An idle tunnel should be small: the HTTP/1.1 session, the head and the output list
+        # go; the outcome stays (text fields filled now) only if a recorder will want it.
+        self.session = _SPENT
+        self._out = _SPENT_OUT
+        self.peer = _SPENT_PEER
+        if self.proxy.recorders:
+            self._describe(self.outcome)
+        else:
+            self.outcome = _NO_OUTCOME
+            self._head = None
+            self._route = None
+        return first
 
     def forget(self) -> None:
         """Called by a detached tunnel when it has closed the connection."""
+        self._finish()
         self.proxy.forget(self)
+
+    # --- the connection's life ----------------------------------------------------------------
 
     async def run(self) -> None:
         try:
@@ -167,18 +292,62 @@ class ClientConnection:
                 await self._serve()
             self.scope = None
             if self.timed_out in ("header", "body"):
+                if self.outcome is _NO_OUTCOME:  # a head that never completed is recorded too
+                    self._begin(time.monotonic() - self.limits.header_timeout, None)
                 what = "request head" if self.timed_out == "header" else "request body"
-                if self.outcome is None:
-                    self._begin(self.session.request)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await self._send_error_quietly(ClientError(f"{what} not received in time", 408))
+            elif self.timed_out == "send" and self.outcome is not _NO_OUTCOME:
+                self.outcome.reason = "send_timeout"
         finally:
-            self._finish()
             self.wheel.discard(self.read_timer)
             self.wheel.discard(self.write_timer)
             if self.detached is None:
+                self._finish()
                 with anyio.CancelScope(shield=True):
+                    if self.linger:
+                        await self._linger()
                     await self.stream.aclose()
+
+    def _begin(self, start: float, head: RequestHead | None) -> Outcome:
+        """A new outcome record for the request whose head started at ``start``.  (Its text
+        fields are filled in ``_describe``, and only when a recorder listens.)"""
+        peer = self.peer
+        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
+        self.outcome = o
+        self._head = head
+        self._route = None
+        return o
+
+    def _describe(self, o: Outcome) -> None:
+        """Fill the outcome's text fields from the request head and route, and let them go."""
+        head = self._head
+        if head is not None:
+            o.method = head.method.decode("latin-1")
+            o.authority = head.authority.decode("latin-1")
+            o.path = head.target.decode("latin-1")
+            if not o.protocol:
+                o.protocol = "HTTP/1.1" if head.http_version == b"1.1" else "HTTP/1.0"
+        route = self._route
+        if route is not None:
+            o.route = _route_label(route)
+            o.cluster = route.cluster
+        self._head = None
+        self._route = None
+
+    def _finish(self) -> None:
+        """Hand the current request's outcome to the proxy's recorders, once."""
+        o = self.outcome
+        if o is not _NO_OUTCOME:
+            self.outcome = _NO_OUTCOME
+            proxy = self.proxy
+            if proxy.recorders:
+                self._describe(o)
+                o.end = now = time.monotonic()
+                o.wall_start = time.time() - (now - o.start)
+                proxy.record(o)
+            self._head = None
+            self._route = None
 
     async def _serve(self) -> None:
         session = self.session
@@ -188,25 +357,32 @@ class ClientConnection:
                 if head is None:
                     return
                 if not head.has_body:
-                    end = session.next_event()  # h11 emits it at once for a bodiless request
+                    end = session.next_event()  # emitted at once for a bodiless request
                     assert type(end) is EndOfRequest, end
-                self._begin(head)
                 route = self.proxy.router.match(head.authority, head.target)
                 if route is None:
-                    await self.send_error(ProxyError("no route for this host and path", 404))
+                    keep = await self.send_error(ProxyError("no route for this host and path", 404))
                 else:
-                    if self.outcome is not None:
-                        self.outcome.cluster = route.cluster
-                        self.outcome.route = f"{route.host}{route.path_prefix}"
+                    self._route = route
+                    pool = self.proxy.pools[route.cluster]
                     if route.websocket and is_upgrade(head.headers):
-                        await Tunnel(self, head, route, self.proxy.pools[route.cluster]).run()
+                        self.outcome.protocol = "websocket"
+                        keep = await Tunnel(self, head, route, pool).run()
                     else:
-                        await Exchange(self, head, route, self.proxy.pools[route.cluster]).run()
+                        keep = await Exchange(self, head, route, pool).run()
+                if self.detached is not None:
+                    return  # the tunnel has the connection (and the outcome) now
                 self._finish()
-                if self.must_close or self.proxy.draining or not session.start_next_cycle():
+                if (
+                    not keep
+                    or self.must_close
+                    or self.proxy.draining
+                    or not session.start_next_cycle()
+                ):
                     return
         except ClientGone:
-            pass
+            if self.outcome is not _NO_OUTCOME and not self.outcome.reason:
+                self.outcome.reason = "client_gone"
         except ClientError as exc:
             await self._send_error_quietly(exc)
 
@@ -215,15 +391,17 @@ class ClientConnection:
         session = self.session
         timer = self.read_timer
         timer.kind = ""
+        start = 0.0  # when the head's first byte came (now, for one already buffered)
         while True:
             try:
                 ev = session.next_event()
             except ClientError as exc:
-                self._begin(None)  # refused before a head existed: logged all the same
+                self._begin(start or time.monotonic(), None)
                 await self._send_error_quietly(exc)
                 return None
             if type(ev) is RequestHead:
                 self.wheel.clear(timer)
+                self._begin(start or time.monotonic(), ev)
                 return ev
             if ev is CLOSED:
                 return None
@@ -232,6 +410,7 @@ class ClientConnection:
                 if timer.kind != "header":  # from the first byte: trickling does not extend it
                     timer.kind = "header"
                     self.wheel.start(timer, self.limits.header_timeout)
+                    start = start or time.monotonic()
                 data = await self.receive()
             else:
                 if self.proxy.draining:
@@ -243,6 +422,7 @@ class ClientConnection:
                     data = await self.receive()
                 finally:
                     self.idle = False
+                start = time.monotonic()
             session.receive_data(data)
 
     async def receive(self) -> bytes:
@@ -267,13 +447,17 @@ class ClientConnection:
                 self.wheel.clear(timer)
                 session.receive_data(data)
                 continue
-            assert type(ev) is Body or type(ev) is EndOfRequest, ev
+            if type(ev) is Body:
+                self.outcome.bytes_in += len(ev.data)
+                return ev
+            assert type(ev) is EndOfRequest, ev
             return ev
 
     async def send(self, data: bytes) -> None:
         """Write to the client; one that reads nothing for ``send_timeout`` is dropped.
         Raises ClientGone."""
         stream = self.stream
+        self.outcome.bytes_out += len(data)
         try:
             if isinstance(stream, FastStream):
                 if stream.write_nowait(data):
@@ -292,31 +476,34 @@ class ClientConnection:
         finally:
             self.wheel.clear(timer)
 
-    async def send_error(self, exc: ProxyError) -> None:
-        """Answer a proxy-generated error with its short reason; close if not clean."""
-        if isinstance(exc, ClientError):
-            self.must_close = True
+    async def send_error(self, exc: ProxyError) -> bool:
+        """Answer a proxy-generated error with its short reason; whether the connection can
+        be kept (never after a refusal, nor when the response had started)."""
+        session = self.session
         o = self.outcome
-        if o is not None:
-            o.status = exc.status_hint
-            o.reason = _reason(exc, self.timed_out)
-            o.detail = exc.reason
-        if exc.status_hint >= 500:
-            req = self.session.request
+        if not o.reason:
+            o.reason = _refusal_reason(exc, self.timed_out)
+        o.detail = exc.reason
+        self._out.clear()
+        status = exc.status_hint
+        if status >= 500:
+            req = session.request
             log.info(
                 "%s %s -> %d %s",
                 req.method.decode() if req else "-",
                 req.target.decode("latin-1")[:200] if req else "-",
-                exc.status_hint,
+                status,
                 exc.reason,
             )
-        data = self.session.error_response(exc.status_hint, exc.reason, exc.headers)
-        if not self.session.request_complete:
-            self.must_close = True
-        if data:
-            await self.send(data)
-        else:
-            self.must_close = True  # the response had started: only closing can signal failure
+        data = session.error_response(status, exc.reason, exc.headers)
+        if not data:
+            return False  # the response had started: only closing can signal failure
+        o.status = status
+        keep = not isinstance(exc, ClientError) and session.can_keep_alive
+        if not keep and not session.request_complete:
+            self.linger = True  # the client may still be sending the request
+        await self.send(data)
+        return keep
 
     async def _send_error_quietly(self, exc: ProxyError) -> None:
         try:
@@ -324,22 +511,20 @@ class ClientConnection:
         except ClientGone:
             pass
 
-
-def _reason(exc: ProxyError, timed_out: str) -> str:
-    """The access log's reason code (core/outcome.REASONS) for a proxy-made answer."""
-    status = exc.status_hint
-    if status == 404:
-        return "no_route"
-    if status == 408:
-        return "body_timeout" if timed_out == "body" else "header_timeout"
-    if status in (413, 414, 431):
-        return "refused_limit"
-    if isinstance(exc, ClientError):
-        return "refused_malformed"
-    if isinstance(exc, BackendTimeout):
-        return "upstream_timeout"
-    if isinstance(exc, BackendUnavailable):
-        if "pending_timeout" in exc.reason:
-            return "pending_timeout"
-        return "queue_full" if "too many" in exc.reason else "no_backend"
-    return "backend_malformed" if "cannot be relayed" in exc.reason else "backend_reset"
+    async def _linger(self) -> None:
+        """A lingering close, as nginx's ``lingering_close``: after a refusal the client may
+        still be sending its request; closing with those bytes unread makes the kernel send a
+        reset that can destroy the response in flight.  So half-close, then read and drop
+        what comes, up to ``linger_bytes`` or for ``linger_timeout``, whichever ends first."""
+        stream = self.stream
+        budget = int(self.limits.linger_bytes)
+        with anyio.move_on_after(self.limits.linger_timeout):
+            try:
+                try:
+                    await stream.send_eof()
+                except NotImplementedError:  # TLS: no half-close, the draining still helps
+                    pass
+                while budget > 0:
+                    budget -= len(await stream.receive(65536))
+            except (anyio.EndOfStream, anyio.ClosedResourceError, *NETWORK_ERRORS):
+                pass

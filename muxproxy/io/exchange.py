@@ -16,33 +16,78 @@ while it fits ``replay_buffer``.  Any other failure is a 502/504 and never a sil
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import AsyncIterator
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
 
-from ..config import RouteConfig
-from ..core.frontend_h11 import Body, RequestHead, ResponseFramingError
+from ..config import Address, RouteConfig
+from ..core.frontend_h11 import Body, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
 from ..core.relay import StreamState
-from ..errors import BackendError, BackendTimeout, ClientGone, ProxyError
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ProxyError
 from .backend import BackendConnection, Signal
+from .downstream import ClientGone, Downstream
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
     from .pool import ClusterPool
+
+# What a tunnel does with a 2xx answer to its extended CONNECT: (conn, stream, news, head).
+# It returns True when it took the stream over (it releases it itself).
+Upgrade = Callable[[BackendConnection, StreamState, Signal, list[Header]], Awaitable[bool]]
 
 
 class _Replay(Exception):
     """The stream was never processed by the backend: try again on another connection."""
 
 
+class _Ids:
+    """Request ids: 16 hex digits of os.urandom each, 256 per getrandom call."""
+
+    __slots__ = ("hex", "pos")
+
+    def __init__(self) -> None:
+        self.hex = b""
+        self.pos = 0
+
+    def next(self) -> bytes:
+        pos = self.pos
+        if pos >= len(self.hex):
+            self.hex, pos = os.urandom(2048).hex().encode(), 0
+        self.pos = pos + 16
+        return self.hex[pos : pos + 16]
+
+
+request_id = _Ids().next
+
+
+class _Stall:
+    """The upload's deadline: the backend must take each piece of body within body_timeout."""
+
+    __slots__ = ("deadline", "ex", "news", "timer_bucket")
+
+    def __init__(self, ex: Exchange, news: Signal) -> None:
+        self.ex = ex
+        self.news = news
+        self.deadline = math.inf
+        self.timer_bucket: int | None = None
+
+    def on_deadline(self) -> None:
+        self.ex.stalled = True
+        self.news.set()
+
+
 class BodySource:
     """The request body, read from the client on demand, remembered for replays while small."""
 
-    def __init__(self, client: ClientConnection, replay_limit: int) -> None:
-        self.client = client
+    __slots__ = ("complete", "down", "kept", "kept_size", "limit", "trailers")
+
+    def __init__(self, down: Downstream, replay_limit: int) -> None:
+        self.down = down
         self.limit = replay_limit
         self.kept: list[bytes] | None = []  # None once the body outgrew the replay buffer
         self.kept_size = 0
@@ -59,7 +104,7 @@ class BodySource:
         for chunk in list(self.kept):
             yield chunk
         while not self.complete:
-            ev = await self.client.read_body()
+            ev = await self.down.read_body()
             if type(ev) is Body:
                 if self.kept is not None:
                     self.kept_size += len(ev.data)
@@ -74,19 +119,59 @@ class BodySource:
 
 
 class Exchange:
+    """One request relayed to the pool; ``run()`` answers and says whether to keep the client
+    connection.  A tunnel passes its own head (``fields``), asks for a backend with RFC 8441
+    (``connect_protocol``) and takes a 2xx answer over (``upgrade``)."""
+
+    __slots__ = (
+        "_news",
+        "cfg",
+        "connect_protocol",
+        "deadline",
+        "down",
+        "expired",
+        "failure",
+        "fields",
+        "head",
+        "keep",
+        "outcome",
+        "pool",
+        "route",
+        "sent_whole",
+        "stalled",
+        "timer_bucket",
+        "upgrade",
+    )
+
     def __init__(
-        self, client: ClientConnection, head: RequestHead, route: RouteConfig, pool: ClusterPool
+        self,
+        down: Downstream,
+        head: RequestHead,
+        route: RouteConfig,
+        pool: ClusterPool,
+        *,
+        fields: list[Header] | None = None,
+        connect_protocol: bool = False,
+        upgrade: Upgrade | None = None,
     ) -> None:
-        self.client = client
+        self.down = down
+        self.outcome = down.outcome
         self.head = head
         self.route = route
         self.pool = pool
         self.cfg = pool.cfg
+        self.fields = fields
+        self.connect_protocol = connect_protocol
+        self.upgrade = upgrade
         self.failure: BaseException | None = None  # set by the upload task
-        # A timer-wheel entry (see timers.py): request_timeout, then the body-stall timeout.
+        # A timer-wheel entry (see timers.py): the phase's deadline (upload progress, then
+        # request_timeout for the response head, then response-body progress).
         self.deadline = math.inf
         self.timer_bucket: int | None = None
         self.expired = False
+        self.sent_whole = False  # the whole request (body included) went to the backend
+        self.stalled = False  # the backend gave no credit for the body within body_timeout
+        self.keep = True  # the client connection may serve another request afterwards
         self._news: Signal | None = None
 
     def on_deadline(self) -> None:
@@ -94,66 +179,95 @@ class Exchange:
         if self._news is not None:
             self._news.set()
 
-    connect_protocol = False  # a tunnel needs a backend with RFC 8441
-
-    async def run(self) -> None:
-        """Relay the request and its response.  Errors become responses; a failure after the
-        response head was sent closes the client connection (``client.must_close``)."""
-        client = self.client
+    async def run(self) -> bool:
+        """Relay the request and its response; errors become responses.  Returns whether the
+        client connection can be kept alive."""
+        down = self.down
         try:
-            await self._forward()
+            await self.forward()
         except ClientGone:
-            client.must_close = True
+            if not self.outcome.reason:
+                self.outcome.reason = "client_gone"
+            return False
         except ProxyError as exc:
-            await client.send_error(exc)
+            return await down.send_error(exc)
         finally:
-            client.wheel.discard(self)
+            down.wheel.discard(self)
+        return self.keep
 
     def _fields(self) -> list[Header]:
-        """The HTTP/2 head of the request."""
+        """The HTTP/2 head of the request, with an x-request-id (the client's, or a new one)."""
         head = self.head
-        return request_to_h2(
-            head.method,
-            head.target,
-            head.authority,
-            head.headers,
-            self.client.fwd,
-            head.http_version,
-        )
+        fields = self.fields
+        if fields is None:
+            fields = request_to_h2(
+                head.method,
+                head.target,
+                head.authority,
+                head.headers,
+                self.down.fwd,
+                head.http_version,
+            )
+        rid = None
+        for name, value in head.headers:
+            if name == b"x-request-id":
+                rid = value
+                break
+        if rid is None:
+            rid = request_id()
+            fields.append((b"x-request-id", rid))
+        self.outcome.request_id = rid.decode("latin-1")
+        return fields
 
-    async def _forward(self) -> None:
+    async def forward(self) -> None:
         """Open a stream and relay, replaying what the backend provably never processed."""
         fields = self._fields()
-        body = BodySource(self.client, self.cfg.replay_buffer) if self.head.has_body else None
+        body = BodySource(self.down, self.cfg.replay_buffer) if self.head.has_body else None
+        outcome = self.outcome
         replays = 0
         while True:
-            conn, st = await self.pool.open_stream(
-                fields,
-                body is None and not self.connect_protocol,
-                connect_protocol=self.connect_protocol,
-                replay=replays > 0,  # older than the queue behind it: served first
-            )
+            queued = time.monotonic()
             try:
-                await self._attempt(conn, st, body)
+                conn, st = await self.pool.open_stream(
+                    fields,
+                    body is None and not self.connect_protocol,
+                    connect_protocol=self.connect_protocol,
+                    replay=replays > 0,  # older than the queue behind it: served first
+                )
+            except BackendUnavailable as exc:
+                outcome.reason = _unavailable(exc)
+                raise
+            opened = time.monotonic()
+            outcome.queue_s = opened - queued
+            outcome.backend = _address_label(conn.address)
+            outcome.backend_conn = conn.id
+            outcome.stream_id = st.stream_id
+            try:
+                await self._attempt(conn, st, body, opened)
                 return
             except _Replay:
                 if body is not None and not body.replayable:
+                    outcome.reason = "replays_exhausted"
                     raise BackendError(f"{st.error}; request body too large to replay") from None
                 if replays >= self.cfg.max_replays:
+                    outcome.reason = "replays_exhausted"
                     raise BackendError(st.error or "backend refused the stream") from None
                 replays += 1
+                outcome.replays = replays
                 self.pool.counters["replays"] += 1
 
     async def _attempt(
-        self, conn: BackendConnection, st: StreamState, body: BodySource | None
+        self, conn: BackendConnection, st: StreamState, body: BodySource | None, opened: float
     ) -> None:
         news = Signal(conn.loop)
         self._news = news
-        self.expired = False
+        self.expired = self.stalled = False
+        self.sent_whole = body is None
         conn.news[st.stream_id] = news
+        taken = False
         try:
             if body is None:
-                await self._download(conn, st, news)
+                taken = await self._download(conn, st, news, opened)
             else:
                 # Upload and download run side by side: a backend may answer early.  Errors are
                 # carried out of the task group by hand, which would wrap them in a group.
@@ -161,47 +275,75 @@ class Exchange:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._upload, conn, st, body, news)
                     try:
-                        await self._download(conn, st, news)
+                        taken = await self._download(conn, st, news, opened)
                     except (ProxyError, ClientGone, _Replay) as exc:
                         failed = exc
                     tg.cancel_scope.cancel()
                 if failed is not None:
                     raise failed
         finally:
-            conn.release(st)
+            if not taken:  # (else a tunnel holds the stream and releases it itself)
+                conn.release(st)
 
     async def _upload(
         self, conn: BackendConnection, st: StreamState, body: BodySource, news: Signal
     ) -> None:
+        """Client → backend.  While the body flows, ``body_timeout`` bounds each step: the
+        client's reads (the connection's timer: 408) and the backend's credit (here: 504).
+        Once the body is sent whole, request_timeout runs for the response head."""
         sid = st.stream_id
         core = conn.core
+        down = self.down
+        wheel = down.wheel
         window = Signal(conn.loop)
+        stall = down.body_timeout
+        timer = _Stall(self, news)
         try:
-            cont = self.client.session.continue_bytes()
-            if cont:
-                await self.client.send(cont)
-            async for chunk in body.chunks():
-                if not await conn.send_body(sid, chunk, window):
+            await down.send_continue()
+            async for chunk in body.chunks():  # (the client's reads: its own body_timeout)
+                wheel.start(timer, stall)  # the backend's credit must come within body_timeout
+                sent = await conn.send_body(sid, chunk, window)
+                wheel.clear(timer)
+                if not sent:
                     return  # reset or failed: the download side reports it
             if sid in core.streams:
                 core.end_stream(sid, body.trailers or None)
                 conn.schedule_flush()
+            self.sent_whole = True
+            news.set()  # the response-head deadline starts now
         except (ProxyError, ClientGone) as exc:
             self.failure = exc
             news.set()
+        finally:
+            wheel.discard(timer)
 
-    async def _download(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
-        await self._await_head(st, news)
+    async def _download(
+        self, conn: BackendConnection, st: StreamState, news: Signal, opened: float
+    ) -> bool:
+        await self._await_head(conn, st, news)
         assert st.headers is not None
+        self.outcome.upstream_s = time.monotonic() - opened
         status, headers = response_from_h2(st.headers)
+        if self.upgrade is not None and 200 <= status < 300:
+            return await self.upgrade(conn, st, news, headers)
         await self._relay_response(conn, st, news, status, headers)
+        return False
 
-    async def _await_head(self, st: StreamState, news: Signal) -> None:
-        """Wait for the response head within request_timeout.  Raises _Replay for a stream
-        the backend never processed, BackendError (502) or BackendTimeout (504)."""
-        wheel = self.client.wheel
-        wheel.start(self, self.cfg.request_timeout)
+    async def _await_head(self, conn: BackendConnection, st: StreamState, news: Signal) -> None:
+        """Wait for the response head: within request_timeout of the request having been sent
+        whole.  Raises _Replay for a stream the backend never processed, BackendError (502) or
+        BackendTimeout (504)."""
+        wheel = self.down.wheel
+        timing_head = self.sent_whole
+        if timing_head:
+            wheel.start(self, self.cfg.request_timeout)
         while st.headers is None and st.reset_code is None and not self.failure:
+            if self.stalled:
+                break
+            if not timing_head and self.sent_whole:
+                timing_head = True
+                self.expired = False
+                wheel.start(self, self.cfg.request_timeout)
             if self.expired:
                 break
             await news.wait()
@@ -212,7 +354,12 @@ class Exchange:
             if st.reset_code is not None:
                 if st.refused:
                     raise _Replay
+                self.outcome.reason = "backend_lost" if conn.core.closed else "backend_reset"
                 raise BackendError(st.error or "backend failed the stream")
+            if self.stalled:
+                self.outcome.reason = "body_timeout"
+                raise BackendTimeout("backend took no request body within body_timeout")
+            self.outcome.reason = "upstream_timeout"
             raise BackendTimeout("backend did not answer within request_timeout")
 
     async def _relay_response(
@@ -224,16 +371,14 @@ class Exchange:
         headers: list[Header],
     ) -> None:
         """Relay the response head and body, giving credit back as the client takes it."""
-        client = self.client
-        session = client.session
-        wheel = client.wheel
+        down = self.down
+        wheel = down.wheel
         is_head = self.head.method == b"HEAD"
         try:
-            out = [session.response_head(status, headers)]
-        except ResponseFramingError as exc:
-            raise BackendError(f"backend response cannot be relayed: {exc}") from None
-        if client.outcome is not None:
-            client.outcome.status = status
+            down.send_head(status, headers)
+        except BackendError:
+            self.outcome.reason = "backend_malformed"
+            raise
         sid = st.stream_id
         core = conn.core
         chunks = st.chunks
@@ -241,45 +386,59 @@ class Exchange:
             credit = 0
             # Decide from one snapshot: the reader may add chunks or the end during the send.
             finished = st.ended
+            for data, n in chunks:
+                credit += n
+                if not is_head and data and not down.send_data(data):
+                    # More than its Content-Length: never relay it as complete.  The chunks
+                    # stay (release() returns their credit with the stream).
+                    await down.flush()
+                    self.keep = False
+                    return
+            chunks.clear()
+            if finished:
+                # (the downstream sends trailers only if its framing carries them)
+                self.keep = down.end(trailers_from_h2(st.trailers) if st.trailers else None)
             try:
-                for data, n in chunks:
-                    credit += n
-                    if not is_head and data:
-                        out.append(session.response_body(data))
-                chunks.clear()  # (left whole on a framing error: release() returns that credit)
-                if finished:
-                    # (the session sends trailers only if it chose chunked framing)
-                    trailers = trailers_from_h2(st.trailers) if st.trailers else None
-                    out.append(session.response_end(trailers))
-            except ResponseFramingError:
-                # Body longer or shorter than its Content-Length: never relay it as complete.
-                await self._send(out)
-                client.must_close = True
-                return
-            try:
-                await self._send(out)
+                await down.flush()
             finally:  # written or lost with the client: either way the credit goes back
                 if credit:
                     core.consumed(sid, credit)
                     conn.schedule_flush()
-            out = []
             if finished:
                 return
             if st.reset_code is not None or self.failure is not None:
-                client.must_close = True  # truncated: the client must not see a clean end
+                # Truncated: the client must not see a clean end.
+                self.outcome.reason = (
+                    "backend_reset" if st.reset_code is not None else "client_gone"
+                )
+                self.keep = down.reset()
                 return
             wheel.start(self, self.cfg.request_timeout)  # a body stalled this long is dropped
             while not chunks and not st.ended and st.reset_code is None and not self.failure:
                 if self.expired:
-                    client.must_close = True
+                    self.outcome.reason = "upstream_timeout"
+                    self.keep = down.reset()
                     return
                 await news.wait()
             wheel.clear(self)
 
-    async def _send(self, parts: list[bytes]) -> None:
-        data = b"".join(parts) if len(parts) != 1 else parts[0]
-        if data:
-            await self.client.send(data)
+
+@functools.cache
+def _address_label(address: Address) -> str:
+    return str(address)
 
 
-__all__ = ["BodySource", "ClientGone", "Exchange"]
+def _unavailable(exc: BackendUnavailable) -> str:
+    """The reason code of a 503 from the pool."""
+    code = getattr(exc, "code", "")
+    if code:
+        return str(code)
+    text = exc.reason
+    if text.startswith("too many requests"):
+        return "queue_full"
+    if text.startswith("no backend reachable"):
+        return "no_backend"
+    return "pending_timeout"
+
+
+__all__ = ["BodySource", "ClientGone", "Exchange", "request_id"]

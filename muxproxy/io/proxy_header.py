@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -22,8 +22,12 @@ from ..config import ListenerConfig
 from ..core.proxy_protocol import ProxyHeaderError, parse
 from .backend import NETWORK_ERRORS
 
-if TYPE_CHECKING:
-    from .server import Proxy
+
+class Proxy(Protocol):
+    """What the PROXY header check needs of ``server.Proxy`` (no import: no circle)."""
+
+    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
+
 
 log = logging.getLogger("muxproxy.proxy_protocol")
 

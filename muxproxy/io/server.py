@@ -35,11 +35,11 @@ from ..core.metrics import Metrics
 from ..core.outcome import Outcome
 from ..router import Router
 from .accesslog import UNLIMITED, AccessLog
-from .admin import serve_admin
+from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .fast_stream import asyncio_running, serve_fast
-from .pool import ClusterPool, PoolStatistics
+from .pool import ClusterPool
 from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
 from .tls import ServerCertificates, check_certificates
@@ -178,8 +178,16 @@ class Proxy:
             return False
         return any(addr in n for n in nets)
 
-    def statistics(self) -> dict[str, PoolStatistics]:
-        return {name: pool.statistics() for name, pool in self.pools.items()}
+    def statistics(self) -> ProxyStatistics:
+        return ProxyStatistics(
+            draining=self.draining,
+            client_connections=len(self.clients),
+            refused_connections=self.refused_connections,
+            pools={name: pool.statistics() for name, pool in self.pools.items()},
+            proxy_header_errors=self.proxy_header_errors,
+            metrics=self.metrics,
+            reload=self.reload_statistics(),
+        )
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent, never blocks)."""
@@ -231,7 +239,8 @@ class Proxy:
                         accept_tg.start_soon(self._accept_loop, entry)
                     if admin is not None:
                         # In the clients' group: /healthz answers 503 while draining.
-                        clients_tg.start_soon(admin.serve, partial(serve_admin, self), clients_tg)
+                        serve = partial(serve_admin, self.statistics)
+                        clients_tg.start_soon(admin.serve, serve, clients_tg)
                     task_status.started(bound)
                     await self._stop.wait()
                     accept_tg.cancel_scope.cancel()

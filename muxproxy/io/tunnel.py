@@ -31,43 +31,65 @@ import anyio
 import anyio.abc
 import h11
 
-from ..core.frontend_h11 import ClientSession, RequestHead
-from ..core.headers import Header, request_to_h2, response_from_h2
+from ..core.frontend_h11 import RequestHead
+from ..core.headers import Header, request_to_h2
 from ..core.relay import StreamState
 from ..core.websocket import check_handshake, connect_head, switching_protocols
-from ..errors import BackendError, BackendUnavailable, ClientError, NoExtendedConnect
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ClientError,
+    ClientGone,
+    NoExtendedConnect,
+    ProxyError,
+)
 from .backend import NETWORK_ERRORS, BackendConnection, Signal
 from .detached import DetachedTunnel
+from .downstream import TunnelDownstream
 from .exchange import Exchange
-from .fast_stream import FastStream
 from .tunnel_tasks import StreamPort, TaskTunnel, relay_socket
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
-    from .client import ClientConnection
     from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.tunnel")
 
-_SPENT = ClientSession()  # what a detached client connection keeps instead of its session
 
+class Tunnel:
+    """One WebSocket: an :class:`Exchange` opens the extended CONNECT stream (queueing,
+    replays, a refused upgrade relayed as an ordinary response); a 2xx hands the stream here."""
 
-class Tunnel(Exchange):
     def __init__(
-        self, client: ClientConnection, head: RequestHead, route: RouteConfig, pool: ClusterPool
+        self, client: TunnelDownstream, head: RequestHead, route: RouteConfig, pool: ClusterPool
     ) -> None:
-        super().__init__(client, head, route, pool)
+        self.client = client
+        self.head = head
+        self.route = route
+        self.pool = pool
+        self.cfg = pool.cfg
         self.key = b""
+        self.exchange = Exchange(
+            client, head, route, pool, fields=[], connect_protocol=True, upgrade=self._upgraded
+        )
 
-    connect_protocol = True
-
-    def _fields(self) -> list[Header]:
-        head = self.head
-        return connect_head(head.target, head.authority, head.headers, self.client.fwd)
+    async def run(self) -> bool:
+        """Relay the upgrade and the tunnel.  After a WebSocket, whatever happens, the client
+        connection ends: returns False."""
+        client = self.client
+        try:
+            await self._forward()
+        except ClientGone:
+            pass
+        except ProxyError as exc:
+            await client.send_error(exc)
+        finally:
+            client.wheel.discard(self.exchange)
+            self.exchange.upgrade = None  # (a cycle through the bound method otherwise)
+        return False
 
     async def _forward(self) -> None:
         head = self.head
-        self.client.must_close = True  # after a WebSocket, whatever happens, the connection ends
         if head.has_body:
             raise ClientError("a WebSocket upgrade request cannot carry a body")
         self.key = check_handshake(head.method, head.http_version, head.headers)
@@ -75,55 +97,48 @@ class Tunnel(Exchange):
             self._reserve_dedicated()
             await self._fallback_http1()
             return
+        fields = connect_head(head.target, head.authority, head.headers, self.client.fwd)
+        self.exchange.fields = fields
         try:
-            await super()._forward()
+            await self.exchange.forward()
         except NoExtendedConnect:
             if not self.route.websocket_fallback_http1:
                 raise
             await self._fallback_http1()
 
-    async def _attempt(self, conn: BackendConnection, st: StreamState, body: object) -> None:
-        news = Signal(conn.loop)
-        self._news = news
-        conn.news[st.stream_id] = news
-        try:
-            await self._await_head(st, news)
-            assert st.headers is not None
-            status, headers = response_from_h2(st.headers)
-            if not 200 <= status < 300:  # refused upgrade: an ordinary response, no switch
-                await self._relay_response(conn, st, news, status, headers)
-                return
-            self.pool.counters["websockets"] += 1
-            client = self.client
-            await client.send(switching_protocols(self.key, headers))
-            idle, send_timeout = self.cfg.tunnel_idle_timeout, client.limits.send_timeout
-            first = client.session.detach()  # bytes the client sent right after its handshake
-            if isinstance(client.stream, FastStream):
-                # asyncio: callbacks drive the tunnel from here, and this task ends.
-                tunnel = DetachedTunnel(
-                    client.stream,
-                    conn,
-                    st,
-                    wheel=client.wheel,
-                    idle_timeout=idle,
-                    send_timeout=send_timeout,
-                    on_finished=client.forget,
-                )
-                client.detached = tunnel
-                client.session = _SPENT  # the HTTP/1.1 session is over; an idle tunnel is small
-                tunnel.start(first)
-                return
-            await TaskTunnel(
-                client,
-                StreamPort(conn, st, news),
+    async def _upgraded(
+        self, conn: BackendConnection, st: StreamState, news: Signal, headers: list[Header]
+    ) -> bool:
+        """The backend accepted the tunnel.  True when the tunnel released the stream itself
+        (a detached one, or one that ended by its rules)."""
+        self.pool.counters["websockets"] += 1
+        client = self.client
+        await client.send(switching_protocols(self.key, headers))
+        client.outcome.status = 101
+        client.outcome.reason = "tunnel_closed"
+        idle, send_timeout = self.cfg.tunnel_idle_timeout, client.send_timeout
+        stream = client.fast_stream
+        if stream is not None:
+            # asyncio: callbacks drive the tunnel from here, and this task ends.
+            tunnel = DetachedTunnel(
+                stream,
+                conn,
+                st,
                 wheel=client.wheel,
                 idle_timeout=idle,
                 send_timeout=send_timeout,
-            ).run(first)
-        finally:
-            # (unless a tunnel released it: a detached one, or one that ended by its rules)
-            if self.client.detached is None and st.stream_id in conn.news:
-                conn.release(st)
+                on_finished=client.forget,
+            )
+            tunnel.start(client.detach(tunnel))
+            return True
+        client.outcome.reason = await TaskTunnel(
+            client,
+            StreamPort(conn, st, news),
+            wheel=client.wheel,
+            idle_timeout=idle,
+            send_timeout=send_timeout,
+        ).run(client.leftover())
+        return st.stream_id not in conn.news
 
     # --- the HTTP/1.1 fallback --------------------------------------------------------------
 
@@ -177,14 +192,15 @@ class Tunnel(Exchange):
                     f"backend refused the WebSocket upgrade ({response.status_code})"
                 )
             await client.send(_h1_head(response))
+            client.outcome.status = 101
             rest, _ = h1.trailing_data
-            await relay_socket(
+            client.outcome.reason = await relay_socket(
                 client,
                 stream,
                 wheel=client.wheel,
                 idle_timeout=self.cfg.tunnel_idle_timeout,
-                send_timeout=client.limits.send_timeout,
-                client_first=client.session.detach(),
+                send_timeout=client.send_timeout,
+                client_first=client.leftover(),
                 backend_first=bytes(rest),
             )
         finally:

@@ -401,7 +401,7 @@ async def test_refused_stream_is_replayed_even_for_post() -> None:
 
 
 async def test_replays_stop_after_max_replays() -> None:
-    async with running(Script(), origin={"refuse_every": 1},
+    async with running(Script(), origin={"refuse_every": 1, "refuse_once_per_id": False},
                        cluster={"max_replays": 2}) as h:
         c = await h.client()
         r = await c.request("POST", "/echo", body=b"abc")

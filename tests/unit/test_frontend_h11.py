@@ -1189,3 +1189,50 @@ def test_underscore_policies(
     else:
         rh = events_of(raw, limits)[0]
         assert isinstance(rh, RequestHead) and rh.headers == [(b"host", b"h"), *outcome]
+
+
+@pytest.mark.parametrize("one_byte", [False, True], ids=["whole", "bytewise"])
+def test_one_framer_hands_bytes_after_any_body_to_the_next_head(one_byte: bool) -> None:
+    """Content-Length and chunked bodies are framed by the session itself: the bytes after a
+    body (here the next pipelined request) go back to the head buffer, whatever the framing."""
+    s = ClientSession()
+    wire = (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+        b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    for piece in [wire[i : i + 1] for i in range(len(wire))] if one_byte else [wire]:
+        s.receive_data(piece)
+    seen: list[tuple[bytes, bytes]] = []
+    while True:
+        head = s.next_event()
+        assert isinstance(head, RequestHead)
+        body = b""
+        while True:
+            ev = s.next_event()
+            if isinstance(ev, Body):
+                body += ev.data
+                continue
+            assert isinstance(ev, EndOfRequest) and ev.trailers == []
+            break
+        seen.append((head.target, body))
+        assert s.request_complete
+        s.response_head(204, [])
+        s.response_end()
+        if head.target == b"/c":
+            break
+        assert s.start_next_cycle()
+    assert seen == [(b"/a", b"hello"), (b"/b", b"abcde"), (b"/c", b"")]
+
+
+def test_eof_inside_a_content_length_body_is_refused() -> None:
+    s = ClientSession()
+    s.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    assert isinstance(s.next_event(), RequestHead)
+    assert s.next_event() == Body(b"abc")
+    assert s.next_event() is NEED_DATA
+    s.receive_data(b"")
+    with pytest.raises(ClientError) as e:
+        s.next_event()
+    assert e.value.status_hint == 400 and not s.request_complete
