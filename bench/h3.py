@@ -99,6 +99,7 @@ MUXPROXY_TOML = """\
 [proxy]
 workers = 1
 loop = "uvloop"
+access_log = "off"  # Caddy in the comparison logs nothing either
 
 [admin]
 listen = "127.0.0.1:{{admin_port}}"

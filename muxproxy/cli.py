@@ -1,4 +1,4 @@
-"""Command line: ``muxproxy run | check | demo``, ``--version``.
+"""Command line: ``muxproxy run | check | reload | demo``, ``--version``.
 
 This is, with ``__main__``, the only place that picks the event loop.  Whatever stops the
 proxy from starting (a config error, a certificate that does not load, a port in use, a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,9 +24,10 @@ import anyio.abc
 from . import __version__
 from .budget import connection_budget
 from .config import Address, Config, ConfigError, load, loads
+from .io.accesslog import AccessLog, configure_logging
 from .io.server import Proxy, bind_error
 from .io.startup import check_startup
-from .io.supervisor import die_with_supervisor, supervise
+from .io.supervisor import READY_FD_ENV, die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
 
@@ -36,7 +38,8 @@ EPILOG = """\
 examples:
   muxproxy demo                      see it work (backend, proxy and clients in one process)
   muxproxy check -c proxy.toml       validate a config (--bind: also try every listen port)
-  muxproxy run -c proxy.toml         serve; SIGTERM/SIGINT drain gracefully
+  muxproxy run -c proxy.toml         serve; SIGTERM/SIGINT drain gracefully, SIGHUP reloads
+  muxproxy reload -c proxy.toml      validate, then SIGHUP the proxy named in [proxy].pid_file
 """
 LOOP_EXTRAS = {"uvloop": "uvloop", "trio": "trio"}  # --loop → the pip extra that provides it
 
@@ -55,12 +58,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"muxproxy {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,check,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,check,reload,demo}")
     loop_help = (
         "event loop: asyncio (default), uvloop or trio; the last two need an extra: "
         "pip install 'muxproxy[uvloop]' or 'muxproxy[trio]'"
     )
-    for name, help_ in (("run", "run the proxy"), ("check", "validate a config file")):
+    for name, help_ in (
+        ("run", "run the proxy"),
+        ("check", "validate a config file"),
+        ("reload", "validate a config file and make the running proxy (pid_file) reload it"),
+    ):
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("-c", "--config", required=True, type=Path, help="TOML config file")
         if name == "check":
@@ -105,17 +112,22 @@ def main(argv: list[str] | None = None) -> int:
             check_startup(cfg, bind=args.bind)
             _print_routes(cfg)
             return 0
+        if args.command == "reload":
+            return _signal_reload(cfg)
+        configure_logging(cfg.proxy.log_format, logging.root.level)
         if args.command == "run":
-            if cfg.proxy.workers > 1 and not args.worker:
-                check_startup(cfg, bind=True, reuse_port=True)
-                admin = cfg.admin.listen if cfg.admin is not None else None
-                return supervise(
-                    args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period, admin
-                )
             if args.worker:
                 die_with_supervisor()
-                cfg = _worker_config(cfg)
-            return _run_loop(loop, _serve, cfg, args.worker)
+                return _run_loop(loop, _serve, _worker_config(cfg), args.config, True)
+            if cfg.proxy.workers > 1:
+                check_startup(cfg, bind=True, reuse_port=True)
+                admin = cfg.admin.listen if cfg.admin is not None else None
+                with _pid_file(cfg):
+                    return supervise(
+                        args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period, admin
+                    )
+            with _pid_file(cfg):
+                return _run_loop(loop, _serve, cfg, args.config, False)
         return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
     except ConfigError as exc:
         print(f"muxproxy: {where}: {exc}", file=sys.stderr)
@@ -152,6 +164,51 @@ def _startup_error(exc: BaseException) -> ConfigError | None:
             if found is not None:
                 return found
     return None
+
+
+def _signal_reload(cfg: Config) -> int:
+    """``muxproxy reload``: the file is valid (certificates too); SIGHUP the pid in
+    ``[proxy].pid_file``, which reloads the file it was started with."""
+    try:
+        check_startup(cfg)  # (certificates load; nothing binds: the proxy holds the ports)
+    except ConfigError as exc:
+        print(f"muxproxy: {cfg.source}: {exc}", file=sys.stderr)
+        return 1
+    pid_file = cfg.proxy.pid_file
+    if pid_file is None:
+        print(
+            f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"muxproxy: asked pid {pid} to reload {cfg.source}", file=sys.stderr)
+    return 0
+
+
+class _pid_file:
+    """Write ``[proxy].pid_file`` while running; remove it after if it still names us."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = Path(cfg.proxy.pid_file) if cfg.proxy.pid_file else None
+
+    def __enter__(self) -> None:
+        if self.path is not None:
+            self.path.write_text(f"{os.getpid()}\n")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 def _run_loop(loop: str, fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -196,13 +253,26 @@ async def _with_signals(
     on_ready: Callable[[dict[str, Address]], Awaitable[None]],
     *,
     reuse_port: bool = False,
+    config_path: Path | None = None,
+    adjust: Callable[[Config], Config] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once."""
+    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once.  SIGHUP reloads
+    ``config_path``, SIGUSR1 reopens the access log."""
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
+            with anyio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+            ) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        if config_path is not None:
+                            tg.start_soon(proxy.reload_file, config_path, adjust)
+                        continue
+                    if signum == signal.SIGUSR1:
+                        if proxy.access_log is not None:
+                            proxy.access_log.reopen()
+                        continue
                     if proxy.draining:
                         tg.cancel_scope.cancel()
                     proxy.shutdown()
@@ -220,14 +290,33 @@ def _ready_line(bound: dict[str, Address]) -> str:
     return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
 
 
-async def _serve(cfg: Config, worker: bool = False) -> int:
+async def _serve(cfg: Config, config_path: Path | None = None, worker: bool = False) -> int:
     proxy = Proxy(cfg)
+    proxy.attach_access_log(AccessLog.from_config(cfg.proxy))
 
     async def ready(bound: dict[str, Address]) -> None:
-        # A worker tells its supervisor on stdout; the supervisor prints the one ready line.
-        print(_ready_line(bound), file=sys.stdout if worker else sys.stderr, flush=True)
+        # A worker tells its supervisor on a pipe of their own (stdout is the access log's);
+        # the line names the worker's private admin port, which the supervisor gathers from,
+        # and the supervisor prints the one ready line.
+        line = _ready_line(bound)
+        ready_fd = os.environ.get(READY_FD_ENV)
+        if worker and ready_fd is not None:
+            os.write(int(ready_fd), f"{line}\n".encode())
+            os.close(int(ready_fd))
+        else:
+            print(line, file=sys.stdout if worker else sys.stderr, flush=True)
 
-    await _with_signals(proxy, ready, reuse_port=worker)
+    try:
+        await _with_signals(
+            proxy,
+            ready,
+            reuse_port=worker,
+            config_path=config_path,
+            adjust=_worker_config if worker else None,
+        )
+    finally:
+        if proxy.access_log is not None:
+            proxy.access_log.close()
     return 0
 
 

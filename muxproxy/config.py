@@ -162,6 +162,11 @@ class ProxyConfig(_Section, frozen=True):
     workers: int = 1
     loop: Literal["asyncio", "uvloop", "trio"] = "asyncio"
     grace_period: Duration = Duration(10.0)  # SIGTERM: longest wait for in-flight work
+    # Reload and logging (README "Reload", "Access log")
+    pid_file: str | None = None  # written at start; `muxproxy reload` signals the pid in it
+    access_log: str = "stdout"  # "stdout" | "stderr" | "off" | a file path
+    log_format: Literal["json", "text"] = "json"  # access lines and the other log lines
+    access_log_buffer: int = 10_000  # lines waiting for the writer; beyond: dropped, counted
 
 
 class AdminConfig(_Section, frozen=True):
@@ -403,6 +408,12 @@ def _check(cfg: Config) -> None:
         fail("routes", "at least one [[routes]] is required")
     if cfg.proxy.workers < 1:
         fail("proxy.workers", "must be at least 1")
+    if cfg.proxy.access_log_buffer < 1:
+        fail("proxy.access_log_buffer", "must be at least 1")
+    if not cfg.proxy.access_log:
+        fail("proxy.access_log", 'must be "stdout", "stderr", "off" or a file path')
+    if cfg.proxy.pid_file == "":
+        fail("proxy.pid_file", "must be a file path")
     if cfg.proxy.workers > 1:
         for i, lst in enumerate(cfg.listeners):
             if lst.listen.port == 0:

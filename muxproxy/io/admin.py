@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -33,6 +33,8 @@ class ProxyStatistics:
     pools: dict[str, PoolStatistics]
     proxy_header_errors: int = 0
     metrics: Metrics | None = None  # request counters and histograms (rendered as they are)
+    # Reload and access-log figures (Proxy.reload_statistics): generation, reloads, ...
+    reload: dict[str, int] = field(default_factory=dict)
 
 
 Statistics = Callable[[], ProxyStatistics]
@@ -168,6 +170,13 @@ def metrics_text(snapshot: ProxyStatistics) -> str:
             for k, v in sorted(s.counters.items())
         ),
     )
+    # Reload and access log (helper "reloadlog"): Proxy.reload_statistics().
+    for key, value in snapshot.reload.items():
+        gauge = key in ("config_generation", "access_log_queued")
+        name = f"muxproxy_{key}" if gauge else f"muxproxy_{key}_total"
+        family(
+            name, "gauge" if gauge else "counter", key.replace("_", " ") + ".", iter([("", value)])
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -139,6 +139,7 @@ class ClientConnection:
         "limits",
         "linger",
         "listener",
+        "must_close",
         "open_here",
         "outcome",
         "peer",
@@ -186,6 +187,8 @@ class ClientConnection:
         # Its listener's connections, set by server.py (a shared empty set until then: an
         # idle WebSocket should not pay for a set of its own).
         self.open_here: set[ClientConnection] = _UNLISTED
+        # Set by a reload that removed this connection's listener: close after this request.
+        self.must_close = False
         # The current request's record, until it is handed over (_NO_OUTCOME: none).
         self.outcome = _NO_OUTCOME
         # What the outcome's text fields are made from, only when someone listens.
@@ -358,7 +361,12 @@ class ClientConnection:
                 if self.detached is not None:
                     return  # the tunnel has the connection (and the outcome) now
                 self._finish()
-                if not keep or self.proxy.draining or not session.start_next_cycle():
+                if (
+                    not keep
+                    or self.must_close
+                    or self.proxy.draining
+                    or not session.start_next_cycle()
+                ):
                     return
         except ClientGone:
             if self.outcome is not _NO_OUTCOME and not self.outcome.reason:

@@ -6,6 +6,11 @@
 Shutdown (:meth:`Proxy.shutdown`, wired to SIGTERM/SIGINT by the CLI): stop accepting, close
 idle keep-alive connections, let in-flight exchanges finish within ``grace_period``, then
 cancel whatever is left and close the pools.
+
+Reload (:meth:`Proxy.reload`, wired to SIGHUP): the config in force is the tuple
+(``config``, ``router``, ``pools``), replaced in one synchronous step; a request reads it once
+when its head arrives and keeps its route and pool to the end (docs/ARCHITECTURE.md, "Reload
+and logging").  Everything that can fail is done before that step.
 """
 
 from __future__ import annotations
@@ -15,17 +20,21 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.streams.tls import TLSAttribute, TLSListener
 
-from ..config import Address, Config, ConfigError, ListenerConfig
+from ..config import Address, Config, ConfigError, ListenerConfig, load
 from ..core.metrics import Metrics
 from ..core.outcome import Outcome
 from ..router import Router
+from .accesslog import UNLIMITED, AccessLog
 from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
@@ -34,9 +43,54 @@ from .fast_stream import asyncio_running, serve_fast
 from .pool import ClusterPool
 from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
-from .tls import ServerCertificates
+from .tls import ServerCertificates, check_certificates
 
 log = logging.getLogger("muxproxy")
+
+Recorder = Callable[[Outcome], None]
+
+
+class ReloadError(Exception):
+    """The new config cannot be applied; the old one stays.  The message is one line."""
+
+
+@dataclass(eq=False)
+class _Listening:
+    """One bound listener: its current config (a reload may change name, limits, TLS),
+    the socket, the task accepting on it, and its open client connections."""
+
+    lc: ListenerConfig
+    listener: anyio.abc.Listener[anyio.abc.ByteStream]
+    address: Address
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    open_here: set[Any] = field(default_factory=set)  # its ClientConnection | H2ClientConnection
+
+
+def _listener_key(lc: ListenerConfig) -> tuple[str, bool, bool]:
+    """Listeners are kept across a reload by address, TLS or not and PROXY protocol or not
+    (these decide the listener's type): same key, same socket."""
+    return (str(lc.listen), lc.tls is not None, lc.proxy_protocol)
+
+
+def listener_certificates(cfg: Config) -> dict[str, ServerCertificates]:
+    """Every TLS listener's certificates by listener name, their files read now (start and
+    reload load them before anything binds or changes).
+
+    Raises:
+        ConfigError: a file is missing or unusable; the message names the listener's key.
+    """
+    return {
+        lc.name: ServerCertificates(lc, f"listeners[{i}]")
+        for i, lc in enumerate(cfg.listeners)
+        if lc.tls is not None
+    }
+
+
+def check_listener_certificates(cfg: Config) -> None:
+    """Load every listener's certificate files once (``muxproxy reload`` and the supervisor
+    check a file before they signal); ConfigError naming the key if one fails."""
+    for i, lc in enumerate(cfg.listeners):
+        check_certificates(lc, f"listeners[{i}]")
 
 
 class Proxy:
@@ -63,17 +117,27 @@ class Proxy:
         self._per_client: dict[tuple[str, str], int] = {}
         self.internal_errors = 0
         self.proxy_header_errors = 0  # PROXY protocol: untrusted peer, malformed, timed out
-        # Certificates load here, so a bad file stops ``run`` before anything binds.
-        self.certificates = {
-            lc.name: ServerCertificates(lc, f"listeners[{i}]")
-            for i, lc in enumerate(config.listeners)
-            if lc.tls is not None
-        }
+        # Certificates load here, so a bad file stops ``run`` before anything binds.  A reload
+        # replaces the dict (listener name -> certificates) with the new config's.
+        self.certificates = listener_certificates(config)
+        # Reload (SIGHUP): generation 1 is the config the proxy started with.
+        self.generation = 1
+        self.reloads = 0
+        self.reloads_failed = 0
+        self.reload_lock = anyio.Lock()
+        self._listening: dict[tuple[str, bool, bool], _Listening] = {}
+        self._pool_scopes: dict[ClusterPool, anyio.CancelScope] = {}
+        self._pools_tg: anyio.abc.TaskGroup | None = None
+        self._clients_tg: anyio.abc.TaskGroup | None = None
+        self._accept_tg: anyio.abc.TaskGroup | None = None
+        self._reuse_port = False
         # Called with each request's or tunnel's Outcome once it is over (access log,
-        # metrics).  Empty by default: then nothing is called.
-        self.recorders: list[Callable[[Outcome], None]] = []
+        # metrics).
+        self.recorders: list[Recorder] = []
         self.metrics = Metrics()  # request counters and histograms for /metrics
         self.recorders.append(self.metrics.observe)
+        self.access_log: AccessLog | None = None
+        self._access_log_managed = False
 
     def record(self, outcome: Outcome) -> None:
         """Hand one finished request's or tunnel's outcome to every recorder."""
@@ -88,6 +152,24 @@ class Proxy:
         listener at fault) if one does not load."""
         for certs in self.certificates.values():
             certs.reload()
+
+    def attach_access_log(self, access_log: AccessLog | None) -> None:
+        """Subscribe the access-log writer (None: ``access_log = "off"``)."""
+        self.access_log = access_log
+        self._access_log_managed = True  # from now on reloads follow [proxy].access_log
+        if access_log is not None:
+            self.recorders.append(access_log)
+
+    def reload_statistics(self) -> dict[str, int]:
+        """Reload and access-log figures, for /pools and /metrics."""
+        out = {
+            "config_generation": self.generation,
+            "reloads": self.reloads,
+            "reloads_failed": self.reloads_failed,
+        }
+        if self.access_log is not None:
+            out.update(self.access_log.statistics())
+        return out
 
     def is_trusted(self, listener: ListenerConfig, ip: str) -> bool:
         nets = self._trusted.get(listener.name)
@@ -107,6 +189,7 @@ class Proxy:
             pools={name: pool.statistics() for name, pool in self.pools.items()},
             proxy_header_errors=self.proxy_header_errors,
             metrics=self.metrics,
+            reload=self.reload_statistics(),
         )
 
     def shutdown(self) -> None:
@@ -127,32 +210,38 @@ class Proxy:
         task_status: anyio.abc.TaskStatus[dict[str, Address]] = anyio.TASK_STATUS_IGNORED,
         reuse_port: bool = False,
     ) -> None:
+        self._reuse_port = reuse_port
         # Bind first: a port in use stops the start before any backend is dialled.
         bound: dict[str, Address] = {}
-        listeners: list[anyio.abc.Listener[anyio.abc.ByteStream]] = []
+        entries: list[_Listening] = []
         admin: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         try:
-            for lc in self.config.listeners:
-                listener, bound[lc.name] = await self._bind(lc, reuse_port)
-                listeners.append(listener)
+            for i, lc in enumerate(self.config.listeners):
+                entry = await self._bind(lc, i, reuse_port, self.certificates.get(lc.name))
+                entries.append(entry)
+                bound[lc.name] = entry.address
             if self.config.admin is not None:
                 admin = await _listen(self.config.admin.listen, "admin.listen", reuse_port=False)
                 sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
                 bound["admin"] = Address(*sock.getsockname()[:2])
         except BaseException:
             with anyio.CancelScope(shield=True):
-                for listener in listeners:
-                    await listener.aclose()
+                for entry in entries:
+                    await entry.listener.aclose()
             raise
         async with anyio.create_task_group() as pools_tg:
+            self._pools_tg = pools_tg
             self.wheel.tick(anyio.current_time())
             pools_tg.start_soon(self.wheel.run)
             for pool in self.pools.values():
-                await pools_tg.start(pool.run)
+                await pools_tg.start(self._run_pool, pool)
             async with anyio.create_task_group() as clients_tg:
+                self._clients_tg = clients_tg
                 async with anyio.create_task_group() as accept_tg:
-                    for lc, listener in zip(self.config.listeners, listeners, strict=True):
-                        accept_tg.start_soon(self._accept_loop, listener, lc, clients_tg)
+                    self._accept_tg = accept_tg
+                    for entry in entries:
+                        self._listening[_listener_key(entry.lc)] = entry
+                        accept_tg.start_soon(self._accept_loop, entry)
                     if admin is not None:
                         # In the clients' group: /healthz answers 503 while draining.
                         serve = partial(serve_admin, self.statistics)
@@ -160,8 +249,8 @@ class Proxy:
                     task_status.started(bound)
                     await self._stop.wait()
                     accept_tg.cancel_scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
+                for entry in self._listening.values():
+                    await entry.listener.aclose()
                 with anyio.move_on_after(self.config.proxy.grace_period):
                     if self.clients:
                         await self._no_clients.wait()
@@ -171,15 +260,36 @@ class Proxy:
                 clients_tg.cancel_scope.cancel()
             pools_tg.cancel_scope.cancel()
 
+    async def _run_pool(
+        self, pool: ClusterPool, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """Run one pool in a scope of its own, so a reload can retire it alone."""
+        with anyio.CancelScope() as scope:
+            self._pool_scopes[pool] = scope
+            await pool.run(task_status=task_status)
+        self._pool_scopes.pop(pool, None)
+
+    async def _retire_pool(self, pool: ClusterPool, grace: float) -> None:
+        """A reload dropped or changed the cluster: in-flight streams and tunnels finish
+        (within ``grace_period``), then the pool's connections close."""
+        await pool.drain(grace)  # (ends pool.run: its connections are closed)
+        scope = self._pool_scopes.get(pool)
+        if scope is not None:
+            scope.cancel()
+        log.info("cluster %s: old pool closed after a reload", pool.cfg.name)
+
     async def _bind(
-        self, lc: ListenerConfig, reuse_port: bool
-    ) -> tuple[anyio.abc.Listener[anyio.abc.ByteStream], Address]:
-        index = self.config.listeners.index(lc)
+        self,
+        lc: ListenerConfig,
+        index: int,
+        reuse_port: bool,
+        certs: ServerCertificates | None,
+    ) -> _Listening:
+        """Bind ``listeners[index]``; ConfigError (one line naming the key) if it cannot."""
         tcp = await _listen(lc.listen, f"listeners[{index}].listen", reuse_port=reuse_port)
         sock = tcp.extra(anyio.abc.SocketAttribute.raw_socket)
         host, port = sock.getsockname()[:2]
         listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
-        certs = self.certificates.get(lc.name)
         if certs is not None and not lc.proxy_protocol:  # (else: TLS after the PROXY header)
             listener = _QuietTLSListener(
                 tcp,
@@ -187,29 +297,29 @@ class Proxy:
                 standard_compatible=False,
                 handshake_timeout=lc.limits.header_timeout,
             )
-        return listener, Address(host, port)
+        return _Listening(lc, listener, Address(host, port))
 
-    async def _accept_loop(
-        self,
-        listener: anyio.abc.Listener[anyio.abc.ByteStream],
-        lc: ListenerConfig,
-        tg: anyio.abc.TaskGroup,
-    ) -> None:
-        handler = self._handler(lc)
-        if lc.tls is None and asyncio_running():
-            sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-            await serve_fast(sock, handler, tg)
-        else:
-            await listener.serve(handler, task_group=tg)
+    async def _accept_loop(self, entry: _Listening) -> None:
+        assert self._clients_tg is not None
+        handler = self._handler(entry)
+        listener = entry.listener
+        with entry.scope:
+            if entry.lc.tls is None and asyncio_running():  # (the key keeps TLS or not)
+                sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+                await serve_fast(sock, handler, self._clients_tg)
+            else:
+                await listener.serve(handler, task_group=self._clients_tg)
+        # Only a reload cancels entry.scope alone (a shutdown cancels the group around it).
+        await listener.aclose()
 
     def _handler(
-        self, lc: ListenerConfig
+        self, entry: _Listening
     ) -> Callable[[anyio.abc.ByteStream], Coroutine[Any, Any, None]]:
-        cap = lc.limits.max_connections
-        open_here: set[Any] = set()  # this listener's share of self.clients
+        open_here = entry.open_here  # this listener's share of self.clients
 
         async def handle(stream: anyio.abc.ByteStream) -> None:
-            if len(open_here) >= cap or self.draining:
+            lc = entry.lc  # read per connection: a reload may have changed the limits
+            if len(open_here) >= lc.limits.max_connections or self.draining:
                 self.refused_connections += 1
                 await stream.aclose()
                 return
@@ -290,6 +400,161 @@ class Proxy:
         if first:
             client.session.receive_data(first)
         return client
+
+    # --- reload --------------------------------------------------------------------------
+
+    async def reload(self, cfg: Config) -> None:
+        """Apply a validated config in place; on any error raise :class:`ReloadError` and
+        keep the old one.  Unchanged clusters keep their pool (and its streams and tunnels);
+        a changed or removed cluster's pool drains; new listeners bind, removed ones stop
+        accepting; certificates are read again.  Serialised by ``reload_lock``."""
+        async with self.reload_lock:
+            try:
+                await self._reload(cfg)
+            except ReloadError:
+                self.reloads_failed += 1
+                raise
+
+    async def reload_file(
+        self, path: str | Path, adjust: Callable[[Config], Config] | None = None
+    ) -> bool:
+        """SIGHUP: read, validate and apply the config file (passed through ``adjust`` first:
+        a worker moves its admin port as at start).  On error the old config stays, ONE line
+        says why and ``reloads_failed`` counts it."""
+        try:
+            cfg = await anyio.to_thread.run_sync(load, path)
+            if adjust is not None:
+                cfg = adjust(cfg)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            log.error(
+                "reload failed, keeping generation %d: %s: %s",
+                self.generation,
+                path,
+                exc,
+                extra=UNLIMITED,
+            )
+            return False
+        try:
+            await self.reload(cfg)
+        except ReloadError as exc:
+            log.error(
+                "reload failed, keeping generation %d: %s: %s",
+                self.generation,
+                path,
+                exc,
+                extra=UNLIMITED,
+            )
+            return False
+        return True
+
+    async def _reload(self, cfg: Config) -> None:
+        if self._pools_tg is None or self._accept_tg is None or self.draining:
+            raise ReloadError("the proxy is not serving")
+        # 1. Everything that can fail, before anything changes.
+        try:
+            certificates = listener_certificates(cfg)
+        except ConfigError as exc:
+            raise ReloadError(str(exc)) from None
+        by_cfg = {p.cfg: p for p in self.pools.values()}
+        pools: dict[str, ClusterPool] = {}
+        fresh: list[ClusterPool] = []
+        for i, c in enumerate(cfg.clusters):
+            kept = by_cfg.get(c)
+            if kept is not None:
+                pools[c.name] = kept
+                continue
+            try:
+                pool = ClusterPool(c, self.wheel)
+            except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+                raise ReloadError(f"clusters[{i}].tls: {exc}") from None
+            pools[c.name] = pool
+            fresh.append(pool)
+        added: list[_Listening] = []
+        try:
+            for i, lc in enumerate(cfg.listeners):
+                key = _listener_key(lc)
+                if key not in self._listening:
+                    try:
+                        added.append(
+                            await self._bind(
+                                lc, i, self._reuse_port, certificates.get(lc.name)
+                            )
+                        )
+                    except ConfigError as exc:
+                        raise ReloadError(str(exc)) from None
+        except BaseException:
+            for entry in added:
+                await entry.listener.aclose()
+            raise
+        for pool in fresh:
+            await self._pools_tg.start(self._run_pool, pool)
+        # 2. The swap: no await from here to the end of the listener bookkeeping.
+        old_pools = self.pools
+        self.config = cfg
+        self.router = Router(cfg.routes)
+        self.pools = pools
+        self._trusted = {
+            lst.name: tuple(n.net for n in lst.trusted_proxies) for lst in cfg.listeners
+        }
+        self.generation += 1
+        self.reloads += 1
+        wanted = {_listener_key(lc): lc for lc in cfg.listeners}
+        for key, entry in list(self._listening.items()):
+            new_lc = wanted.get(key)
+            if new_lc is None:
+                del self._listening[key]
+                self._stop_listening(entry)
+                continue
+            entry.lc = new_lc
+            certs = certificates.get(new_lc.name)
+            if certs is not None and isinstance(entry.listener, TLSListener):
+                entry.listener.ssl_context = certs.context  # new handshakes: the files read now
+        # (PROXY-protocol listeners start TLS themselves, with self.certificates.)
+        self.certificates = certificates
+        for entry in added:
+            self._listening[_listener_key(entry.lc)] = entry
+            self._accept_tg.start_soon(self._accept_loop, entry)
+        in_use = set(pools.values())
+        grace = cfg.proxy.grace_period
+        for pool in old_pools.values():
+            if pool not in in_use:
+                self._pools_tg.start_soon(self._retire_pool, pool, grace)
+        self._reconfigure_access_log(cfg)
+        log.info(
+            "reloaded %s: generation %d, %d new pool(s), %d listener(s) added",
+            cfg.source,
+            self.generation,
+            len(fresh),
+            len(added),
+            extra=UNLIMITED,
+        )
+
+    def _reconfigure_access_log(self, cfg: Config) -> None:
+        """A reload reopens the access log (logrotate), and may turn it on, off or elsewhere."""
+        current = self.access_log
+        if not self._access_log_managed:
+            return
+        if current is None:
+            self.attach_access_log(AccessLog.from_config(cfg.proxy))
+        elif cfg.proxy.access_log == "off":
+            self.recorders.remove(current)
+            self.access_log = None
+            current.close(timeout=0)  # (the writer finishes what it has on its own)
+        else:
+            current.reconfigure(cfg.proxy)
+
+    def _stop_listening(self, entry: _Listening) -> None:
+        """A listener left the config: stop accepting; its idle connections close now, busy
+        ones after their current request (tunnels stay until they end)."""
+        entry.scope.cancel()  # (the accept loop then closes the socket)
+        for c in entry.open_here:
+            if isinstance(c, H2ClientConnection):
+                c.drain()  # GOAWAY: its streams finish, no new ones
+            elif c.idle and c.scope is not None:
+                c.scope.cancel()
+            else:
+                c.must_close = True
 
     def forget(self, client: ClientConnection | H2ClientConnection) -> None:
         """The client connection is closed: it counts no more."""

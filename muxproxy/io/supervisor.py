@@ -4,11 +4,16 @@
 ``muxproxy run --worker`` processes (each a whole proxy with its own pools — so a backend sees
 ``N × connections`` connections), waits until every one accepts, prints one ``ready`` line,
 restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for the
-workers' graceful drain.  A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
+workers' graceful drain.  SIGHUP: the supervisor validates the file first (one line and
+nothing else if it is bad) and then passes SIGHUP to every worker, which reloads in place;
+SIGUSR1 (reopen the access log) is passed on as is.  Workers write their access log to the
+inherited stdout; their ready line comes on a pipe of its own (``MUXPROXY_READY_FD``).
+A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
 the kernel and drains too.  The kernel spreads new client connections across the workers.
 
 The admin port belongs to the supervisor (io/admin_gather.py): each worker serves its own
-admin endpoints on a private loopback port that it names in its ready line, and the
+admin endpoints on a private loopback port that it names in its ready line (on the ready
+pipe, ``MUXPROXY_READY_FD``), and the
 supervisor answers a scrape of the configured ``[admin].listen`` by asking every worker and
 labelling each series with ``worker="N"`` — one scrape sees every worker.
 """
@@ -24,23 +29,54 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import Address
+from ..config import Address, ConfigError, load
+from .accesslog import UNLIMITED
 from .admin_gather import AdminGatherer
+from .startup import check_startup
 
 log = logging.getLogger("muxproxy.supervisor")
 
 READY_TIMEOUT = 30.0
 SUPERVISOR_ENV = "MUXPROXY_SUPERVISOR"  # the supervisor's pid, in each worker's environment
 WORKER_ENV = "MUXPROXY_WORKER"  # the worker's index
+READY_FD_ENV = "MUXPROXY_READY_FD"  # where a worker writes its ready line
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _spawn(config: Path, loop: str, index: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "muxproxy", "run", "-c", str(config), "--loop", loop, "--worker"],
-        stdout=subprocess.PIPE,
-        env={**os.environ, WORKER_ENV: str(index), SUPERVISOR_ENV: str(os.getpid())},
-    )
+class _Worker(subprocess.Popen[bytes]):
+    ready: int  # the read end of the worker's ready pipe
+
+
+def _spawn(config: Path, loop: str, index: int) -> _Worker:
+    r, w = os.pipe()
+    try:
+        proc = _Worker(
+            [
+                sys.executable,
+                "-m",
+                "muxproxy",
+                "run",
+                "-c",
+                str(config),
+                "--loop",
+                loop,
+                "--worker",
+            ],
+            pass_fds=(w,),
+            env={
+                **os.environ,
+                WORKER_ENV: str(index),
+                SUPERVISOR_ENV: str(os.getpid()),
+                READY_FD_ENV: str(w),
+            },
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    proc.ready = r
+    return proc
 
 
 def die_with_supervisor() -> None:
@@ -59,30 +95,50 @@ def die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _wait_ready(workers: list[subprocess.Popen[bytes]]) -> list[str] | None:
-    """Every worker's ready line once each printed one; None if one died."""
+def _wait_ready(workers: list[_Worker]) -> list[str] | None:
+    """Every worker's ready line (from its ready pipe) once each wrote one; None if one
+    died.  The pipes are closed after."""
     sel = selectors.DefaultSelector()
     for i, w in enumerate(workers):
-        assert w.stdout is not None
-        sel.register(w.stdout, selectors.EVENT_READ, i)
+        sel.register(w.ready, selectors.EVENT_READ, i)
     lines: dict[int, str] = {}
+    got: dict[int, bytes] = {}
     deadline = time.monotonic() + READY_TIMEOUT
-    while len(lines) < len(workers):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        for key, _ in sel.select(remaining):
-            i = key.data
-            stdout = workers[i].stdout
-            assert stdout is not None
-            line = stdout.readline().decode(errors="replace")
-            if not line:
+    try:
+        while len(lines) < len(workers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return None
-            if line.startswith("ready"):
-                lines[i] = line.strip()
-                sel.unregister(key.fileobj)
-    sel.close()
-    return [lines[i] for i in range(len(workers))]
+            for key, _ in sel.select(remaining):
+                i = key.data
+                data = os.read(workers[i].ready, 4096)
+                if not data:
+                    return None
+                got[i] = got.get(i, b"") + data
+                if got[i].endswith(b"\n"):
+                    lines[i] = got[i].decode(errors="replace").strip()
+                    sel.unregister(key.fileobj)
+        return [lines[i] for i in range(len(workers))]
+    finally:
+        sel.close()
+        for w in workers:
+            _close_ready(w)
+
+
+def _close_ready(w: _Worker) -> None:
+    if w.ready >= 0:
+        os.close(w.ready)
+        w.ready = -1
+
+
+def _valid(config: Path) -> bool:
+    """SIGHUP: the whole check (config and certificate files) before any worker reloads."""
+    try:
+        check_startup(load(config))
+    except ConfigError as exc:
+        log.error("reload failed, workers keep their config: %s: %s", config, exc, extra=UNLIMITED)
+        return False
+    return True
 
 
 def _ready_fields(line: str) -> dict[str, str]:
@@ -94,14 +150,20 @@ def supervise(
     config: Path, loop: str, workers: int, grace: float, admin: Address | None = None
 ) -> int:
     stop = False
+    passed: list[int] = []  # SIGHUP / SIGUSR1 received, to handle in the loop below
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
 
+    def on_pass(signum: int, frame: object) -> None:
+        passed.append(signum)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     gatherer = AdminGatherer(admin, workers) if admin is not None else None
+    signal.signal(signal.SIGHUP, on_pass)
+    signal.signal(signal.SIGUSR1, on_pass)
     procs = [_spawn(config, loop, i) for i in range(workers)]
     lines = _wait_ready(procs)
     if lines is None:
@@ -121,12 +183,19 @@ def supervise(
         for i, p in enumerate(procs):
             if p.poll() is not None:
                 log.error("worker %d exited with %s; restarting it", i, p.returncode)
+                _close_ready(p)
                 if gatherer is not None:
                     gatherer.workers[i] = None
                 procs[i] = _spawn(config, loop, i)
                 again = _wait_ready([procs[i]])
                 if gatherer is not None and again is not None:
                     gatherer.workers[i] = _ready_fields(again[0]).get("admin")
+        while passed:
+            signum = passed.pop(0)
+            if signum == signal.SIGHUP and not _valid(config):
+                continue
+            for p in procs:
+                p.send_signal(signum)
         time.sleep(0.2)  # a supervisor's heartbeat, not a synchronisation
     if gatherer is not None:
         gatherer.close()
