@@ -123,6 +123,16 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
+        # Rewrites with a muxproxy equivalent (test_differential.test_rewrites_against_nginx):
+        # proxy_pass with a URI strips the location's prefix, proxy_set_header adds a field.
+        location /api/ {{
+            proxy_pass http://127.0.0.1:{backend_port}/;
+            proxy_http_version 1.1;
+            proxy_set_header X-Team web;
+        }}
+        location = /old {{
+            return 308 https://$host$request_uri;
+        }}
         location / {{
             proxy_pass http://127.0.0.1:{backend_port};
             proxy_http_version 1.1;

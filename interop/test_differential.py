@@ -110,11 +110,11 @@ class Recorder:
 
 
 @contextmanager
-def muxproxy_in_process() -> Iterator[tuple[Harness, Recorder]]:
+def muxproxy_in_process(routes: str | None = None) -> Iterator[tuple[Harness, Recorder]]:
     rec = Recorder()
     with (
         start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(running(rec)) as h,
+        portal.wrap_async_context_manager(running(rec, routes=routes)) as h,
     ):
         yield h, rec
 
@@ -233,3 +233,59 @@ def test_paths_against_nginx(tmp_path: Path) -> None:
             got_nginx.append((status, uri))
     assert got_mux == [m for _, m, _ in PATH_CASES]
     assert got_nginx == [n for _, _, n in PATH_CASES]
+
+
+# The muxproxy routes equivalent to nginx_front's `location /api/` (proxy_pass with a URI,
+# proxy_set_header) and `location = /old` (return 308).
+REWRITE_ROUTES = """
+[[routes]]
+path_prefix = "/api/"
+prefix_rewrite = "/"
+request_headers.set = { x-team = "web" }
+cluster = "app"
+[[routes]]
+path_exact = "/old"
+redirect = { to = "https://{host}{path}", status = 308 }
+[[routes]]
+cluster = "app"
+"""
+REWRITE_CASES = [b"/api/users?x=1", b"/api/", b"/api/a/b/../c", b"/old?q=1", b"/other"]
+
+
+def test_rewrites_against_nginx(tmp_path: Path) -> None:
+    """Strip a prefix, add a header, redirect: the backend sees the same path and field,
+    the client the same status and Location, from muxproxy and from nginx."""
+    got_mux, got_nginx = [], []
+    with (
+        run_front(tmp_path / "nginx") as nginx,
+        muxproxy_in_process(REWRITE_ROUTES) as (h, rec),
+    ):
+        for target in REWRITE_CASES:
+            raw = b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+            before = len(rec.requests)
+            status, out = exchange(h.addr.port, raw)
+            seen = None
+            if len(rec.requests) > before:
+                req = rec.requests[-1]
+                seen = (req.path, req.header(b"x-team"))
+            got_mux.append((status, seen, _location(out)))
+            before = len(nginx.backend.heads)
+            status, out = exchange(nginx.port, raw)
+            seen = None
+            if len(nginx.backend.heads) > before:
+                line, *fields = nginx.backend.heads[-1].split(b"\r\n")
+                teams = [f for f in fields if f.lower().startswith(b"x-team:")]
+                team = teams[0].split(b":", 1)[1].strip() if teams else None
+                seen = (line.split(b" ")[1], team)
+            got_nginx.append((status, seen, _location(out)))
+    assert got_mux == got_nginx
+    assert got_mux[0] == (200, (b"/users?x=1", b"web"), None)
+    assert got_mux[3] == (308, None, b"https://a.test/old?q=1")
+
+
+def _location(out: bytes) -> bytes | None:
+    head = out.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"location:"):
+            return line.split(b":", 1)[1].strip()
+    return None
