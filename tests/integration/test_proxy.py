@@ -204,7 +204,9 @@ async def test_queue_full_and_pending_timeout_are_503() -> None:
     async with running(
         script,
         origin={"max_concurrent_streams": 2},
-        cluster={"connections": 1, "max_pending": 1, "pending_timeout": "500ms"},
+        # pending_timeout long enough that the poll below sees the queued request even on a
+        # busy machine (with 500 ms it could come and go between two polls).
+        cluster={"connections": 1, "max_pending": 1, "pending_timeout": "3s"},
     ) as h:
         results: dict[str, int] = {}
 
