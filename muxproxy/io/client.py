@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -33,36 +32,21 @@ from ..core.frontend_h11 import (
 from ..core.headers import Forwarding, Header
 from ..core.outcome import Outcome
 from ..errors import BackendError, ClientError, ProxyError
-from ..router import Router
 from .backend import NETWORK_ERRORS
 from .dispatch import dispatch
-from .downstream import ClientGone
+from .downstream import ClientGone, ProxyHost
 from .fast_stream import FastStream
-from .timers import TimerWheel
 
 if TYPE_CHECKING:
     from .detached import DetachedTunnel
-    from .pool import ClusterPool
 
 log = logging.getLogger("muxproxy.client")
 
 
-class ProxyHost(Protocol):
-    """What a client connection needs of the proxy it belongs to (``server.Proxy``)."""
+class ClientHost(ProxyHost, Protocol):
+    """What an HTTP/1.1 connection needs beyond :class:`ProxyHost`: to be forgotten."""
 
-    @property
-    def wheel(self) -> TimerWheel: ...
-    @property
-    def router(self) -> Router: ...
-    @property
-    def pools(self) -> dict[str, ClusterPool]: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def recorders(self) -> list[Callable[[Outcome], None]]: ...
-    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
     def forget(self, client: ClientConnection) -> None: ...
-    def record(self, outcome: Outcome) -> None: ...
 
 
 _UNLISTED: set[ClientConnection] = set()
@@ -157,7 +141,7 @@ class ClientConnection:
         self,
         stream: anyio.abc.ByteStream,
         listener: ListenerConfig,
-        proxy: ProxyHost,
+        proxy: ClientHost,
         peer: tuple[str, int],
     ) -> None:
         self.stream = stream

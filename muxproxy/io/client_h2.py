@@ -23,8 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -44,40 +43,21 @@ from ..core.frontend_h2 import (
     Request,
     WindowOpen,
 )
-from ..core.h2wire import REFUSED
+from ..core.h2wire import PREFACE, REFUSED
 from ..core.headers import Forwarding
 from ..core.outcome import Outcome
-from ..router import Router
 from .backend import NETWORK_ERRORS
+from .downstream import ProxyHost
 from .fast_stream import FastStream
 from .h2stream import H2Stream
-from .timers import TimerWheel
 
 if TYPE_CHECKING:
-    from .pool import ClusterPool
+    pass
 
 log = logging.getLogger("muxproxy.client")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 __all__ = ["PREFACE", "H2ClientConnection", "H2Stream", "sniff_preface"]
-
-
-class H2Host(Protocol):
-    """What an HTTP/2 client connection needs of the proxy (``server.Proxy``)."""
-
-    @property
-    def wheel(self) -> TimerWheel: ...
-    @property
-    def router(self) -> Router: ...
-    @property
-    def pools(self) -> dict[str, ClusterPool]: ...
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def recorders(self) -> list[Callable[[Outcome], None]]: ...
-    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
-    def record(self, outcome: Outcome) -> None: ...
 
 
 @functools.cache
@@ -119,7 +99,7 @@ class H2ClientConnection:
         self,
         stream: anyio.abc.ByteStream,
         listener: ListenerConfig,
-        proxy: H2Host,
+        proxy: ProxyHost,
         peer: tuple[str, int],
         first: bytes = b"",
         *,
@@ -156,7 +136,7 @@ class H2ClientConnection:
     # --- output ----------------------------------------------------------------------------
 
     @property
-    def dispatcher(self) -> H2Host:
+    def dispatcher(self) -> ProxyHost:
         return self.proxy
 
     def kick(self) -> None:

@@ -20,6 +20,7 @@ surfaces as :class:`ClientGone`, never as an anyio or OS exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..core.frontend_h11 import Body, EndOfRequest
@@ -29,10 +30,31 @@ from ..errors import ClientGone, ProxyError
 from .timers import TimerWheel
 
 if TYPE_CHECKING:
+    from ..config import ListenerConfig
+    from ..router import Router
     from .detached import DetachedTunnel
     from .fast_stream import FastStream
+    from .pool import ClusterPool
 
-__all__ = ["ClientGone", "Downstream", "TunnelDownstream"]
+__all__ = ["ClientGone", "Downstream", "ProxyHost", "TunnelDownstream"]
+
+
+class ProxyHost(Protocol):
+    """What a client connection, of any protocol, needs of the proxy it belongs to
+    (``server.Proxy``): routes and pools as of now, timers, trust, and the recorders."""
+
+    @property
+    def wheel(self) -> TimerWheel: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def pools(self) -> dict[str, ClusterPool]: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def recorders(self) -> list[Callable[[Outcome], None]]: ...
+    def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
+    def record(self, outcome: Outcome) -> None: ...
 
 
 class Downstream(Protocol):
