@@ -71,6 +71,12 @@ class ProxyHeader:
         return None
 
 
+# v2 address families with IP addresses: family name, address class, address size.
+_INET: dict[int, tuple[str, type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address], int]] = {
+    0x1: ("inet", ipaddress.IPv4Address, 4),
+    0x2: ("inet6", ipaddress.IPv6Address, 16),
+}
+
 def parse(data: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
     """The header at the start of ``data`` and its length, or None if more bytes are needed.
 
@@ -176,32 +182,18 @@ def _parse_v2(data: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
     used = 16 + length
     if command == 0x0 or af == 0:  # LOCAL, or PROXY with UNSPEC: the socket's addresses
         return ProxyHeader(version=2, local=True, tlvs=tlvs), used
-    if af == 0x1:
-        v4 = ipaddress.IPv4Address
+    inet = _INET.get(af)
+    if inet is not None:
+        family, address, n = inet  # (the two address families differ only in these)
         return (
             ProxyHeader(
                 version=2,
                 local=False,
-                family="inet",
-                src_addr=str(v4(block[0:4])),
-                dst_addr=str(v4(block[4:8])),
-                src_port=int.from_bytes(block[8:10], "big"),
-                dst_port=int.from_bytes(block[10:12], "big"),
-                tlvs=tlvs,
-            ),
-            used,
-        )
-    if af == 0x2:
-        v6 = ipaddress.IPv6Address
-        return (
-            ProxyHeader(
-                version=2,
-                local=False,
-                family="inet6",
-                src_addr=str(v6(block[0:16])),
-                dst_addr=str(v6(block[16:32])),
-                src_port=int.from_bytes(block[32:34], "big"),
-                dst_port=int.from_bytes(block[34:36], "big"),
+                family=family,
+                src_addr=str(address(block[0:n])),
+                dst_addr=str(address(block[n : 2 * n])),
+                src_port=int.from_bytes(block[2 * n : 2 * n + 2], "big"),
+                dst_port=int.from_bytes(block[2 * n + 2 : 2 * n + 4], "big"),
                 tlvs=tlvs,
             ),
             used,
