@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -41,6 +40,7 @@ from ..core.tunnel import (
 
 if TYPE_CHECKING:
     from .backend import BackendConnection
+    from .downstream import TunnelDownstream
     from .fast_stream import FastStream
     from .timers import TimerWheel
 
@@ -56,7 +56,7 @@ class DetachedTunnel:
         "conn",
         "core",
         "deadline",
-        "on_finished",
+        "owner",
         "st",
         "stream",
         "timer_bucket",
@@ -72,14 +72,16 @@ class DetachedTunnel:
         wheel: TimerWheel,
         idle_timeout: float,
         send_timeout: float,
-        on_finished: Callable[[], None],
+        owner: TunnelDownstream,
     ) -> None:
         self.stream = stream
         self.conn = conn
         self.st = st
         self.wheel = wheel
         self.core = TunnelCore(idle_timeout, send_timeout)
-        self.on_finished: Callable[[], None] | None = on_finished
+        # The client connection, told (``forget``) once the tunnel has closed it.  (Kept as
+        # the object, not as its bound method: that would be one more object per WebSocket.)
+        self.owner: TunnelDownstream | None = owner
         self.deadline = math.inf  # the wheel's
         self.timer_bucket: int | None = None
 
@@ -189,6 +191,6 @@ class DetachedTunnel:
         stream.attach(None)
         self.wheel.discard(self)
         stream.close_nowait()
-        done, self.on_finished = self.on_finished, None
-        if done is not None:
-            done()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.forget()
