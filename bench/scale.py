@@ -105,6 +105,7 @@ class Options:
     echo_sockets: int
     echo_seconds: float
     http_seconds: float
+    http_rate: float
     timeout: float
     stall: float
     ramp_timeout: float
@@ -224,11 +225,22 @@ http {{
     return ["nginx", "-p", f"{d}/", "-c", str(d / "nginx.conf"), "-e", "stderr"]
 
 
+def haproxy_processes(o: Options, reuse: bool) -> int:
+    """HAProxy 2.6 has no nbproc: one process, so one 20,000-descriptor limit. Like nginx's
+    workers, enough processes on one SO_REUSEPORT port (HAProxy's default on Linux) that each
+    stays under its limit: 2 descriptors per client without reuse, 1 (plus a few backend
+    connections) with it. Then it runs out of what is measured, ports, not of descriptors."""
+    per_client = 1 if reuse else 2
+    return max(1, math.ceil(per_client * o.n / (o.nofile - 3 * FD_SLACK)))
+
+
 def haproxy_conf(o: Options, d: Path, port: int, bport: int, reuse: bool) -> list[str]:
-    maxconn = 2 * o.n + FD_SLACK
+    processes = haproxy_processes(o, reuse)
+    # Each process takes at most what its descriptors allow; the kernel spreads the clients.
+    maxconn = min(2 * o.n + FD_SLACK, (o.nofile - FD_SLACK) // (1 if reuse else 2))
     (d / "haproxy.cfg").write_text(
         f"""global
-    nbthread {o.workers}
+    nbthread {o.workers if processes == 1 else 1}
     maxconn {maxconn}
     no strict-limits
 
@@ -251,7 +263,11 @@ backend app
     server s1 127.0.0.1:{bport} proto h2 ws h2
 """
     )
-    return ["haproxy", "-db", "-f", str(d / "haproxy.cfg")]
+    one = f"haproxy -db -f {d / 'haproxy.cfg'}"
+    if processes == 1:
+        return one.split()
+    # One process group (the harness stops and measures the whole tree): a shell that waits.
+    return ["sh", "-c", " & ".join([one] * processes) + " & wait"]
 
 
 @dataclass(frozen=True)
@@ -352,6 +368,7 @@ class Result:
     echo_p99_ms: float | None = None
     echo_samples: int | None = None
     phase_cpu_s: float | None = None
+    phase_late: int | None = None  # sends more than one period behind their slot
     open_after: int | None = None
     proxy_processes: int | None = None
     proxy_max_fds: int | None = None
@@ -459,6 +476,8 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             return r
         if proxy.name == "nginx":
             r.settings["nginx_workers"] = nginx_workers(o)
+        if proxy.name.startswith("haproxy"):
+            r.settings["haproxy_processes"] = haproxy_processes(o, proxy.name == "haproxy-reuse")
         if proxy.name == "muxproxy":
             r.settings |= {
                 "workers": o.workers,
@@ -471,7 +490,7 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             f"[{proxy.name}] baseline RSS {r.rss_baseline_mib:.1f} MiB; opening {o.n} "
             f"{o.kind} clients"
         )
-        peak = PeakConns(bport)
+        peak = PeakConns(bport, lambda: ss_backend(bport)[0], interval=2.0)
         peak.start()
         stack.callback(peak.stop)
         settings = o.load_settings()
@@ -527,11 +546,13 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
         shares = split(min(o.echo_sockets, still_open), [c.count for c in clients])
         cpu_before = tree_cpu_seconds(service.pid)
         for c, share in zip(clients, shares, strict=True):
+            # ws: each echoing socket once a second; http: --http-rate polls/s in all
+            rate = share if o.kind == "ws" else o.http_rate * share / max(1, sum(shares))
             c.send(
                 {
                     "cmd": "echo",
                     "count": share,
-                    "rate": max(share, 1),
+                    "rate": max(rate, 0.001),
                     "seconds": seconds,
                     "size": 32,
                     "timeout": o.timeout,
@@ -553,6 +574,7 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
         latencies: list[float] = []
         for c in clients:
             reply = c.expect("echo", deadline)
+            r.phase_late = (r.phase_late or 0) + reply["late"]
             latencies += reply["lat_ms"]
             for value, count in reply.get("hist", {}).items():
                 latencies += [float(value)] * count
@@ -621,6 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--echo-sockets", type=int, default=1000)
     parser.add_argument("--echo-seconds", type=float, default=10.0)
     parser.add_argument("--http-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--http-rate",
+        type=float,
+        default=1000.0,
+        help="long-poll requests/s from all clients together (1000: what this box's CPU "
+        "carries; each client polls every N/rate s)",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="per connect/echo (10)")
     parser.add_argument(
         "--stall", type=float, default=8.0, help="end the ramp after s without progress (8)"
@@ -654,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         echo_sockets=args.echo_sockets if args.kind == "ws" else args.n,
         echo_seconds=args.echo_seconds,
         http_seconds=args.http_seconds,
+        http_rate=args.http_rate,
         timeout=args.timeout,
         stall=args.stall,
         ramp_timeout=args.ramp_timeout,

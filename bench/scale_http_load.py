@@ -6,9 +6,10 @@ WebSockets:
 
 - ramp: each client connects (bound to one of `--sources`, IP_BIND_ADDRESS_NO_PORT) and sends
   `GET /poll?hold_ms=0`; a 200 makes it "open".
-- `{"cmd": "echo", "seconds": D, "timeout": S, ...}` runs the long-poll phase: every open
-  client, for D seconds, sends `GET /poll?hold_ms=H` with H uniform in 1000..5000 (the backend
-  holds the response that long), waits for the answer, then pauses 0-2 s and sends the next.
+- `{"cmd": "echo", "rate": R, "seconds": D, "timeout": S, ...}` runs the long-poll phase: for
+  D seconds every open client sends `GET /poll?hold_ms=H` once per (open clients / R) s, at a
+  random phase, with H uniform in 1000..5000 (the backend holds the response that long): R
+  requests/s in all from this process, about 3 R in flight.
   The reply is `{"type": "echo", "hist": {overhead_ms_rounded_to_0.1: count}, ...}`: the
   latency the proxy added (round trip minus the backend's `X-Held-Ms`), as a histogram
   because there are up to N x 15 samples.
@@ -18,17 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import cast
 
 import ws_load
-from ws_load import IP_BIND_ADDRESS_NO_PORT, MAX_HEAD, LoadProcess, _reason
+from ws_load import MAX_HEAD, LoadProcess, _reason
 
 HOLD_MS = (1000, 5000)
-PAUSE_S = (0.0, 2.0)
 
 
 def request(hold_ms: int) -> bytes:
@@ -100,43 +99,36 @@ class Client(asyncio.Protocol):
 
 
 class HttpLoadProcess(LoadProcess):
-    async def open_one(self, index: int) -> None:
-        source = self.args.sources[index % len(self.args.sources)]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        protocol: Client | None = None
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((source, 0))
-            async with asyncio.timeout(self.args.handshake_timeout):
-                await self.loop.sock_connect(sock, ("127.0.0.1", self.args.port))
-                _, protocol = await self.loop.create_connection(
-                    lambda: Client(self.loop), sock=sock
-                )
-                status, _ = await protocol.handshake
-            if status != 200:
-                raise ConnectionError(f"status {status}")
-        except Exception as exc:  # every failure is counted by reason, none stops the ramp
-            self.failures[_reason(exc)] += 1
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abort()
-            else:
-                sock.close()
-            return
-        self.sockets.append(protocol)  # type: ignore[arg-type]
+    def new_client(self) -> Client:  # type: ignore[override]
+        return Client(self.loop)
+
+    async def handshake(self, client: Client) -> None:  # type: ignore[override]
+        status, _ = await client.handshake
+        if status != 200:
+            raise ConnectionError(f"status {status}")
 
     async def echo(
         self, count: int, rate: float, seconds: float, size: int, timeout: float
     ) -> dict[str, object]:
+        """The long-poll phase: every open client polls once per len(clients)/rate s (at a
+        random phase), so the process sends `rate` requests/s in all; a client whose answer
+        comes after its next slot polls again at once (counted as late)."""
         clients = [c for c in self.sockets if c.closed is None]
         hist: Counter[float] = Counter()
         errors: Counter[str] = Counter()
-        start = time.monotonic()
-        end = start + seconds
+        late = 0
+        period = len(clients) / rate if rate > 0 else 0.0
+        start = time.monotonic() + 0.1
 
         async def one(client: Client) -> None:
-            await asyncio.sleep(random.uniform(*PAUSE_S))
-            while time.monotonic() < end:
+            nonlocal late
+            slot = start + random.uniform(0, period)
+            while slot < start + seconds:
+                delay = slot - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -period:
+                    late += 1
                 hold = random.randint(*HOLD_MS)
                 began = time.perf_counter()
                 try:
@@ -149,7 +141,7 @@ class HttpLoadProcess(LoadProcess):
                 else:
                     overhead = (time.perf_counter() - began) * 1000 - held
                     hist[round(max(0.0, overhead), 1)] += 1
-                await asyncio.sleep(random.uniform(*PAUSE_S))
+                slot += period
 
         await asyncio.gather(*(one(c) for c in clients))  # type: ignore[arg-type]
         return {
@@ -158,7 +150,7 @@ class HttpLoadProcess(LoadProcess):
             "hist": {str(k): v for k, v in hist.items()},
             "lat_ms": [],
             "errors": dict(errors),
-            "late": 0,
+            "late": late,
             "seconds": round(time.monotonic() - start, 4),
         }
 

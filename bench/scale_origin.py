@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 import os
 import signal
 import socket
-import struct
 import sys
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -44,70 +41,34 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from ws_frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    accept_for,
+    frame,
+    parse_frame,
+)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 16 * 1024
-
-
-def server_frame(opcode: int, payload: bytes) -> bytes:
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x80 | opcode, length)
-    elif length < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, length)
-    return head + payload
-
-
-def parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
-    """(opcode, unmasked payload, bytes used) of the first complete frame, or None."""
-    if len(buf) < 2:
-        return None
-    b1 = buf[1]
-    length = b1 & 0x7F
-    pos = 2
-    if length == 126:
-        if len(buf) < 4:
-            return None
-        length = struct.unpack_from("!H", buf, 2)[0]
-        pos = 4
-    elif length == 127:
-        if len(buf) < 10:
-            return None
-        length = struct.unpack_from("!Q", buf, 2)[0]
-        pos = 10
-    mask = b""
-    if b1 & 0x80:
-        if len(buf) < pos + 4:
-            return None
-        mask = bytes(buf[pos : pos + 4])
-        pos += 4
-    if len(buf) < pos + length:
-        return None
-    payload = bytes(buf[pos : pos + length])
-    if mask:
-        key = (mask * (length // 4 + 1))[:length]
-        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(
-            length, "big"
-        )
-    return buf[0] & 0x0F, payload, pos + length
 
 
 def echo_frames(buf: bytearray) -> tuple[bytes, bool]:
     """Consume complete client frames from buf: (server frames to send, close seen)."""
     out = []
     closing = False
-    while (frame := parse_frame(buf)) is not None:
-        opcode, payload, used = frame
+    while (got := parse_frame(buf)) is not None:
+        opcode, _fin, payload, used = got
         del buf[:used]
-        if opcode in (0x1, 0x2):
-            out.append(server_frame(opcode, payload))
-        elif opcode == 0x9:
-            out.append(server_frame(0xA, payload))
-        elif opcode == 0x8:
-            out.append(server_frame(0x8, payload[:2]))
+        if opcode in (OP_TEXT, OP_BINARY):
+            out.append(frame(opcode, payload, masked=False))
+        elif opcode == OP_PING:
+            out.append(frame(OP_PONG, payload, masked=False))
+        elif opcode == OP_CLOSE:
+            out.append(frame(OP_CLOSE, payload[:2], masked=False))
             closing = True
             break
     return b"".join(out), closing
@@ -211,7 +172,7 @@ class Origin(asyncio.Protocol):
             headers[name.strip().lower()] = value.strip()
         if headers.get("upgrade", "").lower() == "websocket":
             key = headers.get("sec-websocket-key", "").encode()
-            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+            accept = accept_for(key).decode()
             self.transport.write(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n".encode()

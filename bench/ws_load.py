@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -40,11 +39,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import cast
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+from ws_frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_for, frame, parse_frame
+
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 MAX_HEAD = 16 * 1024
-
-OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 # --------------------------------------------------------------------------- frames
@@ -53,7 +51,7 @@ OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 def handshake_request(host: str, path: str) -> tuple[bytes, bytes]:
     """(request bytes, expected Sec-WebSocket-Accept value)."""
     key = base64.b64encode(os.urandom(16))
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    accept = accept_for(key)
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -74,54 +72,6 @@ def check_response_head(head: bytes, accept: bytes) -> str | None:
     return "no Sec-WebSocket-Accept"
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, masked client frame."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-    keystream = (mask * (length // 4 + 1))[:length]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(
-        length, "big"
-    )
-    return head + mask + masked
-
-
-def parse_frame(buf: bytes | bytearray) -> tuple[int, bool, bytes, int] | None:
-    """(opcode, fin, payload, bytes used) of the first complete frame in buf, or None."""
-    if len(buf) < 2:
-        return None
-    b0, b1 = buf[0], buf[1]
-    length = b1 & 0x7F
-    pos = 2
-    if length == 126:
-        if len(buf) < 4:
-            return None
-        length = struct.unpack_from("!H", buf, 2)[0]
-        pos = 4
-    elif length == 127:
-        if len(buf) < 10:
-            return None
-        length = struct.unpack_from("!Q", buf, 2)[0]
-        pos = 10
-    mask = b""
-    if b1 & 0x80:
-        if len(buf) < pos + 4:
-            return None
-        mask = bytes(buf[pos : pos + 4])
-        pos += 4
-    if len(buf) < pos + length:
-        return None
-    payload = bytes(buf[pos : pos + length])
-    if mask:
-        payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
-    return b0 & 0x0F, bool(b0 & 0x80), payload, pos + length
-
-
 def echo_once(port: int, timeout: float = 5.0, path: str = "/ws") -> str | None:
     """Blocking smoke test: one WebSocket, one echoed message. None if it worked."""
     request, accept = handshake_request("bench.test", path)
@@ -138,14 +88,14 @@ def echo_once(port: int, timeout: float = 5.0, path: str = "/ws") -> str | None:
             problem = check_response_head(head, accept)
             if problem:
                 return f"handshake: {problem}"
-            sock.sendall(client_frame(OP_TEXT, b"smoke-test"))
-            while (frame := parse_frame(buf)) is None:
+            sock.sendall(frame(OP_TEXT, b"smoke-test", masked=True))
+            while (echo := parse_frame(buf)) is None:
                 chunk = sock.recv(4096)
                 if not chunk:
                     return "connection closed before the echo"
                 buf += chunk
-            if frame[0] != OP_TEXT or frame[2] != b"smoke-test":
-                return f"unexpected echo frame {frame[:3]!r}"
+            if echo[0] != OP_TEXT or echo[2] != b"smoke-test":
+                return f"unexpected echo frame {echo[:3]!r}"
             # No close handshake: hypercorn 0.18 drops the stream once its side has closed and
             # then dies on the proxy's END_STREAM for it (KeyError in its h2 DATA handler),
             # taking the whole h2 connection down. An abort ends the stream while it exists.
@@ -245,7 +195,7 @@ class WS(asyncio.Protocol):
 
     def send(self, opcode: int, payload: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(client_frame(opcode, payload))
+            self.transport.write(frame(opcode, payload, masked=True))
 
     async def echo(self, payload: bytes, timeout: float) -> float:
         """One round trip; returns its duration in milliseconds."""
@@ -276,9 +226,17 @@ class LoadProcess:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
+    def new_client(self) -> WS:
+        """The protocol of one client connection (the HTTP load overrides this)."""
+        request, accept = handshake_request("bench.test", self.args.path)
+        return WS(self.loop, request, accept)
+
+    async def handshake(self, client: WS) -> None:
+        """Wait until the client is open; raise why not (the HTTP load overrides this)."""
+        await client.handshake
+
     async def open_one(self, index: int) -> None:
         source = self.args.sources[index % len(self.args.sources)]
-        request, accept = handshake_request("bench.test", self.args.path)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         protocol: WS | None = None
         try:
@@ -287,10 +245,8 @@ class LoadProcess:
             sock.bind((source, 0))
             async with asyncio.timeout(self.args.handshake_timeout):
                 await self.loop.sock_connect(sock, ("127.0.0.1", self.args.port))
-                _, protocol = await self.loop.create_connection(
-                    lambda: WS(self.loop, request, accept), sock=sock
-                )
-                await protocol.handshake
+                _, protocol = await self.loop.create_connection(self.new_client, sock=sock)
+                await self.handshake(protocol)
         except Exception as exc:  # every failure is counted by reason, none stops the ramp
             self.failures[_reason(exc)] += 1
             if protocol is not None and protocol.transport is not None:

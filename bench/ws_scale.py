@@ -285,18 +285,26 @@ def rss_median(root: int, samples: int = 3, interval: float = 0.5) -> int:
 
 
 class PeakConns(threading.Thread):
-    """Peak ESTABLISHED connections to the backend port, sampled every second."""
+    """Peak ESTABLISHED connections to the backend port, sampled every `interval` seconds
+    (by default from /proc/net/tcp; bench/scale.py counts with `ss` instead: /proc/net/tcp
+    of a box holding 200,000 sockets takes a good part of a CPU-second to read)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(
+        self,
+        port: int,
+        count: Callable[[], int] | None = None,
+        interval: float = PEAK_SAMPLE_INTERVAL_S,
+    ) -> None:
         super().__init__(name="peak-conns", daemon=True)
-        self.port = port
+        self.count = count or (lambda: established_to(port))
+        self.interval = interval
         self.peak = 0
         self._done = threading.Event()
 
     def run(self) -> None:
         while True:
-            self.peak = max(self.peak, established_to(self.port))
-            if self._done.wait(PEAK_SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, self.count())
+            if self._done.wait(self.interval):
                 return
 
     def stop(self) -> int:
