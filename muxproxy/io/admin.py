@@ -106,6 +106,13 @@ def metrics_text(snapshot: ProxyStatistics) -> str:
         per_backend("healthy"),
     )
     family(
+        "muxproxy_backend_connections",
+        "gauge",
+        "TCP (h2) or QUIC (h3) connections open to the backend from this worker, draining "
+        "ones included: the source ports it holds towards that address.",
+        per_backend("open_connections"),
+    )
+    family(
         "muxproxy_backend_connecting",
         "gauge",
         "Connection slots being (re)connected.",

@@ -63,6 +63,8 @@ async def test_metrics_parse_and_count_outcomes() -> None:
         assert value("muxproxy_client_connections", "muxproxy_client_connections") == 1
         healthy = "muxproxy_backend_healthy"
         assert value(healthy, healthy, cluster="app") == 1
+        conns = "muxproxy_backend_connections"
+        assert value(conns, conns, cluster="app") == 1  # the port budget, per backend
         await client.aclose()
 
 
