@@ -369,6 +369,7 @@ class Result:
     echo_samples: int | None = None
     phase_cpu_s: float | None = None
     phase_late: int | None = None  # sends more than one period behind their slot
+    loadavg_phase: list[str] = field(default_factory=list)  # the box is shared: at phase end
     open_after: int | None = None
     proxy_processes: int | None = None
     proxy_max_fds: int | None = None
@@ -581,6 +582,7 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             for reason, count in reply["errors"].items():
                 r.fail(f"{'echo' if o.kind == 'ws' else 'request'}: {reason}", count)
         r.phase_cpu_s = round(tree_cpu_seconds(service.pid) - cpu_before, 2)
+        r.loadavg_phase = loadavg()
         if latencies:
             r.echo_p50_ms = round(percentile(latencies, 0.50), 2)
             r.echo_p99_ms = round(percentile(latencies, 0.99), 2)
@@ -603,6 +605,36 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             f"{r.ports_used}; failed {r.failed}"
         )
     return r
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _n(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The README table of one run (rows: the JSON's per-proxy dicts)."""
+    lines = [
+        "| Proxy | Reached | Failed | Backend conns | Ports used | RSS MiB (baseline) | "
+        "KiB per client | Ramp s (CPU-s) | p50 / p99 ms | Note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in r["failed"]["kinds"].items())
+        logged = ", ".join(f"{k} x{v:,}" for k, v in r["failed"].get("proxy_log_lines", {}).items())
+        failed = _n(r["failed"]["total"]) + (f" ({kinds})" if kinds else "")
+        note = "; ".join(x for x in (r["note"], f"log: {logged}" if logged else "") if x)
+        lines.append(
+            f"| {r['proxy']} | {_n(r['reached'])} | {failed} | {_n(r['backend_conns'])} | "
+            f"{_n(r['ports_used'])} | {_n(r['rss_mib'], '.1f')} "
+            f"({_n(r['rss_baseline_mib'], '.1f')}) | {_n(r['kib_per_ws'], '.2f')} | "
+            f"{_n(r['ramp_s'], '.1f')} ({_n(r['ramp_cpu_s'], '.1f')}) | "
+            f"{_n(r['echo_p50_ms'], '.2f')} / {_n(r['echo_p99_ms'], '.2f')} | "
+            f"{note.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
@@ -636,6 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--proxies", default=",".join(names), help="comma list (all)")
     parser.add_argument("--kind", choices=("ws", "http"), default="ws")
     parser.add_argument("--json", type=Path, required=True, help="output JSON file")
+    parser.add_argument(
+        "--table", action="store_true", help="print the Markdown table of an existing --json"
+    )
     parser.add_argument("--clients-per-process", type=int, default=10_000)
     parser.add_argument("--sources", type=int, default=0, help="127.0.0.2.. (0: N/20000+2)")
     parser.add_argument("--batch", type=int, default=100, help="connects in flight/process")
@@ -658,6 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep-tmp", action="store_true")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(list(json.loads(args.json.read_text())["proxies"].values())))
+        return 0
     chosen = [p for p in PROXIES if p.name in args.proxies.split(",")]
     unknown = set(args.proxies.split(",")) - set(names)
     if unknown or not chosen:
@@ -729,14 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dumps({"facts": facts, "proxies": {r.proxy: asdict(r) for r in results}}, indent=2)
         + "\n"
     )
-    for r in results:
-        print(
-            f"{r.proxy:14} reached {r.reached} failed {r.failed['total']} "
-            f"{r.failed['kinds']} backend_conns {r.backend_conns} ports {r.ports_used} "
-            f"rss {r.rss_mib and round(r.rss_mib, 1)} MiB kib/client {r.kib_per_ws} "
-            f"ramp {r.ramp_s} s ({r.ramp_cpu_s} CPU-s) p50 {r.echo_p50_ms} p99 "
-            f"{r.echo_p99_ms} ms {r.note}"
-        )
+    print(markdown([asdict(r) for r in results]))
     log(f"JSON written to {args.json} ({facts['wall_s']} s)")
     return status
 
