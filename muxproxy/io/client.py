@@ -54,6 +54,7 @@ _SPENT = ClientSession()  # what a detached client connection keeps instead of i
 _NO_OUTCOME = Outcome(0.0, 0.0)  # between requests (never recorded)
 _SPENT_OUT: list[bytes] = []  # (never written to: a detached connection queues nothing)
 _SPENT_PEER = ("", 0)
+_SPENT_FWD = Forwarding(client_ip="", scheme=b"http", trusted=False)
 
 
 @functools.cache
@@ -107,6 +108,10 @@ class _Timer:
         scope = self.conn.scope
         if scope is not None:
             scope.cancel()
+
+
+_SPENT_TIMER = _Timer.__new__(_Timer)  # what a detached connection keeps: never armed
+_SPENT_TIMER.deadline, _SPENT_TIMER.timer_bucket, _SPENT_TIMER.kind = math.inf, None, ""
 
 
 class ClientConnection:
@@ -248,6 +253,13 @@ class ClientConnection:
         self.session = _SPENT
         self._out = _SPENT_OUT
         self.peer = _SPENT_PEER
+        # Nor does it read or write through this object any more: its two timers (a cycle
+        # each, back to this connection) and the forwarding facts go too (~0.2 KiB).
+        wheel = self.wheel
+        wheel.discard(self.read_timer)
+        wheel.discard(self.write_timer)
+        self.read_timer = self.write_timer = _SPENT_TIMER
+        self.fwd = _SPENT_FWD
         if self.proxy.recorders:
             self._describe(self.outcome)
         else:
