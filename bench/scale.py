@@ -512,21 +512,34 @@ def bench(proxy: Proxy, o: Options, root: Path) -> Result:
             r.note = f"ramp failed: {exc}"
             return r
         r.ramp_cpu_s = round(tree_cpu_seconds(service.pid) - cpu_before, 2)
-        r.reached = sum(x["open"] for x in opened) + sum(c.progress_open for c in stalled)
         r.ramp_s = round(max([x["seconds"] for x in opened] + [time.monotonic() - began]), 2)
+        r.note = ""
+        if stalled:
+            # The proxy stopped taking clients (ports or descriptors gone). The stalled load
+            # processes stop opening (a ramp that keeps failing connects would load the box
+            # during the measurement); what they never attempted counts as failed, and the
+            # rest of the run measures what was reached.
+            at = sum(x["open"] for x in opened) + sum(c.progress_open for c in stalled)
+            r.note = f"ramp stalled at {at} of {o.n}"
+            for c in stalled:
+                c.send({"cmd": "stop_ramp"})
+            deadline = time.monotonic() + o.timeout + 15
+            still = []
+            for c in stalled:
+                try:
+                    opened.append(c.expect("opened", deadline))
+                except RuntimeError:
+                    still.append(c)
+            stalled = still
+        r.reached = sum(x["open"] for x in opened) + sum(c.progress_open for c in stalled)
         for x in opened:
             for reason, count in x["failures"].items():
                 r.fail(f"connect: {reason}", count)
-        if stalled:
-            # The proxy stopped taking clients (ports or descriptors gone): what is still
-            # pending counts as failed; the rest of the run measures what was reached.
+        if stalled:  # did not even report after being stopped
             failed = sum(c.progress_failed for c in stalled)
             pending = sum(c.count for c in stalled) - failed - sum(c.progress_open for c in stalled)
             r.fail("connect: failed before the stall", failed)
             r.fail(f"connect: no progress for {o.stall:g} s (still pending)", pending)
-            r.note = f"ramp stalled at {r.reached} of {o.n}"
-        else:
-            r.note = ""
         log(
             f"[{proxy.name}] ramp: {r.reached} open in {r.ramp_s:.1f} s, "
             f"failures {r.failed['kinds'] or 'none'}"

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import ws_load
-from ws_load import MAX_HEAD, LoadProcess, _reason
+from ws_load import MAX_HEAD, LoadProcess, Pacer, _reason
 
 HOLD_MS = (1000, 5000)
 
@@ -116,32 +116,22 @@ class HttpLoadProcess(LoadProcess):
         clients = [c for c in self.sockets if c.closed is None]
         hist: Counter[float] = Counter()
         errors: Counter[str] = Counter()
-        late = 0
-        period = len(clients) / rate if rate > 0 else 0.0
-        start = time.monotonic() + 0.1
+        pacer = Pacer(len(clients) / rate if rate > 0 else 0.0, seconds)
 
         async def one(client: Client) -> None:
-            nonlocal late
-            slot = start + random.uniform(0, period)
-            while slot < start + seconds:
-                delay = slot - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -period:
-                    late += 1
+            async for _ in pacer.slots():
                 hold = random.randint(*HOLD_MS)
                 began = time.perf_counter()
                 try:
                     status, held = await client.get(hold, timeout + hold / 1000)
                 except (TimeoutError, OSError, ConnectionError) as exc:
                     errors[_reason(exc)] += 1
-                    return
+                    break
                 if status != 200:
                     errors[f"status {status}"] += 1
                 else:
                     overhead = (time.perf_counter() - began) * 1000 - held
                     hist[round(max(0.0, overhead), 1)] += 1
-                slot += period
 
         await asyncio.gather(*(one(c) for c in clients))  # type: ignore[arg-type]
         return {
@@ -150,8 +140,8 @@ class HttpLoadProcess(LoadProcess):
             "hist": {str(k): v for k, v in hist.items()},
             "lat_ms": [],
             "errors": dict(errors),
-            "late": late,
-            "seconds": round(time.monotonic() - start, 4),
+            "late": pacer.late,
+            "seconds": round(time.monotonic() - pacer.start, 4),
         }
 
 

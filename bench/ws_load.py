@@ -14,6 +14,8 @@ one-line JSON commands on stdin, answering with one JSON line each on stdout:
         -> K randomly chosen open sockets send B-byte text messages, R per second in total
            (each socket one every K/R s, at a random phase) for D seconds, and time each
            echo; {"type": "echo", "lat_ms": [...], ...}
+    {"cmd": "stop_ramp"}                          -> opens no more ("opened" comes when the
+                                                     handshakes in flight are over)
     {"cmd": "quit"}                               -> closes everything and exits
 
 Progress lines ({"type": "progress", ...}) are printed once a second during the ramp and
@@ -36,7 +38,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import cast
 
 from ws_frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, accept_for, frame, parse_frame
@@ -214,6 +216,32 @@ class WS(asyncio.Protocol):
         return elapsed
 
 
+class Pacer:
+    """The schedule of a paced phase: each client at its own random phase, once per
+    `period` s, until `seconds` are over. A client still busy at its next slot goes at once
+    when free, counted in `late` once it is more than a period behind."""
+
+    def __init__(self, period: float, seconds: float) -> None:
+        self.period = period
+        self.start = time.monotonic() + 0.1
+        self.end = self.start + seconds
+        self.late = 0
+
+    async def slots(self) -> AsyncIterator[int]:
+        """Yields 0, 1, 2, ... at one client's slots."""
+        slot = self.start + random.uniform(0, self.period)
+        n = 0
+        while slot < self.end:
+            delay = slot - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -self.period:
+                self.late += 1
+            yield n
+            n += 1
+            slot += self.period
+
+
 class LoadProcess:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -221,6 +249,7 @@ class LoadProcess:
         self.sockets: list[WS] = []
         self.failures: Counter[str] = Counter()
         self.started = 0
+        self.ramp_stopped = False  # {"cmd": "stop_ramp"}: the harness saw the proxy stall
 
     def emit(self, message: dict[str, object]) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -262,7 +291,7 @@ class LoadProcess:
         start = time.monotonic()
 
         async def worker() -> None:
-            while self.started < count and time.monotonic() < deadline:
+            while self.started < count and time.monotonic() < deadline and not self.ramp_stopped:
                 index = self.started
                 self.started += 1
                 await self.open_one(index)
@@ -281,7 +310,8 @@ class LoadProcess:
             reporter.cancel()
         not_started = count - self.started
         if not_started:
-            self.failures["ramp timeout (not attempted)"] += not_started
+            why = "ramp stopped" if self.ramp_stopped else "ramp timeout"
+            self.failures[f"{why} (not attempted)"] += not_started
         self.emit(
             {
                 "type": "opened",
@@ -315,28 +345,16 @@ class LoadProcess:
         chosen = random.sample(alive, min(count, len(alive)))
         latencies: list[float] = []
         errors: Counter[str] = Counter()
-        late = 0
-        period = len(chosen) / rate if rate > 0 else 0.0
-        start = time.monotonic() + 0.1
+        pacer = Pacer(len(chosen) / rate if rate > 0 else 0.0, seconds)
 
         async def one(ws: WS, tag: int) -> None:
-            nonlocal late
-            slot = start + random.uniform(0, period)
-            n = 0
-            while slot < start + seconds:
-                delay = slot - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -period:
-                    late += 1
+            async for n in pacer.slots():
                 payload = f"{tag:08d}:{n:06d}:".encode().ljust(size, b"x")
                 try:
                     latencies.append(await ws.echo(payload, timeout))
                 except (TimeoutError, OSError, ConnectionError, ValueError) as exc:
                     errors[_reason(exc)] += 1
-                    return
-                n += 1
-                slot += period
+                    break
 
         if chosen:
             await asyncio.gather(*(one(ws, i) for i, ws in enumerate(chosen)))
@@ -345,8 +363,8 @@ class LoadProcess:
             "sockets": len(chosen),
             "lat_ms": [round(v, 4) for v in latencies],
             "errors": dict(errors),
-            "late": late,
-            "seconds": round(time.monotonic() - start, 4),
+            "late": pacer.late,
+            "seconds": round(time.monotonic() - pacer.start, 4),
         }
 
     async def serve_commands(self) -> None:
@@ -367,6 +385,8 @@ class LoadProcess:
                         float(command["timeout"]),
                     )
                 )
+            elif kind == "stop_ramp":  # no reply: "opened" follows once in-flight ones end
+                self.ramp_stopped = True
             elif kind == "quit":
                 break
             else:
