@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -40,13 +40,19 @@ from ..core.tunnel import (
 
 if TYPE_CHECKING:
     from .backend import BackendConnection
-    from .downstream import TunnelDownstream
     from .fast_stream import FastStream
     from .timers import TimerWheel
 
 log = logging.getLogger("muxproxy.tunnel")
 
 _WRITE_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+class Owner(Protocol):
+    """The client connection a detached tunnel took over (a ``TunnelDownstream``)."""
+
+    def forget(self) -> None:
+        """The tunnel has closed the connection."""
 
 
 class DetachedTunnel:
@@ -72,7 +78,7 @@ class DetachedTunnel:
         wheel: TimerWheel,
         idle_timeout: float,
         send_timeout: float,
-        owner: TunnelDownstream,
+        owner: Owner,
     ) -> None:
         self.stream = stream
         self.conn = conn
@@ -81,7 +87,7 @@ class DetachedTunnel:
         self.core = TunnelCore(idle_timeout, send_timeout)
         # The client connection, told (``forget``) once the tunnel has closed it.  (Kept as
         # the object, not as its bound method: that would be one more object per WebSocket.)
-        self.owner: TunnelDownstream | None = owner
+        self.owner: Owner | None = owner
         self.deadline = math.inf  # the wheel's
         self.timer_bucket: int | None = None
 
