@@ -10,7 +10,6 @@ error for that one request.  Both are used by :mod:`~muxproxy.core.frontend_h2`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from .h2wire import (
@@ -30,7 +29,7 @@ from .h2wire import (
 )
 from .headers import Header
 
-__all__ = ["FrameGuard", "H2Limits", "Malformed", "Request", "check_request", "field_ok"]
+__all__ = ["FrameGuard", "H2Limits", "Malformed", "Request", "check_request"]
 
 PRIORITY_UPDATE = 0x10  # RFC 9218
 MAX_CONNECTION_WINDOW = 1024 * 1024
@@ -71,6 +70,7 @@ class Request:
     protocol: bytes | None
     headers: list[Header]  # regular fields, lower-case, in order; Host folded into authority
     end_stream: bool
+    content_length: int | None = None  # what the DATA must add up to (RFC 9113 §8.1.1)
 
 
 # --- the frame guard ---------------------------------------------------------------------
@@ -181,18 +181,9 @@ class FrameGuard:
 
 # --- request head checks ------------------------------------------------------------------
 
-_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a lower-case token (RFC 9113 §8.2.1)
-_VALUE = re.compile(rb"[^\x00\r\n]*")  # no NUL, CR or LF; no leading/trailing space below
-
-
-def field_ok(name: bytes, value: bytes) -> bool:
-    return (
-        _NAME.fullmatch(name) is not None
-        and _VALUE.fullmatch(value) is not None
-        and value[:1] not in (b" ", b"\t")
-        and value[-1:] not in (b" ", b"\t")
-    )
+_PSEUDO = (b":method", b":scheme", b":authority", b":path", b":protocol")
+# Regular fields that need a look; every other name passes as it was decoded.
+_SPECIAL = CONNECTION_SPECIFIC | {b"te", b"host", b"content-length"}
 
 
 class Malformed(Exception):
@@ -204,36 +195,54 @@ def check_request(
 ) -> Request:
     """RFC 9113 §8.2 and §8.3.1, RFC 8441 §4: the checks a request head must pass.
 
+    Field names and values were held to §8.2.1 (lower-case tokens; no NUL, CR, LF, no
+    surrounding whitespace) as the HPACK decoder read them (:mod:`~muxproxy.core.hpack_codec`);
+    this checks what the fields say.
+
     Raises:
         Malformed: with a short reason; the stream is reset with PROTOCOL_ERROR.
     """
-    pseudo: dict[bytes, bytes] = {}
-    regular: list[Header] = []
-    for name, value in fields:
-        if name[:1] == b":":
-            if regular:
-                raise Malformed("pseudo-header after a regular field")
-            if name not in _PSEUDO:
-                raise Malformed(f"unknown pseudo-header {name[:20]!r}")
-            if name in pseudo:
-                raise Malformed(f"duplicate {name.decode()}")
-            pseudo[name] = value
-            continue
-        if not field_ok(name, value):
-            raise Malformed("invalid field name or value")
-        if name in CONNECTION_SPECIFIC:
-            raise Malformed(f"connection-specific field {name.decode()}")
-        if name == b"te" and value != b"trailers":
-            raise Malformed("te other than trailers")
-        regular.append((name, value))
-    method = pseudo.get(b":method")
+    pseudo: list[bytes | None] = [None, None, None, None, None]
+    n = len(fields)
+    i = 0
+    while i < n:
+        name, value = fields[i]
+        if name[:1] != b":":
+            break
+        try:
+            k = _PSEUDO.index(name)
+        except ValueError:
+            raise Malformed(f"unknown pseudo-header {name[:20]!r}") from None
+        if pseudo[k] is not None:
+            raise Malformed(f"duplicate {name.decode()}")
+        pseudo[k] = value
+        i += 1
+    regular = fields[i:] if i else fields
+    hosts: list[bytes] | None = None
+    content_length: int | None = None
+    for name, value in regular:
+        if name in _SPECIAL:
+            if name == b"content-length":
+                if not value.isdigit() or (
+                    content_length is not None and int(value) != content_length
+                ):
+                    raise Malformed("malformed content-length")
+                content_length = int(value)
+            elif name == b"host":
+                hosts = [value] if hosts is None else [*hosts, value]
+            elif name == b"te":
+                if value != b"trailers":
+                    raise Malformed("te other than trailers")
+            else:
+                raise Malformed(f"connection-specific field {name.decode()}")
+        elif name[:1] == b":":
+            raise Malformed("pseudo-header after a regular field")
+    method, scheme, authority, path, protocol = pseudo
     if not method:
         raise Malformed("missing :method")
-    protocol = pseudo.get(b":protocol")
-    authority = pseudo.get(b":authority", b"")
     if method == b"CONNECT" and protocol is None:
         # Plain CONNECT (a TCP tunnel, RFC 9113 §8.5): not something this proxy offers.
-        if b":scheme" in pseudo or b":path" in pseudo or not authority:
+        if scheme is not None or path is not None or not authority:
             raise Malformed("CONNECT with :scheme or :path, or without :authority")
         raise Malformed("plain CONNECT is not supported")
     if protocol is not None:
@@ -241,22 +250,26 @@ def check_request(
             raise Malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")
         if method != b"CONNECT":
             raise Malformed(":protocol on a request that is not CONNECT")
-    scheme = pseudo.get(b":scheme")
-    path = pseudo.get(b":path")
     if not scheme or not path:
         raise Malformed("missing :scheme or :path")
-    if scheme not in (b"http", b"https"):
+    if scheme != b"https" and scheme != b"http":
         raise Malformed("unsupported :scheme")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise Malformed(":path not in origin form")
-    if not authority:
-        # RFC 9113 §8.3.1: a Host field stands in for :authority; one of them must be there.
-        hosts = [v for n, v in regular if n == b"host"]
-        if len(hosts) != 1 or not hosts[0]:
-            raise Malformed("no :authority and no single Host field")
-        authority = hosts[0]
-    elif any(n == b"host" and v != authority for n, v in regular):
-        raise Malformed("Host differs from :authority")
+    if hosts is not None:
+        if not authority:
+            # RFC 9113 §8.3.1: a Host field stands in for :authority; one of them must be there.
+            if len(hosts) != 1 or not hosts[0]:
+                raise Malformed("no :authority and no single Host field")
+            authority = hosts[0]
+        elif any(h != authority for h in hosts):
+            raise Malformed("Host differs from :authority")
+        regular = [(n, v) for n, v in regular if n != b"host"]
+    elif not authority:
+        raise Malformed("no :authority and no single Host field")
+    if end_stream and content_length:
+        # RFC 9113 §8.1.1: the content (none) must match content-length.
+        raise Malformed("content-length without a body")
     return Request(
         stream_id,
         method,
@@ -264,6 +277,7 @@ def check_request(
         authority,
         path,
         protocol,
-        [(n, v) for n, v in regular if n != b"host"],
+        regular,
         end_stream,
+        content_length,
     )
