@@ -23,10 +23,11 @@ Stream states (§5.1), as a server sees them: a stream is *open* in :attr:`H2Ser
 from the client's HEADERS until our side ends it (END_STREAM or RST_STREAM) or the client
 resets it; ``remote_closed`` is half-closed (remote).  Ending our side while the client is
 still sending resets the rest with RST_STREAM(NO_ERROR) (§8.1).  A stream id at or below the
-highest seen and not open is closed: frames for it are ignored when we reset it (§5.1: they
-may have been in flight), answered with RST_STREAM(STREAM_CLOSED) when the client reset it,
-and a connection error (STREAM_CLOSED) otherwise; which streams were reset is remembered for
-the last :data:`RESET_MEMORY` of them.  PRIORITY is checked and ignored (§5.3.2): no state per
+highest seen and not open is closed: DATA or HEADERS for it are ignored when we reset it (§5.1:
+they may have been in flight; the last :data:`RESET_MEMORY` resets are remembered), else
+answered with RST_STREAM(STREAM_CLOSED) (§6.1); WINDOW_UPDATE and RST_STREAM there are
+ignored.  Frames on an idle stream (§5.1: above the highest, or even) are a connection error.
+PRIORITY is checked and ignored (§5.3.2): no state per
 stream, open or idle.
 
 Every limit is enforced here:
@@ -127,7 +128,6 @@ __all__ = [
 # How many reset streams are remembered, to tell frames in flight (ignored) from frames on a
 # stream that ended normally (a connection error, RFC 9113 §5.1).
 RESET_MEMORY = 4096
-_SENT_RST, _RECV_RST = 1, 2
 _STATUS = {s: b"%d" % s for s in range(100, 600)}
 
 
@@ -227,7 +227,7 @@ class H2Server:
         self._settings_acked = False
         self._preface = False  # the client's preface was read
         self._settings_seen = False  # its first frame, SETTINGS, was read (§3.4)
-        self._resets: dict[int, int] = {}  # recently reset stream → who reset it
+        self._resets: dict[int, None] = {}  # streams we reset lately (an ordered set)
         self._block: list[bytes] | None = None  # header block fragments awaiting CONTINUATION
         self._block_stream = 0
         self._block_end_stream = False
@@ -329,7 +329,9 @@ class H2Server:
             # Ignored (§5.3.2), but checked (§6.3); no state, whatever the stream's state.
             if not sid:
                 raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(f) != 14:
+            if self._idle(sid):
+                pass  # (a stream error on an idle stream: nothing to reset, §6.4)
+            elif len(f) != 14:
                 self._stream_error(sid, FRAME_SIZE_ERROR, "PRIORITY of the wrong size", events)
             elif U32.unpack_from(f, 9)[0] & MAX_STREAM_ID == sid:
                 self._stream_error(sid, PROTOCOL_ERROR, "stream depends on itself", events)
@@ -399,7 +401,7 @@ class H2Server:
         if sid <= self.highest or not sid & 1:
             if not sid & 1:
                 raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid} (even)")
-            self._on_closed(sid, "HEADERS", events)
+            self._on_closed(sid)
             return
         self.highest = sid
         if self.draining_at is not None and sid > self.draining_at:
@@ -453,15 +455,11 @@ class H2Server:
         st.remote_closed = True
         events.append(End(sid, fields))
 
-    def _on_closed(self, sid: int, what: str, events: list[Event]) -> None:
-        """A frame (DATA or HEADERS) for a closed stream (§5.1)."""
-        how = self._resets.get(sid)
-        if how == _SENT_RST:
-            return  # it may have been in flight when we reset the stream
-        if how == _RECV_RST:
+    def _on_closed(self, sid: int) -> None:
+        """DATA or HEADERS for a closed stream: ignored if we reset it (§5.1: it may have
+        been in flight), else a stream error STREAM_CLOSED (§6.1, §5.1)."""
+        if sid not in self._resets:
             self._out.append(frame(RST_STREAM, 0, sid, U32.pack(STREAM_CLOSED)))
-            return
-        raise ConnectionError_(STREAM_CLOSED, f"{what} on closed stream {sid}")
 
     def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if not sid:
@@ -477,7 +475,7 @@ class H2Server:
             payload = unpad(payload)
         if st is None:
             self._ack_conn(flow)  # nobody will read it: the credit comes straight back
-            self._on_closed(sid, "DATA", events)
+            self._on_closed(sid)
             return
         if st.remote_closed:
             self._ack_conn(flow)
@@ -534,8 +532,7 @@ class H2Server:
             if self._idle(sid):
                 raise ConnectionError_(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
             return
-        self._remember(sid, _RECV_RST)
-        events.append(Cancelled(sid, U32.unpack(payload)[0] or CANCEL))
+        events.append(Cancelled(sid, U32.unpack(payload)[0]))
 
     def _on_settings(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid:
@@ -588,16 +585,16 @@ class H2Server:
 
     # --- stream and connection errors ----------------------------------------------------
 
-    def _remember(self, sid: int, how: int) -> None:
+    def _remember(self, sid: int) -> None:
         resets = self._resets
-        resets[sid] = how
+        resets[sid] = None
         if len(resets) > RESET_MEMORY:
             del resets[next(iter(resets))]
 
     def _reset(self, sid: int, code: int) -> None:
         """RST_STREAM from us; the stream is closed (if it was open)."""
         self.streams.pop(sid, None)
-        self._remember(sid, _SENT_RST)
+        self._remember(sid)
         self._out.append(frame(RST_STREAM, 0, sid, U32.pack(code)))
 
     def _stream_error(self, sid: int, code: int, reason: str, events: list[Event]) -> None:
@@ -734,7 +731,7 @@ class H2Server:
         before the whole body), RFC 9113 §8.1 lets us stop it with RST_STREAM(NO_ERROR)."""
         st = self.streams.pop(sid, None)
         if st is not None and not st.remote_closed:
-            self._remember(sid, _SENT_RST)
+            self._remember(sid)
             self._out.append(frame(RST_STREAM, 0, sid, U32.pack(NO_ERROR)))
 
     def drain(self) -> None:
