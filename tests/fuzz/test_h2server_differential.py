@@ -148,7 +148,7 @@ class H2ServerDifferential(RuleBasedStateMachine):
     @initialize(entries=st.lists(SETTING, max_size=2), ack=st.booleans())
     def preface(self, entries: list[tuple[int, int]], ack: bool) -> None:
         # (only settings both take: the rule for bad values is settings_frame)
-        ok = [(k, v) for k, v in entries if k not in (2, 4, 5, 8) or k == 4 and v < 2**31]
+        ok = [(k, v) for k, v in entries if k not in (2, 4, 5, 8) or (k == 4 and v < 2**31)]
         payload = b"".join(struct.pack(">HL", k, v) for k, v in ok)
         data = PREFACE + frame(4, 0, 0, payload)
         if ack:
@@ -177,7 +177,10 @@ class H2ServerDifferential(RuleBasedStateMachine):
         pieces: int,
         bad_hpack: bytes | None,
     ) -> None:
-        self._block(sid, head(variant, extra), end, pad, priority, pieces, bad_hpack, "HEADERS")
+        what = f"HEADERS[{variant}]"
+        if any(n == b"content-length" for n, _ in extra):
+            what += "+content-length"
+        self._block(sid, head(variant, extra), end, pad, priority, pieces, bad_hpack, what)
 
     @precondition(lambda self: not self.done)
     @rule(sid=OPEN_SIDS, fields=TRAILER_FIELDS, end=st.booleans(), pieces=st.integers(1, 2))

@@ -11,6 +11,7 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from muxproxy.core.frontend_h2 import (
@@ -21,6 +22,7 @@ from muxproxy.core.frontend_h2 import (
     H2Limits,
     H2Server,
     Request,
+    StreamGone,
     WindowOpen,
 )
 from muxproxy.core.h2wire import (
@@ -34,6 +36,7 @@ from muxproxy.core.h2wire import (
     HEADERS,
     NO_ERROR,
     PING,
+    PREFACE,
     PRIORITY,
     PROTOCOL_ERROR,
     REFUSED,
@@ -421,3 +424,158 @@ def test_client_reset_cancels_and_frees_the_slot() -> None:
     evs = p.to_server()
     assert evs == [Cancelled(1, 8)]
     assert isinstance(p.request(3, GET)[0], Request)
+
+
+# --- the codec's own rules (RFC 9113), beyond the limits -----------------------------------
+
+
+def test_content_length_mismatch_is_a_stream_error_and_the_connection_lives() -> None:
+    p = Pair()
+    p.request(1, [*GET, (b"content-length", b"3")], end=False)
+    p.client.send_data(1, b"abcd")
+    evs = p.to_server()
+    assert evs == [Cancelled(1, PROTOCOL_ERROR, False, "body length differs from content-length")]
+    assert p.raw_resets() == {1: PROTOCOL_ERROR}
+    p.to_server(frame(HEADERS, END_HEADERS, 3, p.client.encoder.encode(GET)))
+    assert 3 in p.server.streams and 1 not in p.server.streams
+    # a body that ends short is the same error
+    p2 = Pair()
+    p2.request(1, [*GET, (b"content-length", b"5")], end=False)
+    p2.client.send_data(1, b"ab", end_stream=True)
+    evs = p2.to_server()
+    assert isinstance(evs[-1], Cancelled) and evs[-1].code == PROTOCOL_ERROR
+
+
+def test_data_after_end_stream_resets_the_stream_with_stream_closed() -> None:
+    p = Pair()
+    p.request(1, GET)  # END_STREAM on the head: half-closed (remote)
+    evs = p.to_server(frame(DATA, 0, 1, b"late"))
+    assert evs == [Cancelled(1, 5, False, "DATA after END_STREAM")]
+    assert p.raw_resets() == {1: 5}
+
+
+def test_frames_in_flight_on_a_stream_we_reset_are_ignored_and_their_credit_returns() -> None:
+    p = Pair(H2Limits(max_concurrent_streams=1))
+    p.request(1, GET, end=False)
+    evs = p.raw_request(3)  # refused
+    assert isinstance(evs[0], Cancelled) and evs[0].code == REFUSED
+    before = p.server.recv_window_conn
+    for _ in range(3):
+        assert p.to_server(frame(DATA, 0, 3, b"x" * 16000)) == []
+    assert p.server.recv_window_conn + p.server._recv_unacked_conn == before
+    assert p.raw_resets() == {3: REFUSED}  # nothing more than the refusal
+
+
+def test_settings_initial_window_size_moves_every_open_stream_window() -> None:
+    p = Pair()
+    p.request(1, GET)
+    assert p.server.send_window(1) == 65535
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    evs = p.to_server()
+    assert WindowOpen(0) in evs
+    assert p.server.send_window(1) == 100
+    p.server.send_head(1, 200, [], end=False)
+    assert p.server.send_data(1, b"z" * 500) == 100
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 50})
+    p.to_server()
+    assert p.server.send_window(1) == 0  # (the window is -50 now, RFC 9113 §6.9.2)
+
+
+def test_padding_counts_against_the_windows_and_is_given_back() -> None:
+    p = Pair()
+    p.request(1, GET, end=False)
+    payload = bytes([10]) + b"abc" + b"\0" * 10
+    evs = p.to_server(frame(DATA, 0x8, 1, payload))
+    assert evs == [Body(1, b"abc", 14)]
+    bad = p.to_server(frame(DATA, 0x8, 1, bytes([20]) + b"abc"))
+    assert isinstance(bad[-1], Closing) and bad[-1].code == PROTOCOL_ERROR
+
+
+def test_priority_signals_cost_no_state() -> None:
+    p = Pair()
+    for i in range(2000):
+        p.now = 5000.0 + i // 50  # (under the PRIORITY flood limit)
+        sid = 2 * i + 101
+        evs = p.to_server(frame(PRIORITY, 0, sid, b"\0\0\0\x01\x10"))
+        assert evs == []
+    assert p.server.streams == {} and len(p.server._resets) == 0
+    # a PRIORITY flag on the head is read past
+    block = p.client.encoder.encode(GET)
+    evs = p.to_server(frame(HEADERS, END_HEADERS | END_STREAM | 0x20, 5001,
+                            b"\0\0\0\x03\x10" + block))  # fmt: skip
+    assert isinstance(evs[0], Request)
+
+
+def test_continuation_must_follow_its_headers() -> None:
+    p = Pair()
+    block = p.client.encoder.encode(GET)
+    evs = p.to_server(frame(HEADERS, 0, 1, block[:3]) + frame(PING, 0, 0, b"\0" * 8))
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+    p = Pair()
+    evs = p.to_server(frame(CONTINUATION, END_HEADERS, 1, b""))
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+    p = Pair()  # split in three: one request
+    data = (
+        frame(HEADERS, END_STREAM, 1, block[:2])
+        + frame(CONTINUATION, 0, 1, block[2:4])
+        + frame(CONTINUATION, END_HEADERS, 1, block[4:])
+    )
+    evs = p.to_server(data)
+    assert isinstance(evs[0], Request) and evs[0].path == b"/"
+
+
+def test_preface_must_be_followed_by_settings() -> None:
+    s = H2Server()
+    s.initiate()
+    evs = s.receive_data(PREFACE + frame(PING, 0, 0, b"\0" * 8), 0.0)
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+
+
+def test_frames_on_idle_streams_are_connection_errors() -> None:
+    for f in (
+        frame(DATA, 0, 9, b"x"),
+        frame(WINDOW_UPDATE, 0, 9, struct.pack(">L", 1)),
+        frame(RST_STREAM, 0, 9, struct.pack(">L", 8)),
+        frame(HEADERS, END_HEADERS, 2, b""),  # even: a client never opens those
+    ):
+        p = Pair()
+        evs = p.to_server(f)
+        assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR, f
+
+
+def test_informational_head_before_the_response() -> None:
+    p = Pair()
+    p.request(1, [(b":method", b"POST"), *GET[1:], (b"expect", b"100-continue")], end=False)
+    p.server.send_informational(1, [(b":status", b"100")])
+    evs = p.to_client()
+    assert [type(e).__name__ for e in evs] == ["InformationalResponseReceived"]
+    p.client.send_data(1, b"body", end_stream=True)
+    assert [type(e) for e in p.to_server()] == [Body, End]
+    p.server.send_head(1, 201, [], end=True)
+    evs = p.to_client()
+    assert [type(e).__name__ for e in evs] == ["ResponseReceived", "StreamEnded"]
+    q = Pair()
+    q.request(1, GET, end=False)
+    with pytest.raises(ValueError):
+        q.server.send_informational(1, [(b":status", b"200")])
+
+
+def test_output_on_a_gone_stream_raises_stream_gone() -> None:
+    p = Pair()
+    p.request(1, GET, end=False)
+    p.client.reset_stream(1, 8)
+    p.to_server()
+    with pytest.raises(StreamGone):
+        p.server.send_head(1, 200, [], end=False)
+    assert p.server.send_window(1) == 0
+    p.server.reset(1)  # (nothing: already closed)
+
+
+def test_large_header_blocks_go_out_in_continuation_frames() -> None:
+    p = Pair()
+    p.request(1, GET)
+    big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(40)]
+    p.server.send_head(1, 200, big, end=True)
+    evs = p.to_client()
+    head = next(e for e in evs if isinstance(e, h2.events.ResponseReceived))
+    assert len(head.headers) == 41
