@@ -72,7 +72,6 @@ from .h2wire import (
     DATA,
     DEFAULT_WINDOW,
     ENABLE_CONNECT_PROTOCOL,
-    ENABLE_PUSH,
     END_HEADERS,
     END_STREAM,
     ENHANCE_YOUR_CALM,
@@ -108,7 +107,11 @@ from .h2wire import (
     U32x2,
     check_fields,
     frame,
+    header_frames,
+    read_settings,
     unpad,
+    update_due,
+    window_increment,
 )
 from .headers import Header
 from .hpack_codec import Decoder, Encoder, HPACKError
@@ -498,9 +501,7 @@ class H2Server:
             events.append(End(sid, None))
 
     def _on_window_update(self, sid: int, payload: bytes, events: list[Event]) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
-        increment = U32.unpack(payload)[0] & MAX_WINDOW
+        increment = window_increment(payload)
         if not sid:
             if not increment:
                 raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -547,14 +548,9 @@ class H2Server:
                 for st in self.streams.values():
                     st.recv_window += delta
             return
-        if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
         window_changed = False
-        for pos in range(0, len(payload), 6):
-            key, value = SETTING.unpack_from(payload, pos)
+        for key, value in read_settings(payload):
             if key == INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
@@ -563,12 +559,7 @@ class H2Server:
                         raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
                 window_changed = True
             elif key == SETTINGS_MAX_FRAME_SIZE:
-                if not MAX_FRAME_SIZE <= value <= 2**24 - 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
                 self.peer_max_frame_size = value
-            elif key in (ENABLE_PUSH, ENABLE_CONNECT_PROTOCOL) and value > 1:
-                name = "ENABLE_PUSH" if key == ENABLE_PUSH else "ENABLE_CONNECT_PROTOCOL"
-                raise ConnectionError_(PROTOCOL_ERROR, f"{name} {value}")
             # HEADER_TABLE_SIZE: our encoder uses no dynamic table.  MAX_CONCURRENT_STREAMS
             # limits pushes (never made).  MAX_HEADER_LIST_SIZE is advisory.  Unknown
             # settings are ignored (§6.5.2).
@@ -624,16 +615,7 @@ class H2Server:
         except ValueError:  # a field HTTP/2 forbids: never put on the wire
             self.reset(sid, INTERNAL_ERROR)
             raise StreamGone(sid) from None
-        limit = self.peer_max_frame_size
-        if len(block) <= limit:
-            self._out.append(frame(HEADERS, flags | END_HEADERS, sid, block))
-            return
-        self._out.append(frame(HEADERS, flags, sid, block[:limit]))
-        for pos in range(limit, len(block), limit):
-            last = pos + limit >= len(block)
-            self._out.append(
-                frame(CONTINUATION, END_HEADERS if last else 0, sid, block[pos : pos + limit])
-            )
+        header_frames(self._out, sid, block, flags, self.peer_max_frame_size)
 
     def send_informational(self, stream_id: int, headers: list[Header]) -> None:
         """A 1xx head (e.g. ``[(b":status", b"100")]``, 100-continue), before the response."""
@@ -709,7 +691,7 @@ class H2Server:
         if st is not None and not st.remote_closed:
             unacked = st.recv_unacked + n
             window = self._stream_recv_initial
-            if unacked >= window >> 1 or (st.recv_window <= 0 and unacked > min(1024, window >> 2)):
+            if update_due(unacked, st.recv_window, window):
                 st.recv_window += unacked
                 st.recv_unacked = 0
                 self._out.append(frame(WINDOW_UPDATE, 0, sid, U32.pack(unacked)))
@@ -718,8 +700,7 @@ class H2Server:
 
     def _ack_conn(self, n: int) -> None:
         unacked = self._recv_unacked_conn + n
-        top = self.recv_window_max
-        if unacked >= top >> 1 or (self.recv_window_conn <= 0 and unacked > min(1024, top >> 2)):
+        if update_due(unacked, self.recv_window_conn, self.recv_window_max):
             self.recv_window_conn += unacked
             self._recv_unacked_conn = 0
             self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(unacked)))
