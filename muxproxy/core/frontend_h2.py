@@ -21,14 +21,14 @@ sections.
 
 Stream states (§5.1), as a server sees them: a stream is *open* in :attr:`H2Server.streams`
 from the client's HEADERS until our side ends it (END_STREAM or RST_STREAM) or the client
-resets it; ``remote_closed`` is half-closed (remote).  Ending our side while the client is
-still sending resets the rest with RST_STREAM(NO_ERROR) (§8.1).  A stream id at or below the
-highest seen and not open is closed: DATA or HEADERS for it are ignored when we reset it (§5.1:
-they may have been in flight; the last :data:`RESET_MEMORY` resets are remembered), else
-answered with RST_STREAM(STREAM_CLOSED) (§6.1); WINDOW_UPDATE and RST_STREAM there are
-ignored.  Frames on an idle stream (§5.1: above the highest, or even) are a connection error.
-PRIORITY is checked and ignored (§5.3.2): no state per
-stream, open or idle.
+resets it; ``remote_closed`` is half-closed (remote).  Ending our side while the client is still
+sending resets the rest with RST_STREAM(NO_ERROR) (§8.1).  A stream id at or below the highest
+seen and not open is closed: DATA or HEADERS for it are ignored when we reset it (§5.1: they
+may have been in flight; the last ``max(RESET_MEMORY, 2 × max_concurrent_streams)`` resets are
+remembered, a few KiB per connection at most), else answered with RST_STREAM(STREAM_CLOSED)
+(§6.1); WINDOW_UPDATE and RST_STREAM there are ignored.  Frames on an idle stream (§5.1: above
+the highest, or even) are a connection error.  PRIORITY is checked and ignored (§5.3.2): no
+state per stream, open or idle.
 
 Every limit is enforced here:
 
@@ -128,9 +128,10 @@ __all__ = [
     "WindowOpen",
 ]
 
-# How many reset streams are remembered, to tell frames in flight (ignored) from frames on a
-# stream that ended normally (a connection error, RFC 9113 §5.1).
-RESET_MEMORY = 4096
+# How many reset streams are remembered (at least), to tell frames in flight after our
+# RST_STREAM (ignored, RFC 9113 §5.1) from frames on a stream that ended otherwise.  They
+# arrive within a round trip: a stream forgotten sooner only costs its client a RST_STREAM.
+RESET_MEMORY = 128
 _STATUS = {s: b"%d" % s for s in range(100, 600)}
 
 
@@ -231,6 +232,7 @@ class H2Server:
         self._preface = False  # the client's preface was read
         self._settings_seen = False  # its first frame, SETTINGS, was read (§3.4)
         self._resets: dict[int, None] = {}  # streams we reset lately (an ordered set)
+        self._reset_memory = max(RESET_MEMORY, 2 * limits.max_concurrent_streams)
         self._block: list[bytes] | None = None  # header block fragments awaiting CONTINUATION
         self._block_stream = 0
         self._block_end_stream = False
@@ -579,7 +581,7 @@ class H2Server:
     def _remember(self, sid: int) -> None:
         resets = self._resets
         resets[sid] = None
-        if len(resets) > RESET_MEMORY:
+        if len(resets) > self._reset_memory:
             del resets[next(iter(resets))]
 
     def _reset(self, sid: int, code: int) -> None:
