@@ -579,3 +579,15 @@ def test_large_header_blocks_go_out_in_continuation_frames() -> None:
     evs = p.to_client()
     head = next(e for e in evs if isinstance(e, h2.events.ResponseReceived))
     assert len(head.headers) == 41
+
+
+def test_reset_memory_is_bounded() -> None:
+    p = Pair(H2Limits(max_concurrent_streams=1))
+    for sid in range(1, 1 + 2 * 500, 2):  # each answered before its body: RST(NO_ERROR)
+        evs = p.to_server(frame(HEADERS, END_HEADERS, sid, p.client.encoder.encode(GET)))
+        assert isinstance(evs[0], Request)
+        p.server.send_head(sid, 204, [], end=True)
+        p.server.data_to_send()
+    assert not p.server.closed
+    assert len(p.server._resets) == 128  # max(128, 2 × 1)
+    assert p.to_server(frame(DATA, 0, 999, b"late")) == []  # remembered: ignored
