@@ -21,14 +21,15 @@ sections.
 
 Stream states (§5.1), as a server sees them: a stream is *open* in :attr:`H2Server.streams`
 from the client's HEADERS until our side ends it (END_STREAM or RST_STREAM) or the client
-resets it; ``remote_closed`` is half-closed (remote).  Ending our side while the client is still
-sending resets the rest with RST_STREAM(NO_ERROR) (§8.1).  A stream id at or below the highest
+resets it; ``remote_closed`` is half-closed (remote). Ending our side while the client is still
+sending resets the rest with RST_STREAM(NO_ERROR) (§8.1). A stream id at or below the highest
 seen and not open is closed: DATA or HEADERS for it are ignored when we reset it (§5.1: they
 may have been in flight; the last ``max(RESET_MEMORY, 2 × max_concurrent_streams)`` resets are
-remembered, a few KiB per connection at most), else answered with RST_STREAM(STREAM_CLOSED)
-(§6.1); WINDOW_UPDATE and RST_STREAM there are ignored.  Frames on an idle stream (§5.1: above
-the highest, or even) are a connection error.  PRIORITY is checked and ignored (§5.3.2): no
-state per stream, open or idle.
+remembered, a few KiB per connection at most), else DATA is answered with
+RST_STREAM(STREAM_CLOSED) (§6.1) and HEADERS is a connection error (§5.1.1: a new stream's id
+must be above every one used before); WINDOW_UPDATE and RST_STREAM there are ignored. Frames on
+an idle stream (§5.1: above the highest, or even) are a connection error. PRIORITY is checked
+and ignored (§5.3.2): no state per stream, open or idle.
 
 Every limit is enforced here:
 
@@ -404,10 +405,11 @@ class H2Server:
             self._on_trailers(sid, st, fields, end_stream, error, events)
             return
         if sid <= self.highest or not sid & 1:
-            if not sid & 1:
-                raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid} (even)")
-            self._on_closed(sid)
-            return
+            if sid & 1 and sid in self._resets:
+                return  # in flight when we reset the stream (§5.1)
+            # §5.1.1: a new stream's id must be above every one used before (even ids are
+            # the server's); §5.1: HEADERS after END_STREAM both ways is a connection error.
+            raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on closed or even stream {sid}")
         self.highest = sid
         if self.draining_at is not None and sid > self.draining_at:
             self._reset(sid, REFUSED)
@@ -461,8 +463,8 @@ class H2Server:
         events.append(End(sid, fields))
 
     def _on_closed(self, sid: int) -> None:
-        """DATA or HEADERS for a closed stream: ignored if we reset it (§5.1: it may have
-        been in flight), else a stream error STREAM_CLOSED (§6.1, §5.1)."""
+        """DATA for a closed stream: ignored if we reset it (§5.1: it may have been in
+        flight), else a stream error STREAM_CLOSED (§6.1)."""
         if sid not in self._resets:
             self._out.append(frame(RST_STREAM, 0, sid, U32.pack(STREAM_CLOSED)))
 

@@ -402,6 +402,11 @@ class Pair:
         return True
 
 
+def rv_reset(ref: Observation, sid: int) -> bool:
+    v = ref.streams.get(sid)
+    return v is not None and v.reset is not None
+
+
 def classify(what: str, mux: Observation, ref: Observation, history: dict[int, str]) -> str:
     """The KNOWN label of a difference, or a description of an unknown one.  ``history``
     says per stream how the server side closed it so far ("reset", "responded")."""
@@ -424,7 +429,7 @@ def classify(what: str, mux: Observation, ref: Observation, history: dict[int, s
         if mv is not None and mv.failed is not None:
             if "WINDOW_UPDATE" in what:
                 return "window-zero-scope"
-            if mv.failed == 5:  # STREAM_CLOSED
+            if mv.failed == 5 and mv.ended and not rv_reset(ref, sid):  # STREAM_CLOSED
                 return "half-closed-scope"
             return "malformed-scope"
         if "ENABLE_CONNECT_PROTOCOL" in ref.error or "Settings" in ref.error:
