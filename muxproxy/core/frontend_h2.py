@@ -115,7 +115,7 @@ from .h2wire import (
     window_increment,
 )
 from .headers import Header
-from .hpack_codec import Decoder, Encoder, HPACKError
+from .hpack_codec import CLIENT_MEMOS, Decoder, Encoder, HPACKError
 
 __all__ = [
     "Body",
@@ -238,9 +238,11 @@ class H2Server:
         self._block_stream = 0
         self._block_end_stream = False
         self._block_error = ""
-        self._encoder = Encoder()
+        self._encoder = Encoder(CLIENT_MEMOS)
         # Decoded sizes are capped from the first frame on, before any ACK (the HPACK bomb).
-        self._decoder = Decoder(max_header_list_size=limits.max_header_list_size)
+        self._decoder = Decoder(
+            max_header_list_size=limits.max_header_list_size, memos=CLIENT_MEMOS
+        )
         self._out: list[bytes] = []
 
     @property

@@ -591,3 +591,14 @@ def test_reset_memory_is_bounded() -> None:
     assert not p.server.closed
     assert len(p.server._resets) == 128  # max(128, 2 × 1)
     assert p.to_server(frame(DATA, 0, 999, b"late")) == []  # remembered: ignored
+
+
+def test_hpack_memos_of_a_client_connection_stay_small() -> None:
+    p = Pair()
+    for i in range(300):
+        sid = 2 * i + 1
+        p.request(sid, [*GET, (b"x-new-%d" % i, b"value-%d" % i * 20)])
+        p.server.send_head(sid, 200, [(b"x-out", b"%d" % i * 30)], end=True)
+        p.to_client()
+    assert p.server._decoder.memo_bytes() <= 8192 + 4096
+    assert p.server._encoder.memo_bytes() <= 16384
