@@ -31,6 +31,11 @@ must be above every one used before); WINDOW_UPDATE and RST_STREAM there are ign
 an idle stream (§5.1: above the highest, or even) are a connection error. PRIORITY is checked
 and ignored (§5.3.2): no state per stream, open or idle.
 
+After a first flood of frames the connection can do without (a per-second rate) the GOAWAY
+is graceful (:meth:`H2Server._calm`): the frame is dropped, the streams in flight finish
+(bounded by ``calm_timeout`` in the I/O layer), and a new stream or another limit passed then
+closes the connection at once.
+
 Every limit is enforced here:
 
 * concurrency: ``max_concurrent_streams`` is announced in our SETTINGS; a request beyond it is
@@ -220,6 +225,7 @@ class H2Server:
         self.draining_at: int | None = None  # last_stream_id of our GOAWAY, once sent
         self.closed = False  # a fatal GOAWAY was sent or received: input is ignored
         self.peer_goaway = False  # the client will open no more streams
+        self.calm = False  # GOAWAY(ENHANCE_YOUR_CALM) sent: in-flight streams may finish
         # The client's settings (what our sending obeys).
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame_size = MAX_FRAME_SIZE
@@ -287,7 +293,11 @@ class H2Server:
         except ConnectionError_ as exc:
             events.append(self._fail(exc.code, str(exc)))
             return events
-        if why is not None:
+        if why is not None and self.guard.recoverable and not self.calm:
+            # A first flood: GOAWAY(ENHANCE_YOUR_CALM); what followed the frame dropped goes on.
+            events.append(self._calm(why))
+            events += self.receive_data(b"", now)
+        elif why is not None:
             code = FRAME_SIZE_ERROR if why.startswith("frame of") else ENHANCE_YOUR_CALM
             if why.startswith("not an HTTP/2"):
                 code = PROTOCOL_ERROR
@@ -414,14 +424,17 @@ class H2Server:
             raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on closed or even stream {sid}")
         self.highest = sid
         if self.draining_at is not None and sid > self.draining_at:
+            if self.calm:  # told to calm down, and opening streams: closed at once
+                events.append(self._fail(ENHANCE_YOUR_CALM, "new stream after GOAWAY"))
+                return
             self._reset(sid, REFUSED)
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
             self._reset(sid, REFUSED)
             self.refused += 1
             events.append(Cancelled(sid, REFUSED, False, "over max_concurrent_streams"))
-            if self.refused > max(100, self.limits.max_concurrent_streams):
-                events.append(self._fail(ENHANCE_YOUR_CALM, "too many refused streams"))
+            if self.refused > max(100, self.limits.max_concurrent_streams) and not self.calm:
+                events.append(self._calm("too many refused streams"))
             return
         try:
             if error:
@@ -600,11 +613,23 @@ class H2Server:
             events.append(Cancelled(sid, code, False, reason))
         self._reset(sid, code)
 
+    def _calm(self, reason: str) -> Closing:
+        """A flood limit was passed: GOAWAY(ENHANCE_YOUR_CALM) with the last stream id seen.
+        The streams in flight finish (the I/O layer bounds them with ``calm_timeout``); a
+        new stream or another limit passed after it closes the connection at once."""
+        self.calm = True
+        last = self.highest if self.draining_at is None else min(self.draining_at, self.highest)
+        self.draining_at = last
+        debug = reason[:64].encode()
+        self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(last, ENHANCE_YOUR_CALM) + debug))
+        return Closing(ENHANCE_YOUR_CALM, reason, graceful=True)
+
     def _fail(self, code: int, reason: str) -> Closing:
         """Stop the connection with GOAWAY(code) (§5.4.1)."""
         self.closed = True
         debug = reason[:64].encode()
-        self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(self.highest, code) + debug))
+        last = self.highest if self.draining_at is None else self.draining_at  # (§6.8)
+        self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(last, code) + debug))
         return Closing(code, reason, graceful=False)
 
     # --- output -------------------------------------------------------------------------

@@ -48,7 +48,7 @@ STREAMS = (1, 3, 5, 7, 9, 2**31 - 1)
 
 # Request heads (the state machine's variants) muxproxy refuses as something it does not serve.
 OFFERED_NOT = tuple(
-    f"HEADERS[{v}]" for v in ("connect", "ftp-scheme", "relative-path", "empty-path", "connect-ws")
+    f"HEADERS[{v}]" for v in ("ftp-scheme", "relative-path", "empty-path", "connect-ws")
 )
 
 # Differences found and kept, by the label :func:`classify` gives them.
@@ -64,9 +64,9 @@ KNOWN = {
     ),
     "not-offered": (
         "Requests h2 accepts and muxproxy refuses with a stream error as something it does "
-        "not serve: plain CONNECT (RFC 9113 §8.5, a TCP tunnel this proxy never offers), a "
-        ":scheme other than http/https (§8.3.1: the proxy forwards only those), a :path not "
-        "in origin form other than OPTIONS * (§8.3.1: 'MUST NOT be empty for http or https "
+        "not serve: a :scheme other than http/https (§8.3.1: the proxy forwards only those), "
+        "a :path not in origin form other than OPTIONS * (§8.3.1: 'MUST NOT be empty for "
+        "http or https "
         "URIs'), :protocol when SETTINGS_ENABLE_CONNECT_PROTOCOL was not announced (RFC 8441 "
         "§4: 'MUST NOT' be sent then)."
     ),
@@ -114,7 +114,9 @@ KNOWN = {
     "abuse-limits": (
         "muxproxy's own limits ([listeners.limits]): floods of SETTINGS, PING, PRIORITY, "
         "WINDOW_UPDATE, RST_STREAM or empty frames per second, CONTINUATION frames or bytes "
-        "per header block: GOAWAY(ENHANCE_YOUR_CALM), where h2 has no such limit. RFC 9113 "
+        "per header block: GOAWAY(ENHANCE_YOUR_CALM) (graceful after a first flood of frames "
+        "the connection can do without; a new stream after it ends the connection), where h2 "
+        "has no such limit. RFC 9113 "
         "§10.5: 'An endpoint MAY treat activity that is suspicious as a connection error of "
         "type ENHANCE_YOUR_CALM'."
     ),
@@ -161,7 +163,8 @@ def _norm_head(
     protocol: bytes | None,
     regular: list[Header],
 ) -> tuple[object, ...]:
-    return (method, scheme, authority, path, protocol, tuple(regular))
+    # (a plain CONNECT has neither :scheme nor :path: muxproxy says b"", h2 nothing)
+    return (method, scheme or b"", authority, path or b"", protocol, tuple(regular))
 
 
 def _rsts(data: bytes) -> list[tuple[int, int]]:
@@ -436,7 +439,8 @@ def classify(what: str, mux: Observation, ref: Observation, history: dict[int, s
             return "lenient-h2"
     if not mux.alive and ref.alive:
         if mux.error.startswith("11: ") and any(
-            k in mux.error for k in ("flood", "CONTINUATION", "header block over")
+            k in mux.error
+            for k in ("flood", "CONTINUATION", "header block over", "new stream after GOAWAY")
         ):
             return "abuse-limits"
         if any(
