@@ -309,6 +309,9 @@ class H2Server:
             opened = {e.stream_id for e in events if type(e) is Request}
             drop = opened.intersection(gone)
             if drop:
+                for e in events:
+                    if type(e) is Body and e.stream_id in drop:
+                        self._ack_conn(e.flow)  # (nobody will read it)
                 events = [e for e in events if getattr(e, "stream_id", 0) not in drop]
         return events
 

@@ -273,6 +273,15 @@ def test_rapid_reset_within_one_read_never_reaches_a_backend() -> None:
         data += frame(RST_STREAM, 0, sid, struct.pack(">L", 8))
     evs = p.to_server(data)
     assert evs == []
+    # with bodies too: their connection credit comes back, nobody will read them
+    window = p.server.recv_window_conn + p.server._recv_unacked_conn
+    data = b""
+    for sid in range(41, 81, 2):
+        data += frame(HEADERS, END_HEADERS, sid, p.client.encoder.encode(GET))
+        data += frame(DATA, 0, sid, b"x" * 1000)
+        data += frame(RST_STREAM, 0, sid, struct.pack(">L", 8))
+    assert p.to_server(data) == []
+    assert p.server.recv_window_conn + p.server._recv_unacked_conn == window
 
 
 def test_rapid_reset_flood_is_stopped_with_enhance_your_calm() -> None:
