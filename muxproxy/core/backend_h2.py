@@ -81,8 +81,12 @@ from .h2wire import (
     check_fields,
     code_name,
     frame,
+    header_frames,
     max_continuations,
+    read_settings,
     unpad,
+    update_due,
+    window_increment,
 )
 from .headers import Header
 from .hpack_codec import Decoder, Encoder, HPACKError
@@ -228,17 +232,8 @@ class H2Backend:
         return st
 
     def _send_block(self, sid: int, block: bytes, end_stream: bool) -> None:
-        limit = self.peer_max_frame_size
         flags = END_STREAM if end_stream else 0
-        if len(block) <= limit:
-            self._out.append(frame(HEADERS, flags | END_HEADERS, sid, block))
-            return
-        self._out.append(frame(HEADERS, flags, sid, block[:limit]))
-        for pos in range(limit, len(block), limit):
-            last = pos + limit >= len(block)
-            self._out.append(
-                frame(CONTINUATION, END_HEADERS if last else 0, sid, block[pos : pos + limit])
-            )
+        header_frames(self._out, sid, block, flags, self.peer_max_frame_size)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on the stream now (stream and connection windows)."""
@@ -301,9 +296,7 @@ class H2Backend:
         if st is not None and not st.ended:
             st.recv_unacked += flow_length
             unacked = st.recv_unacked
-            if unacked >= self.stream_window >> 1 or (
-                st.recv_window == 0 and unacked > min(1024, self.stream_window >> 2)
-            ):
+            if update_due(unacked, st.recv_window, self.stream_window):
                 st.recv_window += unacked
                 st.recv_unacked = 0
                 self._out.append(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(unacked)))
@@ -312,9 +305,7 @@ class H2Backend:
         if self.closed:
             return
         unacked = self._recv_unacked_conn + n
-        if unacked >= self.recv_window_max >> 1 or (
-            self.recv_window_conn == 0 and unacked > min(1024, self.recv_window_max >> 2)
-        ):
+        if update_due(unacked, self.recv_window_conn, self.recv_window_max):
             self.recv_window_conn += unacked
             self._recv_unacked_conn = 0
             self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(unacked)))
@@ -599,9 +590,7 @@ class H2Backend:
         up.capacity_changed = True
 
     def _on_window_update(self, sid: int, payload: bytes, up: Update) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
-        increment = U32.unpack(payload)[0] & MAX_WINDOW
+        increment = window_increment(payload)
         if not sid:
             if not increment:
                 raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -635,15 +624,10 @@ class H2Backend:
                 for st in self.streams.values():
                     st.recv_window += delta
             return
-        if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
-        for pos in range(0, len(payload), 6):
-            key, value = SETTING.unpack_from(payload, pos)
+        for key, value in read_settings(payload):  # (ranges checked there)
             if key == MAX_CONCURRENT_STREAMS:
                 self.peer_max_concurrent_streams = value
             elif key == INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
@@ -651,14 +635,12 @@ class H2Backend:
                     if st.send_window > MAX_WINDOW:
                         raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
             elif key == SETTINGS_MAX_FRAME_SIZE:
-                if not 16384 <= value <= 2**24 - 1:
-                    raise ConnectionError_(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
                 self.peer_max_frame_size = value
             elif key == ENABLE_PUSH:
                 if value != 0:  # a server may only say 0 (RFC 9113 §6.5.2)
                     raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_PUSH {value} from a server")
             elif key == ENABLE_CONNECT_PROTOCOL:
-                if value > 1 or (self.peer_connect_protocol and not value):
+                if self.peer_connect_protocol and not value:
                     raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_CONNECT_PROTOCOL {value}")
                 self.peer_connect_protocol = bool(value)
             # HEADER_TABLE_SIZE: our encoder uses no dynamic table.  MAX_HEADER_LIST_SIZE is

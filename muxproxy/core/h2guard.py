@@ -10,7 +10,6 @@ error for that one request.  Both are used by :mod:`~muxproxy.core.frontend_h2`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from .h2wire import (
@@ -30,7 +29,7 @@ from .h2wire import (
 )
 from .headers import Header
 
-__all__ = ["FrameGuard", "H2Limits", "Malformed", "Request", "check_request", "field_ok"]
+__all__ = ["FrameGuard", "H2Limits", "Malformed", "Request", "check_request"]
 
 PRIORITY_UPDATE = 0x10  # RFC 9218
 MAX_CONNECTION_WINDOW = 1024 * 1024
@@ -71,6 +70,7 @@ class Request:
     protocol: bytes | None
     headers: list[Header]  # regular fields, lower-case, in order; Host folded into authority
     end_stream: bool
+    content_length: int | None = None  # what the DATA must add up to (RFC 9113 §8.1.1)
 
 
 # --- the frame guard ---------------------------------------------------------------------
@@ -87,6 +87,7 @@ class FrameGuard:
         "in_block",
         "limits",
         "preface_done",
+        "recoverable",
         "second",
     )
 
@@ -99,10 +100,16 @@ class FrameGuard:
         self.in_block = False
         self.block_frames = 0
         self.block_bytes = 0
+        # The last limit passed was a per-second rate of a frame the connection can do
+        # without: the frame was dropped (or, RST_STREAM / WINDOW_UPDATE / DATA, passed on)
+        # and the rest kept, so the connection can wind down after GOAWAY(ENHANCE_YOUR_CALM)
+        # (``feed(b"")`` goes on).  Anything else (frame size, header blocks) ends it.
+        self.recoverable = False
 
     def feed(self, data: bytes, now: float) -> tuple[list[bytes], str | None]:
         """Whole frames (the preface is the first "frame"), and a reason if a limit was passed
-        (then the frames before the offending one are returned, and nothing after)."""
+        (then the frames before the offending one are returned, and nothing after: see
+        ``recoverable`` for what becomes of the rest)."""
         buf = self.buf + data if self.buf else data
         out: list[bytes] = []
         pos = 0
@@ -131,9 +138,16 @@ class FrameGuard:
                 break
             ftype = buf[pos + 3]
             flags = buf[pos + 4]
+            self.recoverable = False
             why = self._count(ftype, flags, length)
             if why is not None:
-                self.buf = b""
+                if self.recoverable:
+                    end = pos + 9 + length
+                    if ftype in (RST_STREAM, WINDOW_UPDATE, DATA):  # (cheap, and needed)
+                        out.append(buf[pos:end])
+                    self.buf = buf[end:]
+                else:
+                    self.buf = b""
                 return out, why
             out.append(buf[pos : pos + 9 + length])
             pos += 9 + length
@@ -143,7 +157,10 @@ class FrameGuard:
     def _bump(self, key: str, limit: int) -> str | None:
         c = self.counts.get(key, 0) + 1
         self.counts[key] = c
-        return f"{key} flood: more than {limit} per second" if c > limit else None
+        if c <= limit:
+            return None
+        self.recoverable = True
+        return f"{key} flood: more than {limit} per second"
 
     def _count(self, ftype: int, flags: int, length: int) -> str | None:
         lim = self.limits
@@ -160,7 +177,9 @@ class FrameGuard:
             if flags & END_HEADERS:
                 self.in_block = False
             if length == 0 and not flags & END_STREAM:
-                return self._bump("empty frame", lim.max_empty_frames_per_second)
+                why = self._bump("empty frame", lim.max_empty_frames_per_second)
+                self.recoverable = False  # (dropping part of a header block breaks HPACK)
+                return why
             return None
         if ftype == DATA:
             if length == 0 and not flags & END_STREAM:
@@ -181,18 +200,9 @@ class FrameGuard:
 
 # --- request head checks ------------------------------------------------------------------
 
-_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a lower-case token (RFC 9113 §8.2.1)
-_VALUE = re.compile(rb"[^\x00\r\n]*")  # no NUL, CR or LF; no leading/trailing space below
-
-
-def field_ok(name: bytes, value: bytes) -> bool:
-    return (
-        _NAME.fullmatch(name) is not None
-        and _VALUE.fullmatch(value) is not None
-        and value[:1] not in (b" ", b"\t")
-        and value[-1:] not in (b" ", b"\t")
-    )
+_PSEUDO = (b":method", b":scheme", b":authority", b":path", b":protocol")
+# Regular fields that need a look; every other name passes as it was decoded.
+_SPECIAL = CONNECTION_SPECIFIC | {b"te", b"host", b"content-length"}
 
 
 class Malformed(Exception):
@@ -204,59 +214,84 @@ def check_request(
 ) -> Request:
     """RFC 9113 §8.2 and §8.3.1, RFC 8441 §4: the checks a request head must pass.
 
+    Field names and values were held to §8.2.1 (lower-case tokens; no NUL, CR, LF, no
+    surrounding whitespace) as the HPACK decoder read them (:mod:`~muxproxy.core.hpack_codec`);
+    this checks what the fields say.
+
     Raises:
         Malformed: with a short reason; the stream is reset with PROTOCOL_ERROR.
     """
-    pseudo: dict[bytes, bytes] = {}
-    regular: list[Header] = []
-    for name, value in fields:
-        if name[:1] == b":":
-            if regular:
-                raise Malformed("pseudo-header after a regular field")
-            if name not in _PSEUDO:
-                raise Malformed(f"unknown pseudo-header {name[:20]!r}")
-            if name in pseudo:
-                raise Malformed(f"duplicate {name.decode()}")
-            pseudo[name] = value
-            continue
-        if not field_ok(name, value):
-            raise Malformed("invalid field name or value")
-        if name in CONNECTION_SPECIFIC:
-            raise Malformed(f"connection-specific field {name.decode()}")
-        if name == b"te" and value != b"trailers":
-            raise Malformed("te other than trailers")
-        regular.append((name, value))
-    method = pseudo.get(b":method")
+    pseudo: list[bytes | None] = [None, None, None, None, None]
+    n = len(fields)
+    i = 0
+    while i < n:
+        name, value = fields[i]
+        if name[:1] != b":":
+            break
+        try:
+            k = _PSEUDO.index(name)
+        except ValueError:
+            raise Malformed(f"unknown pseudo-header {name[:20]!r}") from None
+        if pseudo[k] is not None:
+            raise Malformed(f"duplicate {name.decode()}")
+        pseudo[k] = value
+        i += 1
+    regular = fields[i:] if i else fields
+    hosts: list[bytes] | None = None
+    content_length: int | None = None
+    for name, value in regular:
+        if name in _SPECIAL:
+            if name == b"content-length":
+                if not value.isdigit() or (
+                    content_length is not None and int(value) != content_length
+                ):
+                    raise Malformed("malformed content-length")
+                content_length = int(value)
+            elif name == b"host":
+                hosts = [value] if hosts is None else [*hosts, value]
+            elif name == b"te":
+                if value != b"trailers":
+                    raise Malformed("te other than trailers")
+            else:
+                raise Malformed(f"connection-specific field {name.decode()}")
+        elif name[:1] == b":":
+            raise Malformed("pseudo-header after a regular field")
+    method, scheme, authority, path, protocol = pseudo
     if not method:
         raise Malformed("missing :method")
-    protocol = pseudo.get(b":protocol")
-    authority = pseudo.get(b":authority", b"")
     if method == b"CONNECT" and protocol is None:
-        # Plain CONNECT (a TCP tunnel, RFC 9113 §8.5): not something this proxy offers.
-        if b":scheme" in pseudo or b":path" in pseudo or not authority:
+        # Plain CONNECT (a TCP tunnel, RFC 9113 §8.5): well-formed, it is a request this proxy
+        # does not serve (501, as on HTTP/1.1); malformed, a stream error.
+        if scheme is not None or path is not None or not authority:
             raise Malformed("CONNECT with :scheme or :path, or without :authority")
-        raise Malformed("plain CONNECT is not supported")
+        return Request(
+            stream_id, method, b"", authority, b"", None, regular, end_stream, content_length
+        )
     if protocol is not None:
         if not connect_protocol:
             raise Malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")
         if method != b"CONNECT":
             raise Malformed(":protocol on a request that is not CONNECT")
-    scheme = pseudo.get(b":scheme")
-    path = pseudo.get(b":path")
     if not scheme or not path:
         raise Malformed("missing :scheme or :path")
-    if scheme not in (b"http", b"https"):
+    if scheme != b"https" and scheme != b"http":
         raise Malformed("unsupported :scheme")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise Malformed(":path not in origin form")
-    if not authority:
-        # RFC 9113 §8.3.1: a Host field stands in for :authority; one of them must be there.
-        hosts = [v for n, v in regular if n == b"host"]
-        if len(hosts) != 1 or not hosts[0]:
-            raise Malformed("no :authority and no single Host field")
-        authority = hosts[0]
-    elif any(n == b"host" and v != authority for n, v in regular):
-        raise Malformed("Host differs from :authority")
+    if hosts is not None:
+        if not authority:
+            # RFC 9113 §8.3.1: a Host field stands in for :authority; one of them must be there.
+            if len(hosts) != 1 or not hosts[0]:
+                raise Malformed("no :authority and no single Host field")
+            authority = hosts[0]
+        elif any(h != authority for h in hosts):
+            raise Malformed("Host differs from :authority")
+        regular = [(n, v) for n, v in regular if n != b"host"]
+    elif not authority:
+        raise Malformed("no :authority and no single Host field")
+    if end_stream and content_length:
+        # RFC 9113 §8.1.1: the content (none) must match content-length.
+        raise Malformed("content-length without a body")
     return Request(
         stream_id,
         method,
@@ -264,6 +299,7 @@ def check_request(
         authority,
         path,
         protocol,
-        [(n, v) for n, v in regular if n != b"host"],
+        regular,
         end_stream,
+        content_length,
     )

@@ -61,6 +61,18 @@ def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
     return FRAME.pack(n >> 8, n & 0xFF, type_, flags, stream_id) + payload
 
 
+def header_frames(out: list[bytes], sid: int, block: bytes, flags: int, limit: int) -> None:
+    """Append a header block as HEADERS (with ``flags``) and, past ``limit`` (the peer's
+    SETTINGS_MAX_FRAME_SIZE), CONTINUATION frames (§6.2, §6.10)."""
+    if len(block) <= limit:
+        out.append(frame(HEADERS, flags | END_HEADERS, sid, block))
+        return
+    out.append(frame(HEADERS, flags, sid, block[:limit]))
+    for pos in range(limit, len(block), limit):
+        last = pos + limit >= len(block)
+        out.append(frame(CONTINUATION, END_HEADERS if last else 0, sid, block[pos : pos + limit]))
+
+
 class ConnectionError_(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -96,6 +108,39 @@ def check_fields(fields: list[Header], *, trailers: bool) -> None:
         first = False
     if not trailers and (not fields or fields[0][0] != b":status"):
         raise StreamError(PROTOCOL_ERROR, "response without :status")
+
+
+def update_due(unacked: int, window: int, full: int) -> bool:
+    """When a receiver gives credit back (WINDOW_UPDATE, RFC 9113 §6.9): once half of a
+    ``full`` window was consumed, or sooner when the peer's ``window`` is empty.  ``unacked``
+    is what was consumed and not yet given back."""
+    return unacked >= full >> 1 or (window <= 0 and unacked > min(1024, full >> 2))
+
+
+def window_increment(payload: bytes) -> int:
+    """A WINDOW_UPDATE's increment (§6.9; 0 is the caller's error to scope)."""
+    if len(payload) != 4:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+    return int(U32.unpack(payload)[0] & MAX_WINDOW)
+
+
+def read_settings(payload: bytes) -> list[tuple[int, int]]:
+    """A SETTINGS frame's parameters, held to the ranges both roles enforce (§6.5.2; RFC 8441
+    §3 for ENABLE_CONNECT_PROTOCOL)."""
+    if len(payload) % 6:
+        raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+    out = []
+    for pos in range(0, len(payload), 6):
+        key, value = SETTING.unpack_from(payload, pos)
+        if key == INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+        if key == SETTINGS_MAX_FRAME_SIZE and not MAX_FRAME_SIZE <= value <= 2**24 - 1:
+            raise ConnectionError_(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
+        if key in (ENABLE_PUSH, ENABLE_CONNECT_PROTOCOL) and value > 1:
+            name = "ENABLE_PUSH" if key == ENABLE_PUSH else "ENABLE_CONNECT_PROTOCOL"
+            raise ConnectionError_(PROTOCOL_ERROR, f"{name} {value}")
+        out.append((key, value))
+    return out
 
 
 def code_name(code: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from dataclasses import dataclass
 
 from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
@@ -49,6 +50,24 @@ BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 ENCODE_BUDGET, ENCODE_ITEM_MAX = 256 * 1024, 4096
 BLOCKS_BUDGET, BLOCKS_ITEM_MAX = 256 * 1024, 8192
 HUFFMAN_BUDGET, HUFFMAN_ITEM_MAX = 64 * 1024, 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MemoSizes:
+    """The memos of one connection's encoder and decoder: (bytes, item bytes, entries) each.
+    The defaults suit the few pooled backend connections; a client-facing connection, one of
+    thousands, takes :data:`CLIENT_MEMOS`."""
+
+    encode: tuple[int, int, int] = (ENCODE_BUDGET, ENCODE_ITEM_MAX, 4096)
+    blocks: tuple[int, int, int] = (BLOCKS_BUDGET, BLOCKS_ITEM_MAX, 256)
+    huffman: tuple[int, int, int] = (HUFFMAN_BUDGET, HUFFMAN_ITEM_MAX, 4096)
+
+
+BACKEND_MEMOS = MemoSizes()
+# A client connection: a response's fields and a browser's values stay cached; a client
+# sending new values every time makes the proxy hold at most a few tens of KiB for it.
+CLIENT_MEMOS = MemoSizes(encode=(16384, 1024, 128), blocks=(8192, 2048, 16),
+                         huffman=(4096, 512, 128))  # fmt: skip
 
 
 # A cached block: its fields, the entries it inserts (in order), their sizes and their total.
@@ -103,10 +122,9 @@ class Encoder:
 
     __slots__ = ("_announced", "_cache", "_memo")
 
-    def __init__(self) -> None:
-        self._memo: Memo[Header, bytes] = Memo(
-            budget=ENCODE_BUDGET, item_max=ENCODE_ITEM_MAX, count=4096
-        )
+    def __init__(self, memos: MemoSizes = BACKEND_MEMOS) -> None:
+        budget, item_max, count = memos.encode
+        self._memo: Memo[Header, bytes] = Memo(budget=budget, item_max=item_max, count=count)
         self._cache = self._memo.data
         self._announced = False
 
@@ -149,7 +167,12 @@ class Decoder:
         "max_header_list_size",
     )
 
-    def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        max_table_size: int = 4096,
+        max_header_list_size: int = 1 << 20,
+        memos: MemoSizes = BACKEND_MEMOS,
+    ) -> None:
         self._table: deque[Header] = deque()  # newest first
         self._sizes: deque[int] = deque()  # each entry's size (RFC 7541 §4.1), in step
         self._size = 0
@@ -160,13 +183,13 @@ class Decoder:
         # Whole blocks that only use the static table and literals: the same bytes always mean
         # the same fields and the same insertions (nginx sends identical blocks, inserting
         # every field, for every response within a second).
-        self._block_memo: Memo[bytes, _Block] = Memo(
-            budget=BLOCKS_BUDGET, item_max=BLOCKS_ITEM_MAX, count=256
-        )
+        budget, item_max, count = memos.blocks
+        self._block_memo: Memo[bytes, _Block] = Memo(budget=budget, item_max=item_max, count=count)
         self._blocks = self._block_memo.data
         # raw → (decoded, valid)
+        budget, item_max, count = memos.huffman
         self._huffman_memo: Memo[bytes, tuple[bytes, bool]] = Memo(
-            budget=HUFFMAN_BUDGET, item_max=HUFFMAN_ITEM_MAX, count=4096
+            budget=budget, item_max=item_max, count=count
         )
         self._huffman = self._huffman_memo.data
 
@@ -297,7 +320,7 @@ class Decoder:
                     out.append((name, value))
         except IndexError:
             raise HPACKError("header block truncated") from None
-        if cacheable and not too_large and bad is None and len(data) <= BLOCKS_ITEM_MAX:
+        if cacheable and not too_large and bad is None and len(data) <= self._block_memo.item_max:
             # The block's bytes plus the fields it decodes to (never more than 8 × its size).
             kept = len(data) + sum(len(n) + len(v) for n, v in out)
             self._block_memo.admit(

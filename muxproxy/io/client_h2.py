@@ -284,7 +284,7 @@ class H2ClientConnection:
                         st.window_open()
             elif isinstance(ev, Cancelled):
                 st = streams.get(ev.stream_id)
-                if st is not None and ev.by_client:
+                if st is not None:  # reset by the client, or by us as malformed
                     st.cancel()
                 elif st is None and not ev.by_client and self.proxy.recorders:
                     self._refused(ev)

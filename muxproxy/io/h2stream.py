@@ -23,11 +23,10 @@ from collections import deque
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import anyio
-import h2.exceptions
 
 from ..config import Limits, ListenerConfig
 from ..core.frontend_h2 import Body as H2Body
-from ..core.frontend_h2 import H2Server, Request
+from ..core.frontend_h2 import H2Server, Request, StreamGone
 from ..core.frontend_h11 import Body, EndOfRequest, RequestHead
 from ..core.h2wire import CANCEL, INTERNAL_ERROR
 from ..core.headers import Forwarding, Header
@@ -266,7 +265,7 @@ class H2Stream:
                     server.send_trailers(sid, self._trailers)
                 else:
                     server.send_data(sid, b"", True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except StreamGone:
             raise ClientGone from None
         await self.conn.sync()
 

@@ -11,6 +11,7 @@ import struct
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from muxproxy.core.frontend_h2 import (
@@ -21,6 +22,7 @@ from muxproxy.core.frontend_h2 import (
     H2Limits,
     H2Server,
     Request,
+    StreamGone,
     WindowOpen,
 )
 from muxproxy.core.h2wire import (
@@ -34,6 +36,7 @@ from muxproxy.core.h2wire import (
     HEADERS,
     NO_ERROR,
     PING,
+    PREFACE,
     PRIORITY,
     PROTOCOL_ERROR,
     REFUSED,
@@ -126,12 +129,12 @@ def test_settings_announce_our_limits_and_the_connection_window() -> None:
 def test_get_round_trip() -> None:
     p = Pair()
     evs = p.request(1, [*GET, (b"accept", b"*/*"), (b"cookie", b"a=1"), (b"cookie", b"b=2")])
-    assert len(evs) == 2
-    req, end = evs
-    assert isinstance(req, Request) and isinstance(end, End)
+    assert len(evs) == 1  # END_STREAM on the head: no separate End
+    (req,) = evs
+    assert isinstance(req, Request)
     assert (req.method, req.scheme, req.authority, req.path) == (b"GET", b"https", b"a.test", b"/")
     assert req.headers == [(b"accept", b"*/*"), (b"cookie", b"a=1"), (b"cookie", b"b=2")]
-    assert req.end_stream and end.trailers is None
+    assert req.end_stream
     p.server.send_head(1, 200, [(b"content-length", b"5")], end=False)
     assert p.server.send_data(1, b"hello", end=True) == 5
     evs = p.to_client()
@@ -195,7 +198,7 @@ def test_response_respects_the_client_window_and_resumes_on_window_update() -> N
         ([*GET, (b":status", b"200")], "unknown pseudo-header"),
         ([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"x")],
          "origin form"),
-        ([(b":method", b"CONNECT"), (b":authority", b"a:443")], "plain CONNECT"),
+        ([(b":method", b"CONNECT"), (b":authority", b"a:443"), (b":path", b"/")], "CONNECT with"),
         ([(b":method", b"CONNECT"), (b":protocol", b"websocket"), *GET[1:]], ":protocol without"),
     ],
 )
@@ -254,7 +257,12 @@ def test_ten_thousand_streams_past_the_limit_end_in_goaway_with_bounded_state() 
     assert sid < 300  # it stopped after max(100, limit) refusals, not 10,000
     goaways = [pl for t, _, _, pl in p.raw_out() if t == GOAWAY]
     assert len(goaways) == 1 and int.from_bytes(goaways[0][4:8], "big") == ENHANCE_YOUR_CALM
-    assert p.server.receive_data(frame(HEADERS, END_HEADERS, 999, b""), p.now) == []
+    # the GOAWAY is graceful (the 10 in flight may finish); another stream ends it at once
+    evs = p.server.receive_data(frame(HEADERS, END_HEADERS, 999, b""), p.now)
+    assert [(e.code, e.graceful) for e in evs if isinstance(e, Closing)] == [
+        (ENHANCE_YOUR_CALM, False)
+    ]
+    assert p.server.receive_data(frame(HEADERS, END_HEADERS, 1001, b""), p.now) == []
 
 
 def test_rapid_reset_within_one_read_never_reaches_a_backend() -> None:
@@ -265,6 +273,15 @@ def test_rapid_reset_within_one_read_never_reaches_a_backend() -> None:
         data += frame(RST_STREAM, 0, sid, struct.pack(">L", 8))
     evs = p.to_server(data)
     assert evs == []
+    # with bodies too: their connection credit comes back, nobody will read them
+    window = p.server.recv_window_conn + p.server._recv_unacked_conn
+    data = b""
+    for sid in range(41, 81, 2):
+        data += frame(HEADERS, END_HEADERS, sid, p.client.encoder.encode(GET))
+        data += frame(DATA, 0, sid, b"x" * 1000)
+        data += frame(RST_STREAM, 0, sid, struct.pack(">L", 8))
+    assert p.to_server(data) == []
+    assert p.server.recv_window_conn + p.server._recv_unacked_conn == window
 
 
 def test_rapid_reset_flood_is_stopped_with_enhance_your_calm() -> None:
@@ -421,3 +438,181 @@ def test_client_reset_cancels_and_frees_the_slot() -> None:
     evs = p.to_server()
     assert evs == [Cancelled(1, 8)]
     assert isinstance(p.request(3, GET)[0], Request)
+
+
+# --- the codec's own rules (RFC 9113), beyond the limits -----------------------------------
+
+
+def test_content_length_mismatch_is_a_stream_error_and_the_connection_lives() -> None:
+    p = Pair()
+    p.request(1, [*GET, (b"content-length", b"3")], end=False)
+    p.client.send_data(1, b"abcd")
+    evs = p.to_server()
+    assert evs == [Cancelled(1, PROTOCOL_ERROR, False, "body length differs from content-length")]
+    assert p.raw_resets() == {1: PROTOCOL_ERROR}
+    p.to_server(frame(HEADERS, END_HEADERS, 3, p.client.encoder.encode(GET)))
+    assert 3 in p.server.streams and 1 not in p.server.streams
+    # a body that ends short is the same error
+    p2 = Pair()
+    p2.request(1, [*GET, (b"content-length", b"5")], end=False)
+    p2.client.send_data(1, b"ab", end_stream=True)
+    evs = p2.to_server()
+    assert isinstance(evs[-1], Cancelled) and evs[-1].code == PROTOCOL_ERROR
+
+
+def test_data_after_end_stream_resets_the_stream_with_stream_closed() -> None:
+    p = Pair()
+    p.request(1, GET)  # END_STREAM on the head: half-closed (remote)
+    evs = p.to_server(frame(DATA, 0, 1, b"late"))
+    assert evs == [Cancelled(1, 5, False, "DATA after END_STREAM")]
+    assert p.raw_resets() == {1: 5}
+
+
+def test_frames_in_flight_on_a_stream_we_reset_are_ignored_and_their_credit_returns() -> None:
+    p = Pair(H2Limits(max_concurrent_streams=1))
+    p.request(1, GET, end=False)
+    evs = p.raw_request(3)  # refused
+    assert isinstance(evs[0], Cancelled) and evs[0].code == REFUSED
+    before = p.server.recv_window_conn
+    for _ in range(3):
+        assert p.to_server(frame(DATA, 0, 3, b"x" * 16000)) == []
+    assert p.server.recv_window_conn + p.server._recv_unacked_conn == before
+    assert p.raw_resets() == {3: REFUSED}  # nothing more than the refusal
+
+
+def test_settings_initial_window_size_moves_every_open_stream_window() -> None:
+    p = Pair()
+    p.request(1, GET)
+    assert p.server.send_window(1) == 65535
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    evs = p.to_server()
+    assert WindowOpen(0) in evs
+    assert p.server.send_window(1) == 100
+    p.server.send_head(1, 200, [], end=False)
+    assert p.server.send_data(1, b"z" * 500) == 100
+    p.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 50})
+    p.to_server()
+    assert p.server.send_window(1) == 0  # (the window is -50 now, RFC 9113 §6.9.2)
+
+
+def test_padding_counts_against_the_windows_and_is_given_back() -> None:
+    p = Pair()
+    p.request(1, GET, end=False)
+    payload = bytes([10]) + b"abc" + b"\0" * 10
+    evs = p.to_server(frame(DATA, 0x8, 1, payload))
+    assert evs == [Body(1, b"abc", 14)]
+    bad = p.to_server(frame(DATA, 0x8, 1, bytes([20]) + b"abc"))
+    assert isinstance(bad[-1], Closing) and bad[-1].code == PROTOCOL_ERROR
+
+
+def test_priority_signals_cost_no_state() -> None:
+    p = Pair()
+    for i in range(2000):
+        p.now = 5000.0 + i // 50  # (under the PRIORITY flood limit)
+        sid = 2 * i + 101
+        evs = p.to_server(frame(PRIORITY, 0, sid, b"\0\0\0\x01\x10"))
+        assert evs == []
+    assert p.server.streams == {} and len(p.server._resets) == 0
+    # a PRIORITY flag on the head is read past
+    block = p.client.encoder.encode(GET)
+    evs = p.to_server(frame(HEADERS, END_HEADERS | END_STREAM | 0x20, 5001,
+                            b"\0\0\0\x03\x10" + block))  # fmt: skip
+    assert isinstance(evs[0], Request)
+
+
+def test_continuation_must_follow_its_headers() -> None:
+    p = Pair()
+    block = p.client.encoder.encode(GET)
+    evs = p.to_server(frame(HEADERS, 0, 1, block[:3]) + frame(PING, 0, 0, b"\0" * 8))
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+    p = Pair()
+    evs = p.to_server(frame(CONTINUATION, END_HEADERS, 1, b""))
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+    p = Pair()  # split in three: one request
+    data = (
+        frame(HEADERS, END_STREAM, 1, block[:2])
+        + frame(CONTINUATION, 0, 1, block[2:4])
+        + frame(CONTINUATION, END_HEADERS, 1, block[4:])
+    )
+    evs = p.to_server(data)
+    assert isinstance(evs[0], Request) and evs[0].path == b"/"
+
+
+def test_preface_must_be_followed_by_settings() -> None:
+    s = H2Server()
+    s.initiate()
+    evs = s.receive_data(PREFACE + frame(PING, 0, 0, b"\0" * 8), 0.0)
+    assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR
+
+
+def test_frames_on_idle_streams_are_connection_errors() -> None:
+    for f in (
+        frame(DATA, 0, 9, b"x"),
+        frame(WINDOW_UPDATE, 0, 9, struct.pack(">L", 1)),
+        frame(RST_STREAM, 0, 9, struct.pack(">L", 8)),
+        frame(HEADERS, END_HEADERS, 2, b""),  # even: a client never opens those
+    ):
+        p = Pair()
+        evs = p.to_server(f)
+        assert isinstance(evs[-1], Closing) and evs[-1].code == PROTOCOL_ERROR, f
+
+
+def test_informational_head_before_the_response() -> None:
+    p = Pair()
+    p.request(1, [(b":method", b"POST"), *GET[1:], (b"expect", b"100-continue")], end=False)
+    p.server.send_informational(1, [(b":status", b"100")])
+    evs = p.to_client()
+    assert [type(e).__name__ for e in evs] == ["InformationalResponseReceived"]
+    p.client.send_data(1, b"body", end_stream=True)
+    assert [type(e) for e in p.to_server()] == [Body, End]
+    p.server.send_head(1, 201, [], end=True)
+    evs = p.to_client()
+    assert [type(e).__name__ for e in evs] == ["ResponseReceived", "StreamEnded"]
+    q = Pair()
+    q.request(1, GET, end=False)
+    with pytest.raises(ValueError):
+        q.server.send_informational(1, [(b":status", b"200")])
+
+
+def test_output_on_a_gone_stream_raises_stream_gone() -> None:
+    p = Pair()
+    p.request(1, GET, end=False)
+    p.client.reset_stream(1, 8)
+    p.to_server()
+    with pytest.raises(StreamGone):
+        p.server.send_head(1, 200, [], end=False)
+    assert p.server.send_window(1) == 0
+    p.server.reset(1)  # (nothing: already closed)
+
+
+def test_large_header_blocks_go_out_in_continuation_frames() -> None:
+    p = Pair()
+    p.request(1, GET)
+    big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(40)]
+    p.server.send_head(1, 200, big, end=True)
+    evs = p.to_client()
+    head = next(e for e in evs if isinstance(e, h2.events.ResponseReceived))
+    assert len(head.headers) == 41
+
+
+def test_reset_memory_is_bounded() -> None:
+    p = Pair(H2Limits(max_concurrent_streams=1))
+    for sid in range(1, 1 + 2 * 500, 2):  # each answered before its body: RST(NO_ERROR)
+        evs = p.to_server(frame(HEADERS, END_HEADERS, sid, p.client.encoder.encode(GET)))
+        assert isinstance(evs[0], Request)
+        p.server.send_head(sid, 204, [], end=True)
+        p.server.data_to_send()
+    assert not p.server.closed
+    assert len(p.server._resets) == 128  # max(128, 2 × 1)
+    assert p.to_server(frame(DATA, 0, 999, b"late")) == []  # remembered: ignored
+
+
+def test_hpack_memos_of_a_client_connection_stay_small() -> None:
+    p = Pair()
+    for i in range(300):
+        sid = 2 * i + 1
+        p.request(sid, [*GET, (b"x-new-%d" % i, b"value-%d" % i * 20)])
+        p.server.send_head(sid, 200, [(b"x-out", b"%d" % i * 30)], end=True)
+        p.to_client()
+    assert p.server._decoder.memo_bytes() <= 8192 + 4096
+    assert p.server._encoder.memo_bytes() <= 16384
