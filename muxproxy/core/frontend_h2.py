@@ -3,12 +3,16 @@
 Theory of operation.  Bytes from the client go first through
 :class:`~muxproxy.core.h2guard.FrameGuard`, which stops the connection with
 GOAWAY(ENHANCE_YOUR_CALM) the moment a flood limit is passed, before ``h2`` spends any work on
-the frame.  Complete frames are then fed to ``h2`` one at a time, so a protocol error in one
-frame never loses the events of the frames before it.  ``h2``'s events become muxproxy's own
-(:class:`Request`, :class:`Body`, :class:`End`, :class:`Cancelled`, :class:`WindowOpen`,
-:class:`Closing`) after muxproxy's own checks of the request head
-(:func:`~muxproxy.core.h2guard.check_request`).  A malformed request is a *stream* error
-(RST_STREAM PROTOCOL_ERROR), never the other streams' problem.
+the frame.  After a first flood of frames the connection can do without (a per-second rate)
+the GOAWAY is graceful (:meth:`H2Server._calm`): the frame is dropped, the streams in flight
+finish (bounded by ``calm_timeout`` in the I/O layer), and a new stream or another limit
+passed then closes the connection at once.  Complete frames are then fed to ``h2`` one at
+a time, so a protocol error in one frame never loses the events of the frames before it.
+``h2``'s events become muxproxy's own (:class:`Request`, :class:`Body`, :class:`End`,
+:class:`Cancelled`, :class:`WindowOpen`, :class:`Closing`) after muxproxy's own checks of the
+request head (:func:`~muxproxy.core.h2guard.check_request`).  A malformed request is a
+*stream* error (RST_STREAM PROTOCOL_ERROR), never the other streams' problem (except a bad
+``content-length``, which ``h2`` makes a connection error).
 
 Every limit is enforced here, not assumed from the library:
 
@@ -163,6 +167,7 @@ class H2Server:
         self.draining_at: int | None = None  # last_stream_id of our GOAWAY, once sent
         self.closed = False  # a fatal GOAWAY was sent or received: input is ignored
         self.peer_goaway = False  # the client will open no more streams
+        self.calm = False  # GOAWAY(ENHANCE_YOUR_CALM) sent: in-flight streams may finish
         self._trailers: dict[int, list[Header]] = {}
         self._extra = b""
 
@@ -201,7 +206,11 @@ class H2Server:
             self._translate(raw, events)
             if self.closed:
                 return events
-        if why is not None:
+        if why is not None and self.guard.recoverable and not self.calm:
+            # A first flood: GOAWAY(ENHANCE_YOUR_CALM); what followed the frame dropped goes on.
+            events.append(self._calm(why))
+            events += self.receive_data(b"", now)
+        elif why is not None:
             code = FRAME_SIZE_ERROR if why.startswith("frame of") else ENHANCE_YOUR_CALM
             if why.startswith("not an HTTP/2"):
                 code = PROTOCOL_ERROR
@@ -259,14 +268,17 @@ class H2Server:
         sid = ev.stream_id
         self.highest = max(self.highest, sid)
         if self.draining_at is not None and sid > self.draining_at:
+            if self.calm:  # told to calm down, and opening streams: closed at once
+                out.append(self._fail(ENHANCE_YOUR_CALM, "new stream after GOAWAY", sent=False))
+                return
             self.conn.reset_stream(sid, REFUSED)
             return
         if len(self.active) >= self.limits.max_concurrent_streams:
             self.conn.reset_stream(sid, REFUSED)
             self.refused += 1
             out.append(Cancelled(sid, REFUSED, False, "over max_concurrent_streams"))
-            if self.refused > max(100, self.limits.max_concurrent_streams):
-                out.append(self._fail(ENHANCE_YOUR_CALM, "too many refused streams", sent=False))
+            if self.refused > max(100, self.limits.max_concurrent_streams) and not self.calm:
+                out.append(self._calm("too many refused streams"))
             return
         try:
             req = check_request(
@@ -286,12 +298,34 @@ class H2Server:
             self.closed = True
         return Closing(code, "client sent GOAWAY", graceful=code == NO_ERROR)
 
+    # --- muxproxy's additions around the codec (kept apart for the codec's rewrite) --------
+
+    def _calm(self, reason: str) -> Closing:
+        """A flood limit was passed: GOAWAY(ENHANCE_YOUR_CALM) with the last stream id seen.
+        The streams in flight finish (the I/O layer bounds them with ``calm_timeout``); a
+        new stream or another limit passed after it closes the connection at once."""
+        self.calm = True
+        last = self.highest if self.draining_at is None else min(self.draining_at, self.highest)
+        self.draining_at = last
+        debug = reason[:64].encode()
+        self._extra += frame(GOAWAY, 0, 0, U32x2.pack(last, ENHANCE_YOUR_CALM) + debug)
+        return Closing(ENHANCE_YOUR_CALM, reason, graceful=True)
+
+    def send_informational(self, stream_id: int, headers: list[Header]) -> None:
+        """An interim response on ``stream_id``: ``headers`` start with ``:status`` 1xx
+        (100 Continue, 103 Early Hints; never 101, RFC 9113 §8.6).  The stream stays open."""
+        status = headers[0][1] if headers and headers[0][0] == b":status" else b""
+        if len(status) != 3 or status[:1] != b"1" or status == b"101":
+            raise ValueError(f"not an interim status: {status!r}")
+        self.conn.send_headers(stream_id, headers)
+
     def _fail(self, code: int, reason: str, *, sent: bool) -> Closing:
         """Stop the connection with GOAWAY(code); ``sent`` when h2 already queued it."""
         self.closed = True
         if not sent:
             debug = reason[:64].encode()
-            self._extra += frame(GOAWAY, 0, 0, U32x2.pack(self.highest, code) + debug)
+            last = self.highest if self.draining_at is None else self.draining_at  # (§6.8)
+            self._extra += frame(GOAWAY, 0, 0, U32x2.pack(last, code) + debug)
         return Closing(code, reason, graceful=False)
 
     # --- output -------------------------------------------------------------------------

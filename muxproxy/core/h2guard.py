@@ -87,6 +87,7 @@ class FrameGuard:
         "in_block",
         "limits",
         "preface_done",
+        "recoverable",
         "second",
     )
 
@@ -99,10 +100,16 @@ class FrameGuard:
         self.in_block = False
         self.block_frames = 0
         self.block_bytes = 0
+        # The last limit passed was a per-second rate of a frame the connection can do
+        # without: the frame was dropped (or, RST_STREAM / WINDOW_UPDATE / DATA, passed on)
+        # and the rest kept, so the connection can wind down after GOAWAY(ENHANCE_YOUR_CALM)
+        # (``feed(b"")`` goes on).  Anything else (frame size, header blocks) ends it.
+        self.recoverable = False
 
     def feed(self, data: bytes, now: float) -> tuple[list[bytes], str | None]:
         """Whole frames (the preface is the first "frame"), and a reason if a limit was passed
-        (then the frames before the offending one are returned, and nothing after)."""
+        (then the frames before the offending one are returned, and nothing after: see
+        ``recoverable`` for what becomes of the rest)."""
         buf = self.buf + data if self.buf else data
         out: list[bytes] = []
         pos = 0
@@ -131,9 +138,16 @@ class FrameGuard:
                 break
             ftype = buf[pos + 3]
             flags = buf[pos + 4]
+            self.recoverable = False
             why = self._count(ftype, flags, length)
             if why is not None:
-                self.buf = b""
+                if self.recoverable:
+                    end = pos + 9 + length
+                    if ftype in (RST_STREAM, WINDOW_UPDATE, DATA):  # (cheap, and needed)
+                        out.append(buf[pos:end])
+                    self.buf = buf[end:]
+                else:
+                    self.buf = b""
                 return out, why
             out.append(buf[pos : pos + 9 + length])
             pos += 9 + length
@@ -143,7 +157,10 @@ class FrameGuard:
     def _bump(self, key: str, limit: int) -> str | None:
         c = self.counts.get(key, 0) + 1
         self.counts[key] = c
-        return f"{key} flood: more than {limit} per second" if c > limit else None
+        if c <= limit:
+            return None
+        self.recoverable = True
+        return f"{key} flood: more than {limit} per second"
 
     def _count(self, ftype: int, flags: int, length: int) -> str | None:
         lim = self.limits
@@ -160,7 +177,9 @@ class FrameGuard:
             if flags & END_HEADERS:
                 self.in_block = False
             if length == 0 and not flags & END_STREAM:
-                return self._bump("empty frame", lim.max_empty_frames_per_second)
+                why = self._bump("empty frame", lim.max_empty_frames_per_second)
+                self.recoverable = False  # (dropping part of a header block breaks HPACK)
+                return why
             return None
         if ftype == DATA:
             if length == 0 and not flags & END_STREAM:
@@ -232,10 +251,11 @@ def check_request(
     protocol = pseudo.get(b":protocol")
     authority = pseudo.get(b":authority", b"")
     if method == b"CONNECT" and protocol is None:
-        # Plain CONNECT (a TCP tunnel, RFC 9113 §8.5): not something this proxy offers.
+        # Plain CONNECT (a TCP tunnel, RFC 9113 §8.5): well-formed, it is a request this proxy
+        # does not serve (501, as on HTTP/1.1); malformed, a stream error.
         if b":scheme" in pseudo or b":path" in pseudo or not authority:
             raise Malformed("CONNECT with :scheme or :path, or without :authority")
-        raise Malformed("plain CONNECT is not supported")
+        return Request(stream_id, method, b"", authority, b"", None, regular, end_stream)
     if protocol is not None:
         if not connect_protocol:
             raise Malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")

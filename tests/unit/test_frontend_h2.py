@@ -195,7 +195,7 @@ def test_response_respects_the_client_window_and_resumes_on_window_update() -> N
         ([*GET, (b":status", b"200")], "unknown pseudo-header"),
         ([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"x")],
          "origin form"),
-        ([(b":method", b"CONNECT"), (b":authority", b"a:443")], "plain CONNECT"),
+        ([(b":method", b"CONNECT"), (b":authority", b"a:443"), (b":path", b"/")], "CONNECT with"),
         ([(b":method", b"CONNECT"), (b":protocol", b"websocket"), *GET[1:]], ":protocol without"),
     ],
 )
@@ -254,7 +254,12 @@ def test_ten_thousand_streams_past_the_limit_end_in_goaway_with_bounded_state() 
     assert sid < 300  # it stopped after max(100, limit) refusals, not 10,000
     goaways = [pl for t, _, _, pl in p.raw_out() if t == GOAWAY]
     assert len(goaways) == 1 and int.from_bytes(goaways[0][4:8], "big") == ENHANCE_YOUR_CALM
-    assert p.server.receive_data(frame(HEADERS, END_HEADERS, 999, b""), p.now) == []
+    # the GOAWAY is graceful (the 10 in flight may finish); another stream ends it at once
+    evs = p.server.receive_data(frame(HEADERS, END_HEADERS, 999, b""), p.now)
+    assert [(e.code, e.graceful) for e in evs if isinstance(e, Closing)] == [
+        (ENHANCE_YOUR_CALM, False)
+    ]
+    assert p.server.receive_data(frame(HEADERS, END_HEADERS, 1001, b""), p.now) == []
 
 
 def test_rapid_reset_within_one_read_never_reaches_a_backend() -> None:
