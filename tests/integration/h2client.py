@@ -35,6 +35,7 @@ class H2Client:
         # h2 ends the whole connection on a GOAWAY; with after_goaway the client reads the
         # GOAWAY itself and goes on with the streams in flight, as curl and nghttp do.
         self.after_goaway = after_goaway
+        self.hold: set[int] = set()  # streams whose window is never opened (connection's is)
         self._frames = b""
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None,
                                          validate_outbound_headers=False,
@@ -165,7 +166,9 @@ class H2Client:
             r.interim_seen.set()
         elif isinstance(ev, E.DataReceived):
             self.responses[ev.stream_id].body += ev.data
-            if self.auto_ack:
+            if self.auto_ack and ev.stream_id in self.hold:
+                self.h2.increment_flow_control_window(ev.flow_controlled_length)
+            elif self.auto_ack:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, E.TrailersReceived):
             self.responses[ev.stream_id].trailers = list(ev.headers)
