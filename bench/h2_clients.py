@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from run import (
     Row,
     Settings,
     WrkResult,
+    _csv,
     _interrupt,
     add_ratios,
     bench_proxy,
@@ -53,6 +53,7 @@ from run import (
     machine_facts,
     markdown_table,
     proxy_specs,
+    run_bounded,
     start_backend,
     write_results,
 )
@@ -81,20 +82,10 @@ def h2load(streams: Mapping[int, int], workdir: Path) -> Load:
         log_file = workdir / "h2load-requests.tsv"
         argv = ["taskset", "-c", str(cpu), "h2load", "-t1", f"-c{connections}", f"-m{m}"]
         argv += [f"-D{seconds}", "--log-file", str(log_file), url]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = proc.communicate(timeout=seconds + 60)
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        status, output = run_bounded(argv, seconds + 60)
         finished = re.search(r"^finished in ([\d.]+)(m?s)", output, re.MULTILINE)
-        if proc.returncode != 0 or finished is None:
-            raise RuntimeError(f"h2load failed (status {proc.returncode}): {output[-300:]}")
+        if status != 0 or finished is None:
+            raise RuntimeError(f"h2load failed (status {status}): {output[-300:]}")
         duration = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
         done = _count(output, r"^requests: \d+ total, \d+ started, (\d+) done")
         failed = _count(output, r"(\d+) failed")
@@ -140,10 +131,6 @@ def facts_markdown(
     ]
     lines += [f"- {name}: {version}" for name, version in versions.items() if name != "wrk"]
     return "\n".join(lines)
-
-
-def _csv(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -336,6 +336,22 @@ class WrkResult:
     p99_ms: float
 
 
+def run_bounded(argv: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run a load generator in its own process group; (exit status, stdout+stderr).  Raises
+    subprocess.TimeoutExpired past ``timeout`` (the group is killed either way)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
 def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
     """One bounded wrk run (stops by itself after `seconds`; killed if it overruns)."""
     argv = [
@@ -353,19 +369,10 @@ def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
         str(WRK_SCRIPT),
         url,
     ]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=seconds + 30)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    status, output = run_bounded(argv, seconds + 30)
     match = re.search(r"^WRKJSON (.*)$", output, re.MULTILINE)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed (status {proc.returncode}): {output.strip()[-300:]}")
+    if status != 0 or match is None:
+        raise RuntimeError(f"wrk failed (status {status}): {output.strip()[-300:]}")
     data = json.loads(match.group(1))
     return WrkResult(
         requests=data["requests"],
