@@ -10,7 +10,7 @@ from __future__ import annotations
 import h2.events
 import pytest
 
-from muxproxy.core.frontend_h2 import Body, Closing, End, H2Limits, Request
+from muxproxy.core.frontend_h2 import Body, Cancelled, Closing, End, H2Limits, Request
 from muxproxy.core.h2wire import (
     DATA,
     END_HEADERS,
@@ -119,3 +119,17 @@ def test_well_formed_plain_connect_is_a_request_the_io_layer_answers_501() -> No
     evs = p.request(1, [(b":method", b"CONNECT"), (b":authority", b"a.test:443")], end=False)
     assert isinstance(evs[0], Request)
     assert (evs[0].method, evs[0].protocol, evs[0].path) == (b"CONNECT", None, b"")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h2 raises a connection error for a bad content-length (RFC 9113 §8.1.1 makes it a "
+    "malformed request, a stream error); for the codec rewrite to fix",
+)
+def test_body_longer_than_content_length_is_a_stream_error() -> None:
+    p = Pair()
+    p.request(1, [*POST, (b"content-length", b"3")], end=False)
+    p.request(3, GET, end=False)
+    evs = p.to_server(frame(DATA, END_STREAM, 1, b"more"))  # 4 bytes of a declared 3
+    assert not p.server.closed and 3 in p.server.active  # the other stream lives on
+    assert len(evs) == 1 and isinstance(evs[0], Cancelled) and evs[0].stream_id == 1
