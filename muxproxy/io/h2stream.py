@@ -223,8 +223,9 @@ class H2Stream:
 
     async def send_continue(self) -> None:
         """``Expect: 100-continue``: the body is asked for now, so a 100 (an interim HEADERS
-        frame, RFC 9113 §8.1) tells the client to send it; once, and only before the head."""
-        if self._continue and not self._head_sent and not self._ended:
+        frame, RFC 9113 §8.1) tells the client to send it; once, and only before the head and
+        while no body came (as ``ClientSession.continue_bytes`` on HTTP/1.1)."""
+        if self._continue and not self._head_sent and not self._ended and not self._unacked:
             self._continue = False
             self.conn.server.send_informational(self.sid, [(b":status", b"100")])
             self.conn.kick()

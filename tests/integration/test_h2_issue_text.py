@@ -4,14 +4,16 @@ cluster, forwarded headers, replays, per-stream flow control both ways."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
+import h2.settings
 import pytest
 
 from muxproxy.demo.h2server import OriginRequest
 
 from .h2client import H2Client
-from .h2harness import running_h2
+from .h2harness import curl, running_h2
 from .harness import wait_for
 from .origin import Script, pattern
 from .test_http1_backend import H1Origin
@@ -130,3 +132,46 @@ async def test_an_upload_moves_at_the_backend_pace() -> None:
             assert c.responses[sid].status == 200 and bytes(c.responses[sid].body) == b"2000000"
             tg.cancel_scope.cancel()
         await c.aclose()
+
+
+async def test_alpn_order_is_the_listeners_and_connect_protocol_only_with_websockets(
+    tmp_path: Path,
+) -> None:
+    """"on a TLS listener, the ALPN list offered, in that order"; "we announce
+    SETTINGS_ENABLE_CONNECT_PROTOCOL on listeners whose routes allow WebSockets"."""
+    async with running_h2(Script(), protocols=("http1", "h2"), tls_dir=tmp_path) as h:
+        r = await curl(h, "/hello", "-w", " %{http_version}")  # curl offers h2 first
+        assert r.stdout == b"hello\n 1.1", r.stderr
+    async with running_h2(Script(), protocols=("h2",)) as h:  # the default route: no WebSockets
+        c = await H2Client.connect(h.addr.host, h.addr.port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(c.run)
+            await c.flush()
+            with anyio.fail_after(10):
+                await c.remote_settings.wait()
+            settings = c.h2.remote_settings
+            assert settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
+            tg.cancel_scope.cancel()
+        await c.aclose()
+
+
+async def test_a_response_without_trailers_ends_on_its_last_data() -> None:
+    """"a response without trailers is ended with END_STREAM on the last DATA" (nghttp -v):
+    when the backend ends its stream on its last DATA, so does the proxy.  (A backend that
+    ends with an empty DATA frame gets the same from the proxy: holding every DATA back until
+    the next frame says whether it was the last would cost latency.)"""
+
+    async def chunks(req: OriginRequest) -> None:
+        await req.respond(200, [], end=False)
+        await req.send_data(pattern(20_000))
+        await req.send_data(pattern(20_000), end=True)
+
+    async with running_h2(chunks) as h:
+        r = await anyio.run_process(["nghttp", "-n", "-v", "-t", "20", f"{h.url}/c"])
+    text = r.stdout.decode()
+    frames = [ln for ln in text.splitlines() if "recv DATA frame" in ln or "recv HEADERS" in ln]
+    data = [ln for ln in frames if "DATA" in ln]
+    assert frames[-1] is data[-1]  # nothing after the last DATA (no empty frame, no trailers)
+    assert "flags=0x01" in data[-1] and "length=0," not in data[-1], data[-1]
+    assert all("flags=0x00" in ln for ln in data[:-1])
+    assert sum(int(ln.split("length=")[1].split(",")[0]) for ln in data) == 40_000
