@@ -59,7 +59,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -336,6 +336,22 @@ class WrkResult:
     p99_ms: float
 
 
+def run_bounded(argv: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run a load generator in its own process group; (exit status, stdout+stderr).  Raises
+    subprocess.TimeoutExpired past ``timeout`` (the group is killed either way)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
 def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
     """One bounded wrk run (stops by itself after `seconds`; killed if it overruns)."""
     argv = [
@@ -353,19 +369,10 @@ def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
         str(WRK_SCRIPT),
         url,
     ]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=seconds + 30)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    status, output = run_bounded(argv, seconds + 30)
     match = re.search(r"^WRKJSON (.*)$", output, re.MULTILINE)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed (status {proc.returncode}): {output.strip()[-300:]}")
+    if status != 0 or match is None:
+        raise RuntimeError(f"wrk failed (status {status}): {output.strip()[-300:]}")
     data = json.loads(match.group(1))
     return WrkResult(
         requests=data["requests"],
@@ -377,8 +384,11 @@ def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
     )
 
 
-def smoke_test(port: int, paths: Sequence[str]) -> str | None:
-    """GET every path once through the proxy; None if all are 200 with the right body size."""
+def smoke_test(port: int, paths: Sequence[str], front: str = "http1") -> str | None:
+    """GET every path once through the proxy; None if all are 200 with the right body size.
+    ``front`` "h2c": over HTTP/2 with prior knowledge (curl), as bench/h2_clients.py loads it."""
+    if front == "h2c":
+        return _smoke_h2c(port, paths)
     for path in paths:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
@@ -391,6 +401,22 @@ def smoke_test(port: int, paths: Sequence[str]) -> str | None:
             conn.close()
         if response.status != 200 or len(body) != BODY_SIZES[path]:
             return f"GET {path}: status {response.status}, {len(body)}-byte body"
+    return None
+
+
+def _smoke_h2c(port: int, paths: Sequence[str]) -> str | None:
+    for path in paths:
+        argv = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", "-o", "/dev/null"]
+        argv += ["-w", "%{http_version} %{http_code} %{size_download}"]
+        try:
+            out = subprocess.run(
+                [*argv, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                timeout=15, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"GET {path} (h2c): {exc!r}"
+        if out.stdout != f"2 200 {BODY_SIZES[path]}":
+            return f"GET {path} (h2c): {out.stdout!r} {out.stderr.strip()[:200]}"
     return None
 
 
@@ -441,7 +467,17 @@ def muxproxy_version(python: str) -> str:
     return f"muxproxy {version} ({rev or 'no commit'}), {runtime}"
 
 
-def proxy_specs(python: str) -> list[ProxySpec]:
+def proxy_specs(python: str, front: str = "http1") -> list[ProxySpec]:
+    """The proxies; ``front`` other than "http1": those with a `conf/<front>-<template>`, which
+    accepts that client protocol (bench/h2_clients.py: "h2c")."""
+    specs = _proxy_specs(python)
+    if front == "http1":
+        return specs
+    own = [replace(s, template=f"{front}-{s.template}") for s in specs]
+    return [s for s in own if (CONF_DIR / s.template).exists()]
+
+
+def _proxy_specs(python: str) -> list[ProxySpec]:
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     return [
         ProxySpec(
@@ -560,6 +596,11 @@ class Settings:
     paths: list[str]
     proxy_cpu: int
     load_cpu: int
+    front: str = "http1"  # what clients speak to the proxy: "http1" (wrk) or "h2c" (h2load)
+
+
+# A load generator: (url, connections, seconds, cpu) -> its summary.  run_wrk by default.
+Load = Callable[[str, int, int, int], WrkResult]
 
 
 @dataclass(frozen=True)
@@ -631,16 +672,17 @@ def measure_cell(
     path: str,
     connections: int,
     settings: Settings,
+    load: Load = run_wrk,
 ) -> Row:
     row = Row(proxy=spec.name, path=path, connections=connections)
     url = f"http://127.0.0.1:{port}{path}"
     backend_port = backend.h1_port if spec.http1_backend else backend.h2_port
     try:
         if settings.warmup > 0:
-            run_wrk(url, connections, settings.warmup, settings.load_cpu)
+            load(url, connections, settings.warmup, settings.load_cpu)
         before = Snapshot.take(proxy.pid, backend.service.pid, settings)
         with sampling(proxy.pid, backend_port) as sampler:
-            result = run_wrk(url, connections, settings.duration, settings.load_cpu)
+            result = load(url, connections, settings.duration, settings.load_cpu)
         after = Snapshot.take(proxy.pid, backend.service.pid, settings)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         row.note = str(exc).splitlines()[0][:200]
@@ -704,7 +746,7 @@ def running_proxy(
     try:
         problem = proxy.wait_ready(port, spec.ready_prefix, START_TIMEOUT_S)
         if problem is None:
-            smoke = smoke_test(port, settings.paths)
+            smoke = smoke_test(port, settings.paths, settings.front)
             problem = None if smoke is None else f"smoke test: {smoke}"
         if problem is not None:
             log(f"[{spec.name}] failed to start: {problem}; last log lines:")
@@ -718,7 +760,7 @@ def running_proxy(
 
 
 def bench_proxy(
-    spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path
+    spec: ProxySpec, backend: Backend, settings: Settings, workdir: Path, load: Load = run_wrk
 ) -> Iterator[Row]:
     """Rows for all cells of one proxy; every cell gets a freshly started proxy instance."""
     proxy_dir = workdir / spec.name
@@ -730,7 +772,9 @@ def bench_proxy(
             try:
                 with running_proxy(spec, backend, settings, proxy_dir, tag) as (proxy, port):
                     log(f"[{spec.name}] {tag}: {settings.warmup} s warm-up, {settings.duration} s")
-                    row = measure_cell(spec, proxy, port, backend, path, connections, settings)
+                    row = measure_cell(
+                        spec, proxy, port, backend, path, connections, settings, load
+                    )
             except StartError as exc:
                 note = f"failed to start ({exc})"[:200]
                 if first:  # not runnable at all: one row for the whole proxy

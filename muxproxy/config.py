@@ -210,6 +210,8 @@ class Limits(_Section, frozen=True):
     max_priority_per_second: int = 100
     max_window_updates_per_second: int = 10_000
     max_empty_frames_per_second: int = 100
+    # After GOAWAY(ENHANCE_YOUR_CALM): the longest the streams in flight may take to finish
+    calm_timeout: Duration = Duration(5.0)
 
 
 # The protocols a listener may speak to clients (ALPN ids "h2" and "http/1.1").
@@ -435,6 +437,7 @@ def _check(cfg: Config) -> None:
             "body_timeout",
             "send_timeout",
             "proxy_protocol_timeout",
+            "calm_timeout",
         ):
             if getattr(lim, key) <= 0:
                 fail(f"listeners[{i}].limits.{key}", "must be more than 0")

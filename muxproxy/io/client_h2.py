@@ -15,7 +15,9 @@ a writer, and one task per request stream, all owned by the connection's task gr
   other clients.  Request-body windows are given back (:meth:`H2Server.acknowledge`) only once
   the previous piece went on to the backend.
 * Draining (SIGTERM): GOAWAY with the last stream id; the streams in flight finish (the proxy
-  bounds them with ``grace_period``), then the connection closes.
+  bounds them with ``grace_period``), then the connection closes.  After a flood,
+  GOAWAY(ENHANCE_YOUR_CALM) does the same for this connection alone, bounded by
+  ``calm_timeout``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ..core.frontend_h2 import (
     Request,
     WindowOpen,
 )
-from ..core.h2wire import PREFACE, REFUSED
+from ..core.h2wire import ENHANCE_YOUR_CALM, PREFACE, REFUSED
 from ..core.headers import Forwarding
 from ..core.outcome import Outcome
 from .backend import NETWORK_ERRORS
@@ -234,7 +236,7 @@ class H2ClientConnection:
                 self.kick()
                 if server.closed:
                     return
-            if (self.draining or server.peer_goaway) and not self.streams:
+            if self.winding_down and not self.streams:
                 return
             with anyio.CancelScope() as scope:
                 self._read_scope = scope
@@ -285,13 +287,31 @@ class H2ClientConnection:
             elif isinstance(ev, Cancelled):
                 st = streams.get(ev.stream_id)
                 if st is not None:  # reset by the client, or by us as malformed
-                    st.cancel()
-                elif st is None and not ev.by_client and self.proxy.recorders:
+                    st.cancel("" if ev.by_client else "refused_malformed")
+                elif not ev.by_client and self.proxy.recorders:
                     self._refused(ev)
             elif isinstance(ev, Closing) and not ev.graceful:
                 log.info("client %s: HTTP/2 connection closed: %s", self.peer[0], ev.reason)
                 for st in streams.values():
                     st.cancel()
+            elif isinstance(ev, Closing) and ev.code == ENHANCE_YOUR_CALM:
+                log.info("client %s: HTTP/2 GOAWAY: %s", self.peer[0], ev.reason)
+                tg.start_soon(self._calm_down)
+
+    async def _calm_down(self) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) was sent: the streams in flight have ``calm_timeout``
+        to finish, then the connection closes (theirs alone: other clients never notice)."""
+        await anyio.sleep(self.limits.calm_timeout)
+        for st in self.streams.values():
+            if not st.outcome.reason:
+                st.outcome.reason = "refused_limit"
+        self._stop()
+
+    @property
+    def winding_down(self) -> bool:
+        """No new stream will be served: once the streams in flight are done, close."""
+        server = self.server
+        return self.draining or server.peer_goaway or server.calm
 
     def _refused(self, ev: Cancelled) -> None:
         """A request refused before it became a stream (over the limit, malformed) is
@@ -321,5 +341,5 @@ class H2ClientConnection:
         if not self.streams:
             if self._done is not None:
                 self._done.set()
-            if (self.draining or self.server.peer_goaway) and self._read_scope is not None:
+            if self.winding_down and self._read_scope is not None:
                 self._read_scope.cancel()

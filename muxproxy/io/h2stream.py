@@ -82,11 +82,13 @@ class H2Stream:
 
     __slots__ = (
         "_acked",
+        "_continue",
         "_end",
         "_ended",
         "_head",
         "_head_sent",
         "_pending",
+        "_received",
         "_trailers",
         "_unacked",
         "_wake",
@@ -110,6 +112,8 @@ class H2Stream:
         self._window: anyio.Event | None = None  # flush waiting for the client's window
         self._unacked = 0  # flow-controlled bytes handed out, not yet given back
         self._acked = 0
+        self._received = 0  # request-body bytes handed out (the listener's max_body)
+        self._continue = False  # a 100 is owed when the body is first asked for
         self._head: tuple[int, list[Header]] | None = None
         self._head_sent = False
         self._pending: list[bytes] = []
@@ -152,7 +156,12 @@ class H2Stream:
         return self.conn.limits.body_timeout
 
     async def read_body(self) -> Body | EndOfRequest:
-        return await self._next(self.conn.limits.body_timeout)
+        ev = await self._next(self.conn.limits.body_timeout)
+        if type(ev) is Body:
+            self._received += len(ev.data)
+            if self._received > self.conn.limits.max_body:  # (a route's own: BodySource)
+                raise ClientError("request body too large", 413)
+        return ev
 
     async def _next(self, timeout: float) -> Body | EndOfRequest:
         # The piece handed out last went on to the backend: its window goes back now.
@@ -212,7 +221,13 @@ class H2Stream:
             self.conn.kick()
 
     async def send_continue(self) -> None:
-        return None  # HTTP/2 clients do not wait for 100 (RFC 9113 §8.1 lets them send at once)
+        """``Expect: 100-continue``: the body is asked for now, so a 100 (an interim HEADERS
+        frame, RFC 9113 §8.1) tells the client to send it; once, and only before the head and
+        while no body came (as ``ClientSession.continue_bytes`` on HTTP/1.1)."""
+        if self._continue and not self._head_sent and not self._ended and not self._unacked:
+            self._continue = False
+            self.conn.server.send_informational(self.sid, [(b":status", b"100")])
+            self.conn.kick()
 
     def send_head(self, status: int, headers: list[Header]) -> None:
         self._head = (status, headers)
@@ -324,22 +339,35 @@ class H2Stream:
     async def run(self) -> None:
         req = self.req
         ws = req.protocol == b"websocket"
+        has_body = not req.end_stream and not ws  # (a tunnel's DATA is no body)
+        length = None
+        expect = b""
+        for name, value in req.headers:
+            if name == b"content-length":  # (digits, one value: h2 checked it)
+                length = int(value)
+            elif name == b"expect":
+                expect = value.lower()
         head = RequestHead(
             method=req.method,
             target=req.path,
             authority=req.authority,
             headers=req.headers,
             http_version=b"2",
-            has_body=not req.end_stream and not ws,  # (a tunnel's DATA is no body)
-            content_length=None,
+            has_body=has_body,
+            content_length=length if has_body else None,
             keep_alive=True,
-            expects_continue=False,
+            expects_continue=has_body and expect == b"100-continue",
         )
+        self._continue = head.expects_continue
         conn = self.conn
         try:
             with anyio.CancelScope() as self.scope:
                 proxy = conn.dispatcher
                 try:
+                    if req.method == b"CONNECT" and req.protocol is None:
+                        raise ClientError("CONNECT is not served here", 501)  # as on HTTP/1.1
+                    if has_body and (length or 0) > conn.limits.max_body:
+                        raise ClientError("request body too large", 413)
                     route = proxy.router.route(head, conn.listener)  # normalises head.target
                 except ClientError as exc:
                     await self.send_error(exc)
@@ -360,11 +388,11 @@ class H2Stream:
             self._give_back()
             conn.finished(self)
 
-    def cancel(self) -> None:
-        """The client reset the stream."""
+    def cancel(self, reason: str = "") -> None:
+        """The client reset the stream (or we did, as malformed: ``reason``)."""
         self._ended = True
         if not self.outcome.reason:
-            self.outcome.reason = "client_gone"
+            self.outcome.reason = reason or "client_gone"
         if self.scope is not None:
             self.scope.cancel()
 

@@ -24,12 +24,19 @@ class Response:
     trailers: list[tuple[bytes, bytes]] | None = None
     reset: int | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    interim: list[int] = field(default_factory=list)  # 1xx statuses, in order
+    interim_seen: anyio.Event = field(default_factory=anyio.Event)
 
 
 class H2Client:
     def __init__(self, stream: anyio.abc.ByteStream, *, auto_ack: bool = True,
-                 window: int | None = None) -> None:
+                 window: int | None = None, after_goaway: bool = False) -> None:
         self.stream = stream
+        # h2 ends the whole connection on a GOAWAY; with after_goaway the client reads the
+        # GOAWAY itself and goes on with the streams in flight, as curl and nghttp do.
+        self.after_goaway = after_goaway
+        self.hold: set[int] = set()  # streams whose window is never opened (connection's is)
+        self._frames = b""
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None,
                                          validate_outbound_headers=False,
                                          normalize_outbound_headers=False)
@@ -109,6 +116,8 @@ class H2Client:
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                         OSError):
                     break
+                if self.after_goaway:
+                    data = self._take_goaway(data)
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError:
@@ -124,6 +133,24 @@ class H2Client:
                 r.done.set()
             self.closed.set()
 
+    def _take_goaway(self, data: bytes) -> bytes:
+        """The whole frames of ``data`` (after the server preface) without GOAWAY frames,
+        which are recorded in ``self.goaway``."""
+        buf, out = self._frames + data, b""
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = 9 + int.from_bytes(buf[:3], "big")
+            f, buf = buf[:n], buf[n:]
+            if f[3] == 0x7:
+                ev = h2.events.ConnectionTerminated()
+                ev.last_stream_id = int.from_bytes(f[9:13], "big") & 0x7FFFFFFF
+                ev.error_code = int.from_bytes(f[13:17], "big")  # type: ignore[assignment]
+                ev.additional_data = f[17:]
+                self.goaway = ev
+            else:
+                out += f
+        self._frames = buf
+        return out
+
     def _event(self, ev: h2.events.Event) -> None:
         E = h2.events
         if isinstance(ev, E.ResponseReceived):
@@ -133,9 +160,15 @@ class H2Client:
                     r.status = int(v)
                 else:
                     r.headers.append((k, v))
+        elif isinstance(ev, E.InformationalResponseReceived):
+            r = self.responses[ev.stream_id]
+            r.interim.append(int(dict(ev.headers)[b":status"]))
+            r.interim_seen.set()
         elif isinstance(ev, E.DataReceived):
             self.responses[ev.stream_id].body += ev.data
-            if self.auto_ack:
+            if self.auto_ack and ev.stream_id in self.hold:
+                self.h2.increment_flow_control_window(ev.flow_controlled_length)
+            elif self.auto_ack:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, E.TrailersReceived):
             self.responses[ev.stream_id].trailers = list(ev.headers)

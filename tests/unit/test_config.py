@@ -435,6 +435,7 @@ def test_listener_protocols_default_by_tls() -> None:
     lim = loads(MINIMAL).listeners[0].limits
     assert (lim.max_concurrent_streams, lim.initial_window, lim.max_resets_per_second) == (
         100, 65535, 100)
+    assert lim.calm_timeout == 5.0
 
 
 @pytest.mark.parametrize(
@@ -452,6 +453,8 @@ def test_listener_protocols_default_by_tls() -> None:
          "listeners[0].limits.max_header_list_size: must be at least 1KiB"),
         ("[listeners.limits]\nmax_pings_per_second = 0\n",
          "listeners[0].limits.max_pings_per_second: must be at least 1"),
+        ("[listeners.limits]\ncalm_timeout = \"0s\"\n",
+         "listeners[0].limits.calm_timeout: must be more than 0"),
     ],
 )
 def test_bad_listener_protocols_and_h2_limits(extra: str, message: str) -> None:
