@@ -157,6 +157,7 @@ class ClientConnection:
             client_ip=ip,
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
+            mode=listener.forwarded,
         )
         self.idle = False  # waiting for the first byte of a request: a shutdown may close it
         # Cancelled by a passed deadline or a shutdown; exists while run() runs.

@@ -117,6 +117,7 @@ class H2ClientConnection:
             client_ip=ip,
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
+            mode=listener.forwarded,
         )
         # RFC 8441 is announced when some route allows WebSockets.
         self.server = H2Server(h2_limits(self.limits), connect_protocol=websockets)

@@ -217,6 +217,12 @@ def test_check_output_and_messages(tmp_path: Path) -> None:
     bad = write(tmp_path, listener("a", "127.0.0.1:0", "[listeners.limits]\nmax_body = 1024\n"))
     line = one_line(cli("check", "-c", str(bad)))
     assert "listeners[0].limits.max_body: a size needs a unit" in line, line
+    bad = write(tmp_path, listener("a", "127.0.0.1:0", 'forwarded = "rfc"\n'))
+    line = one_line(cli("check", "-c", str(bad)))
+    assert line.endswith(
+        "listeners[0].forwarded: Invalid enum value 'rfc' "
+        "(use one of: 'x-forwarded', 'rfc7239', 'both')"
+    ), line
 
 
 # --- several workers, one admin port ----------------------------------------------------------
