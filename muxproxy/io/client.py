@@ -118,6 +118,7 @@ class ClientConnection:
         "_head",
         "_out",
         "detached",
+        "direct",
         "fwd",
         "idle",
         "limits",
@@ -143,12 +144,14 @@ class ClientConnection:
         listener: ListenerConfig,
         proxy: ClientHost,
         peer: tuple[str, int],
+        direct: str = "",
     ) -> None:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
         self.wheel = proxy.wheel
-        self.peer = peer
+        self.peer = peer  # the client: the PROXY header's source if there was one
+        self.direct = direct  # the TCP peer (an L4 balancer) when it is not the client
         lim = listener.limits
         self.limits = lim
         self.session = ClientSession(_head_limits(lim))
@@ -299,7 +302,7 @@ class ClientConnection:
         """A new outcome record for the request whose head started at ``start``.  (Its text
         fields are filled in ``_describe``, and only when a recorder listens.)"""
         peer = self.peer
-        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
+        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1], self.direct)
         self.outcome = o
         self._head = head
         return o

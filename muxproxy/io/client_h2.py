@@ -104,12 +104,14 @@ class H2ClientConnection:
         first: bytes = b"",
         *,
         websockets: bool = False,
+        direct: str = "",
     ) -> None:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
         self.wheel = proxy.wheel
         self.peer = peer
+        self.direct = direct  # the TCP peer (an L4 balancer) when it is not the client
         self.limits = listener.limits
         self.first = first
         ip = peer[0]
@@ -299,7 +301,9 @@ class H2ClientConnection:
         recorded too: no response, a reason."""
         now = time.monotonic()
         peer = self.peer
-        o = Outcome(time.time(), now, self.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        o = Outcome(
+            time.time(), now, self.listener.name, peer[0], peer[1], self.direct, protocol="HTTP/2"
+        )
         o.reason = "refused_limit" if ev.code == REFUSED else "refused_malformed"
         o.detail = ev.reason
         o.end = now

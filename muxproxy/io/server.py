@@ -332,12 +332,15 @@ class Proxy:
                 await stream.aclose()
                 return
             early = b""
+            direct = ""
             if lc.proxy_protocol:  # in this connection's task, never in the accept loop
                 got = await read_proxy_header(self, lc, stream, peer)  # type: ignore[arg-type]
                 if got is None:
                     self.proxy_header_errors += 1
                     await anyio.aclose_forcefully(stream)
                     return
+                if got[0][0] != peer[0]:
+                    direct = peer[0]  # the balancer: the Outcome's peer_addr
                 peer, early = got
                 certs = self.certificates.get(lc.name)
                 if certs is not None:
@@ -354,7 +357,7 @@ class Proxy:
                     await _too_many(stream)
                     return
                 self._per_client[key] = self._per_client.get(key, 0) + 1
-            client = await self._client(stream, lc, peer, early)
+            client = await self._client(stream, lc, peer, early, direct)
             if client is None:
                 await stream.aclose()
                 return
@@ -375,7 +378,12 @@ class Proxy:
         return handle
 
     async def _client(
-        self, stream: anyio.abc.ByteStream, lc: ListenerConfig, peer: Any, first: bytes
+        self,
+        stream: anyio.abc.ByteStream,
+        lc: ListenerConfig,
+        peer: Any,
+        first: bytes,
+        direct: str = "",
     ) -> ClientConnection | H2ClientConnection | None:
         """The connection for the protocol the client speaks: ALPN on TLS, the connection
         preface on a plain listener offering h2c (prior knowledge).  None: none we speak."""
@@ -393,10 +401,10 @@ class Proxy:
                 return None
         if h2:
             ws = any(r.websocket for r in self.config.routes)
-            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws)
+            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws, direct=direct)
         if "http1" not in protocols:
             return None
-        client = ClientConnection(stream, lc, self, peer)
+        client = ClientConnection(stream, lc, self, peer, direct)
         if first:
             client.session.receive_data(first)
         return client
