@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import anyio.abc
@@ -95,6 +95,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # (a write outside _say; the output is lost either way)
+        _silence(sys.stdout)
+        return 1
+
+
+def _say(*lines: str, err: bool = False) -> None:
+    """Print the lines and flush.  A reader that went away (``muxproxy check … | head -1``)
+    silences the stream instead of a BrokenPipeError traceback; the command's exit status
+    stays its own."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write("".join(f"{line}\n" for line in lines))
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken stream at /dev/null, so later writes and the flush at exit are quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -130,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_loop(loop, _serve, cfg, args.config, False)
         return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
     except ConfigError as exc:
-        print(f"muxproxy: {where}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: {where}: {exc}", err=True)
         return 1
 
 
@@ -172,22 +202,19 @@ def _signal_reload(cfg: Config) -> int:
     try:
         check_startup(cfg)  # (certificates load; nothing binds: the proxy holds the ports)
     except ConfigError as exc:
-        print(f"muxproxy: {cfg.source}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: {cfg.source}: {exc}", err=True)
         return 1
     pid_file = cfg.proxy.pid_file
     if pid_file is None:
-        print(
-            f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find",
-            file=sys.stderr,
-        )
+        _say(f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find", err=True)
         return 1
     try:
         pid = int(Path(pid_file).read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
-        print(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", err=True)
         return 1
-    print(f"muxproxy: asked pid {pid} to reload {cfg.source}", file=sys.stderr)
+    _say(f"muxproxy: asked pid {pid} to reload {cfg.source}", err=True)
     return 0
 
 
@@ -232,20 +259,20 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _print_routes(cfg: Config) -> None:
-    print(f"{cfg.source}: OK")
+    lines = [f"{cfg.source}: OK"]
     for lst in cfg.listeners:
-        print(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
+        lines.append(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
     for c in cfg.clusters:
         cap = f", up to {c.max_connections}" if c.max_connections else ""
         conns = _plural(c.connections, "connection")
-        print(
+        lines.append(
             f"cluster {c.name}: {c.protocol} → {', '.join(map(str, c.backends))} "
             f"({conns} per backend{cap}, {c.balance})"
         )
     for i, r in enumerate(cfg.routes):
         ws = " +websocket" if r.websocket else ""
-        print(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
-    print("\n".join(connection_budget(cfg)))
+        lines.append(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
+    _say(*lines, *connection_budget(cfg))
 
 
 async def _with_signals(
@@ -304,7 +331,7 @@ async def _serve(cfg: Config, config_path: Path | None = None, worker: bool = Fa
             os.write(int(ready_fd), f"{line}\n".encode())
             os.close(int(ready_fd))
         else:
-            print(line, file=sys.stdout if worker else sys.stderr, flush=True)
+            _say(line, err=not worker)
 
     try:
         await _with_signals(
@@ -334,7 +361,7 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
             raise ConfigError(bind_error("clusters[0].backends[0]", backend, exc)) from None
 
         async def ready(bound: dict[str, Address]) -> None:
-            print(_ready_line(bound), file=sys.stderr, flush=True)
+            _say(_ready_line(bound), err=True)
             addr = next(iter(bound.values()))
             ok = 0
 
@@ -352,16 +379,15 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
                 for _ in range(clients):
                     burst.start_soon(one_client)
             n = origin.connections_accepted
-            print(
+            _say(
                 f"demo: {_plural(clients, 'client connection')} sent "
                 f"{_plural(clients * requests, 'request')}, {ok} answered 200, over "
-                f"{_plural(n, 'backend TCP connection')} to {backend}",
-                flush=True,
+                f"{_plural(n, 'backend TCP connection')} to {backend}"
             )
             if once:
                 proxy.shutdown()
             else:
-                print(f"try: curl -i http://{addr}/hello   (Ctrl-C to stop)", flush=True)
+                _say(f"try: curl -i http://{addr}/hello   (Ctrl-C to stop)")
 
         await _with_signals(proxy, ready)
         tg.cancel_scope.cancel()
