@@ -25,7 +25,8 @@ from . import __version__
 from .budget import connection_budget
 from .config import Address, Config, ConfigError, load, loads
 from .io.accesslog import AccessLog, configure_logging
-from .io.server import Proxy, bind_error
+from .io.listen import bind_error
+from .io.server import Proxy
 from .io.startup import check_startup
 from .io.supervisor import READY_FD_ENV, die_with_supervisor, supervise
 

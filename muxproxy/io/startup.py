@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 
 from ..config import Address, Config, ConfigError
-from .server import bind_error
+from .listen import bind_error
 from .tls import check_certificates
 
 __all__ = ["check_startup"]
