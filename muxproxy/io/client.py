@@ -44,8 +44,11 @@ log = logging.getLogger("muxproxy.client")
 
 
 class ClientHost(ProxyHost, Protocol):
-    """What an HTTP/1.1 connection needs beyond :class:`ProxyHost`: to be forgotten."""
+    """What an HTTP/1.1 connection needs beyond :class:`ProxyHost`: to be forgotten, and
+    whether a drain lets an idle keep-alive connection make one more request."""
 
+    @property
+    def retiring(self) -> bool: ...
     def forget(self, client: ClientConnection) -> None: ...
 
 
@@ -205,6 +208,8 @@ class ClientConnection:
             await self.send(cont)
 
     def send_head(self, status: int, headers: list[Header]) -> None:
+        if self.must_close or self.proxy.draining:
+            self.session.close_after_response()  # ("connection: close": not reused)
         try:
             self._out.append(self.session.response_head(status, headers))
         except ResponseFramingError as exc:
@@ -349,10 +354,12 @@ class ClientConnection:
                 if self.detached is not None:
                     return  # the tunnel has the connection (and the outcome) now
                 self._finish()
+                # (Retiring: a response that began before the drain did not say "close", so
+                # the client may already be sending the next request: that one is answered.)
                 if (
                     not keep
                     or self.must_close
-                    or self.proxy.draining
+                    or (self.proxy.draining and not self.proxy.retiring)
                     or not session.start_next_cycle()
                 ):
                     return
@@ -389,8 +396,8 @@ class ClientConnection:
                     start = start or time.monotonic()
                 data = await self.receive()
             else:
-                if self.proxy.draining:
-                    return None
+                if self.proxy.draining and not self.proxy.retiring:
+                    return None  # (retiring: one more request, answered with a close)
                 timer.kind = "idle"
                 self.wheel.start(timer, self.limits.idle_timeout)
                 self.idle = True

@@ -75,6 +75,9 @@ class Proxy:
         self.wheel = TimerWheel()
         self.pools = {c.name: ClusterPool(c, self.wheel) for c in config.clusters}
         self.draining = False
+        # A worker retired by its supervisor (SIGUSR2): idle keep-alive connections are not
+        # closed at once but after one more response (connection: close), within grace_period.
+        self.retiring = False
         self.clients: set[ClientConnection | H2ClientConnection] = set()
         self._stop = anyio.Event()
         self._no_clients = anyio.Event()
@@ -99,6 +102,10 @@ class Proxy:
         self._pools_tg: anyio.abc.TaskGroup | None = None
         self._clients_tg: anyio.abc.TaskGroup | None = None
         self._accept_tg: anyio.abc.TaskGroup | None = None
+        # The admin listener's task (a reload that moves [admin] cancels it) and address.
+        self._admin_scope: anyio.CancelScope | None = None
+        self._admin_closed = anyio.Event()  # set when that task has closed its socket
+        self.admin_address: Address | None = None
         self._reuse_port = False
         # Called with each request's or tunnel's Outcome once it is over (access log,
         # metrics).
@@ -161,15 +168,18 @@ class Proxy:
             reload=self.reload_statistics(),
         )
 
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown (idempotent, never blocks)."""
+    def shutdown(self, retire: bool = False) -> None:
+        """Begin a graceful shutdown (idempotent, never blocks).  ``retire``: a worker being
+        replaced, whose keep-alive clients must not meet a close racing their next request:
+        each is answered once more, with ``connection: close``, until ``grace_period``."""
         if not self.draining:
             log.info("shutting down: draining %d client connections", len(self.clients))
             self.draining = True
+            self.retiring = retire
             for c in self.clients:
                 if isinstance(c, H2ClientConnection):
                     c.drain()  # GOAWAY: the streams in flight finish
-                elif c.idle and c.scope is not None:
+                elif c.idle and c.scope is not None and not retire:
                     c.scope.cancel()
             self._stop.set()
 
@@ -191,8 +201,7 @@ class Proxy:
                 bound[lc.name] = entry.address
             if self.config.admin is not None:
                 admin = await listen(self.config.admin.listen, "admin.listen", reuse_port=False)
-                sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
-                bound["admin"] = Address(*sock.getsockname()[:2])
+                bound["admin"] = _bound_address(admin)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for entry in entries:
@@ -212,11 +221,10 @@ class Proxy:
                         self._listening[listener_key(entry.lc)] = entry
                         accept_tg.start_soon(self._accept_loop, entry)
                     if admin is not None:
-                        # In the clients' group: /healthz answers 503 while draining.
-                        serve = partial(serve_admin, self.statistics)
-                        clients_tg.start_soon(admin.serve, serve, clients_tg)
+                        self._start_admin(admin)
                     task_status.started(bound)
                     await self._stop.wait()
+                    deadline = anyio.current_time() + self.config.proxy.grace_period
                     accept_tg.cancel_scope.cancel()
                 for entry in self._listening.values():
                     await entry.listener.aclose()
@@ -226,8 +234,37 @@ class Proxy:
                 for client in list(self.clients):  # tunnels with no task of their own
                     if client.detached is not None:
                         client.detached.finish()
-                clients_tg.cancel_scope.cancel()
+                # A connection accepted just before the listeners closed may have no client
+                # yet (its task not started): it ends on its own (a retiring worker answers
+                # it once), bounded by grace_period like the rest; the admin port closes now.
+                if self._admin_scope is not None:
+                    self._admin_scope.cancel()
+                clients_tg.cancel_scope.deadline = deadline
             pools_tg.cancel_scope.cancel()
+
+    def _start_admin(self, admin: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        """Serve the admin endpoints on ``admin`` until a reload moves them (in the clients'
+        group: /healthz answers 503 while draining)."""
+        assert self._clients_tg is not None
+        scope = self._admin_scope = anyio.CancelScope()
+        closed = self._admin_closed = anyio.Event()
+        self.admin_address = _bound_address(admin)
+        self._clients_tg.start_soon(self._serve_admin, admin, scope, closed, self._clients_tg)
+
+    async def _serve_admin(
+        self,
+        admin: anyio.abc.Listener[anyio.abc.SocketStream],
+        scope: anyio.CancelScope,
+        closed: anyio.Event,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        try:
+            with scope:
+                await admin.serve(partial(serve_admin, self.statistics), tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await admin.aclose()
+            closed.set()
 
     async def _run_pool(
         self, pool: ClusterPool, *, task_status: anyio.abc.TaskStatus[None]
@@ -267,7 +304,10 @@ class Proxy:
 
         async def handle(stream: anyio.abc.ByteStream) -> None:
             lc = entry.lc  # read per connection: a reload may have changed the limits
-            if len(open_here) >= lc.limits.max_connections or self.draining:
+            # (A retiring worker still serves what it had accepted: one answer, then close.)
+            if len(open_here) >= lc.limits.max_connections or (
+                self.draining and not self.retiring
+            ):
                 self.refused_connections += 1
                 await stream.aclose()
                 return
@@ -437,6 +477,12 @@ class Proxy:
                         )
                     except ConfigError as exc:
                         raise ReloadError(str(exc)) from None
+            admin = None
+            if cfg.admin != self.config.admin and cfg.admin is not None:
+                try:
+                    admin = await listen(cfg.admin.listen, "admin.listen", reuse_port=False)
+                except ConfigError as exc:
+                    raise ReloadError(str(exc)) from None
         except BaseException:
             for entry in added:
                 await entry.listener.aclose()
@@ -445,6 +491,14 @@ class Proxy:
             await self._pools_tg.start(self._run_pool, pool)
         # 2. The swap: no await from here to the end of the listener bookkeeping.
         old_pools = self.pools
+        old_admin: anyio.Event | None = None
+        if cfg.admin != self.config.admin:  # [admin] moved, came or went
+            if self._admin_scope is not None:
+                self._admin_scope.cancel()
+                old_admin = self._admin_closed
+                self._admin_scope = self.admin_address = None
+            if admin is not None:
+                self._start_admin(admin)
         self.config = cfg
         self.router = Router(cfg.routes)
         self.pools = pools
@@ -475,6 +529,8 @@ class Proxy:
             if pool not in in_use:
                 self._pools_tg.start_soon(self._retire_pool, pool, grace)
         self._reconfigure_access_log(cfg)
+        if old_admin is not None:
+            await old_admin.wait()  # (reload returns once the old admin port is closed)
         log.info(
             "reloaded %s: generation %d, %d new pool(s), %d listener(s) added",
             cfg.source,
@@ -523,3 +579,9 @@ class Proxy:
         client.open_here.discard(client)
         if self.draining and not self.clients:
             self._no_clients.set()
+
+
+def _bound_address(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> Address:
+    sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    host, port = sock.getsockname()[:2]
+    return Address(host, port)
