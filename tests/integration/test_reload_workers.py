@@ -23,7 +23,7 @@ from .test_tls_and_cli import ProxyProcess, proxy_process
 
 
 def config(origin: int, listen: int, proxy: str = "", admin: int | None = None) -> str:
-    text = f"[proxy]\n{proxy}\n"
+    text = f'[proxy]\naccess_log = "off"\n{proxy}\n'
     if admin is not None:
         text += f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
     return text + (
