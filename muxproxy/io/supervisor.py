@@ -4,20 +4,22 @@
 ``muxproxy run --worker`` processes (each a whole proxy with its own pools — so a backend sees
 ``N × connections`` connections), waits until every one accepts, prints one ``ready`` line,
 restarts a worker that dies, and on SIGTERM/SIGINT passes the signal on and waits for the
-workers' graceful drain.  SIGHUP: the supervisor validates the file first (one line and
-nothing else if it is bad) and then passes SIGHUP to every worker, which reloads in place;
-then it applies what a worker cannot (io/reload_scope.py): a new ``workers`` count starts or
-drains workers, a new ``loop`` replaces the workers one at a time (each new one ready before
-its predecessor drains), a new ``[admin]`` moves the gathering admin port; ``pid_file`` is
-one "not applied until a restart" line.  SIGUSR1 (reopen the access log) is passed on as
-is.  Workers write their access log to the inherited stdout; their ready line comes on a pipe
-of its own (``MUXPROXY_READY_FD``).
-A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
+workers' graceful drain.  A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from
 the kernel and drains too.  The kernel spreads new client connections across the workers.
 
-The admin port belongs to the supervisor (io/admin_gather.py): each worker serves its own
-admin endpoints on a private loopback port that it names in its ready line (on the ready
-pipe, ``MUXPROXY_READY_FD``), and the
+SIGHUP: the supervisor validates the file first (one line and nothing else if it is bad) and
+then passes SIGHUP to every worker, which reloads in place; then it applies what a worker
+cannot (io/reload_scope.py): a new ``workers`` count starts or retires workers, a new ``loop``
+replaces the workers one at a time (each new one ready before its predecessor retires), a new
+``[admin]`` moves the gathering admin port; ``pid_file`` is one "not applied until a restart"
+line.  A retired worker gets SIGUSR2 (a drain that answers each keep-alive client once more,
+with ``connection: close``).  SIGUSR1 (reopen the access log) is passed on as is; SIGUSR2 to
+the supervisor replaces every worker the same way (new code after an upgrade).
+
+Workers write their access log to the inherited stdout; their ready line comes on a pipe of
+its own (``MUXPROXY_READY_FD``).  The admin port belongs to the supervisor
+(io/admin_gather.py): each worker serves its own admin endpoints on a private loopback port
+(always, so ``[admin]`` can come or move on reload) that it names in its ready line, and the
 supervisor answers a scrape of the configured ``[admin].listen`` by asking every worker and
 labelling each series with ``worker="N"`` — one scrape sees every worker.
 """
@@ -177,6 +179,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_pass)
         signal.signal(signal.SIGUSR1, on_pass)
+        signal.signal(signal.SIGUSR2, on_pass)
         if self.cfg.admin is not None:
             self.gatherer = AdminGatherer(self.cfg.admin.listen, 0)
         self.procs = [_spawn(self.path, self.loop, i) for i in range(self.cfg.proxy.workers)]
@@ -206,6 +209,9 @@ class Supervisor:
                 signum = self.passed.pop(0)
                 if signum == signal.SIGHUP:
                     self._reload()
+                elif signum == signal.SIGUSR2:
+                    self._roll(every=True)
+                    log.info("every worker replaced", extra=UNLIMITED)
                 else:
                     for p in self.procs:
                         p.send_signal(signum)
@@ -297,11 +303,12 @@ class Supervisor:
             self.admin_of.pop(len(self.procs), None)
         self._publish()
 
-    def _roll(self) -> None:
-        """Replace every worker that runs another loop, one at a time: the new one is ready
-        before the old one drains, so each port always has a worker accepting."""
+    def _roll(self, every: bool = False) -> None:
+        """Replace every worker that runs another loop (``every``: every worker, SIGUSR2 to
+        the supervisor, e.g. after an upgrade), one at a time: the new one is ready before
+        the old one drains, so each port always has a worker accepting."""
         for i, old in enumerate(self.procs):
-            if old.loop == self.loop or self.stop:
+            if (old.loop == self.loop and not every) or self.stop:
                 continue
             new = self._start(i)
             if new is None:

@@ -1,7 +1,8 @@
 """Reload and the keys that shape the process (io/reload_scope.py), with `muxproxy run` as a
 subprocess: a single process names each key it cannot apply in one line and moves [admin]
 itself; a supervisor starts or drains workers for a new `workers`, replaces them one at a
-time for a new `loop`, and moves its admin port, while clients keep being served."""
+time for a new `loop` (and every one on SIGUSR2), and moves its admin port, while clients
+keep being served: no request fails."""
 
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def children(pid: int) -> list[list[str]]:
         except OSError:
             pass  # exited meanwhile
     return out
+
+
+def pids(pid: int) -> set[str]:
+    return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
 def test_single_process_names_each_key_it_cannot_apply_and_moves_admin(tmp_path: Path) -> None:
@@ -183,6 +188,13 @@ def test_supervisor_reshapes_rolls_and_moves_admin_while_serving(tmp_path: Path)
                             await anyio.sleep(0.1)  # (drained workers exit on their own)
                         while await workers_up(admin2) != {"0": 1.0, "1": 1.0}:
                             await anyio.sleep(0.1)
+                    # SIGUSR2 to the supervisor: every worker replaced (new code, same file)
+                    phase = "usr2"
+                    before = pids(px.proc.pid)
+                    px.proc.send_signal(signal.SIGUSR2)
+                    with anyio.fail_after(60):
+                        while len(now := pids(px.proc.pid)) != 2 or now & before:
+                            await anyio.sleep(0.1)  # (drained workers exit on their own)
                     stop.set()
                 assert failed == [], (len(failed), ok, failed[:5])
                 assert ok > 10
