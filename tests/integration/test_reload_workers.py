@@ -6,7 +6,6 @@ keep being served: no request fails."""
 
 from __future__ import annotations
 
-import http.client
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from muxproxy.demo.h1client import H1Client
 from muxproxy.demo.h2server import H2Origin
 
 from .origin import Script
-from .test_ops_cli import free_port
+from .test_ops_cli import free_port, scrape
 from .test_tls_and_cli import ProxyProcess, proxy_process
 
 
@@ -32,16 +31,6 @@ def config(origin: int, listen: int, proxy: str = "", admin: int | None = None) 
         f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{origin}"]\nconnections = 1\n'
         '[[routes]]\ncluster = "app"\n'
     )
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        return r.status, r.read().decode()
-    finally:
-        conn.close()
 
 
 async def workers_up(admin: int) -> dict[str, float]:
