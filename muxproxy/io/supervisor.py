@@ -164,7 +164,7 @@ class Supervisor:
         self.retiring: list[tuple[_Worker, float]] = []  # draining, with a deadline to kill
         self.gatherer: AdminGatherer | None = None
         self.stop = False
-        self.passed: list[int] = []  # SIGHUP / SIGUSR1 received, handled in the loop
+        self.passed: list[int] = []  # SIGHUP / SIGUSR1 / SIGUSR2 received, for the loop
 
     # --- the life of the supervisor ------------------------------------------------------
 
