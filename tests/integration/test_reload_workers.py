@@ -6,6 +6,7 @@ keep being served: no request fails."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -72,6 +73,17 @@ def children(pid: int) -> list[list[str]]:
 
 def pids(pid: int) -> set[str]:
     return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+
+def open_files(pid: str) -> set[str]:
+    """The paths a process has open (Linux /proc)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.add(os.readlink(fd))
+        except OSError:
+            pass  # closed meanwhile
+    return out
 
 
 def test_single_process_names_each_key_it_cannot_apply_and_moves_admin(tmp_path: Path) -> None:
@@ -190,5 +202,52 @@ def test_supervisor_reshapes_rolls_and_moves_admin_while_serving(tmp_path: Path)
                 assert b"not applied until a restart" not in px.log, px.log.decode()
                 assert await px.stop(30) == 0, px.log
             tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
+
+
+def test_supervisor_passes_sigusr1_on_every_worker_reopens_the_access_log(tmp_path: Path) -> None:
+    """logrotate with workers: rename the file, SIGUSR1 to the supervisor, and every worker's
+    next line lands in the new file."""
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as tg:
+            origin = await tg.start(H2Origin(Script()).serve)
+            listen = free_port()
+            log = tmp_path / "access.log"
+            path = tmp_path / "proxy.toml"
+            text = config(origin, listen, "workers = 2").replace(
+                'access_log = "off"', f'access_log = "{log}"\nlog_format = "text"'
+            )
+            path.write_text(text)
+            argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(path)]
+
+            async def requests(tag: str, n: int = 40) -> None:
+                for i in range(n):  # new connections: the kernel spreads them over both
+                    c = await H1Client.connect("127.0.0.1", listen)
+                    assert (await c.request("GET", f"/hello?{tag}{i}")).status == 200
+                    await c.aclose()
+
+            def lines(p: Path, tag: str) -> int:
+                return p.read_text().count(f"/hello?{tag}") if p.exists() else 0
+
+            async with proxy_process(argv) as px:
+                await requests("before")
+                with anyio.fail_after(10):
+                    while lines(log, "before") < 40:
+                        await anyio.sleep(0.05)  # (the writer thread's pace)
+                log.rename(tmp_path / "access.log.1")
+                px.proc.send_signal(signal.SIGUSR1)
+                with anyio.fail_after(10):
+                    while not all(str(log) in open_files(w) for w in pids(px.proc.pid)):
+                        await anyio.sleep(0.05)  # (each worker's writer reopens on its own)
+                await requests("after")
+                with anyio.fail_after(10):
+                    while lines(log, "after") < 40:
+                        await anyio.sleep(0.05)
+                assert await px.stop(30) == 0, px.log
+            tg.cancel_scope.cancel()
+        assert lines(tmp_path / "access.log.1", "after") == 0
+        assert lines(tmp_path / "access.log.1", "before") == 40
 
     anyio.run(scenario)
