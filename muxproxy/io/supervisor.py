@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import Config, ConfigError, load
+from ..config import Address, Config, ConfigError, load
 from .accesslog import UNLIMITED, configure_logging
 from .admin_gather import AdminGatherer
 from .reload_scope import Action, applied, plan, settings
@@ -163,6 +163,7 @@ class Supervisor:
         self.admin_of: dict[int, str | None] = {}  # worker index → its private admin port
         self.retiring: list[tuple[_Worker, float]] = []  # draining, with a deadline to kill
         self.gatherer: AdminGatherer | None = None
+        self.reloads_failed = 0  # refused here: the workers never saw those files
         self.stop = False
         self.passed: list[int] = []  # SIGHUP / SIGUSR1 / SIGUSR2 received, for the loop
 
@@ -181,7 +182,7 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, on_pass)
         signal.signal(signal.SIGUSR2, on_pass)
         if self.cfg.admin is not None:
-            self.gatherer = AdminGatherer(self.cfg.admin.listen, 0)
+            self.gatherer = self._gatherer(self.cfg.admin.listen)
         self.procs = [_spawn(self.path, self.loop, i) for i in range(self.cfg.proxy.workers)]
         lines = _wait_ready(self.procs)
         if lines is None:
@@ -334,7 +335,7 @@ class Supervisor:
         gatherer = self.gatherer
         if Action.REBIND in actions:
             try:
-                gatherer = AdminGatherer(new.admin.listen, 0) if new.admin is not None else None
+                gatherer = self._gatherer(new.admin.listen) if new.admin is not None else None
             except ConfigError as exc:
                 self._failed(exc)
                 return
@@ -358,7 +359,23 @@ class Supervisor:
             log.log(level, "%s", change.line(), extra=UNLIMITED)
         self.in_force = applied(self.in_force, changes)
 
+    def _gatherer(self, listen: Address) -> AdminGatherer:
+        """The admin port on ``listen`` (ConfigError if it cannot be bound)."""
+        gatherer = AdminGatherer(listen, 0)
+        gatherer.own = self._metrics
+        return gatherer
+
+    def _metrics(self) -> str:
+        """The supervisor's own series, for the gathered /metrics."""
+        return (
+            "# HELP muxproxy_supervisor_reloads_failed_total Reloads the supervisor refused "
+            "(bad file, admin port taken): no worker saw them.\n"
+            "# TYPE muxproxy_supervisor_reloads_failed_total counter\n"
+            f"muxproxy_supervisor_reloads_failed_total {self.reloads_failed}\n"
+        )
+
     def _failed(self, exc: ConfigError) -> None:
+        self.reloads_failed += 1
         log.error(
             "reload failed, workers keep their config: %s: %s", self.path, exc, extra=UNLIMITED
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -137,6 +138,22 @@ def test_supervisor_reshapes_rolls_and_moves_admin_while_serving(tmp_path: Path)
             argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(path)]
             async with proxy_process(argv) as px:
                 assert await workers_up(admin) == {"0": 1.0, "1": 1.0}
+                # Refused by the supervisor (a bad file; an admin port that is taken): one
+                # line each, counted in the gathered /metrics, no worker touched.
+                path.write_text(config(origin, listen, "workers = 0", admin=admin))
+                await hup_and_wait(px, b"reload failed, workers keep their config")
+                with socket.socket() as taken:
+                    taken.bind(("127.0.0.1", 0))
+                    taken.listen(1)
+                    path.write_text(
+                        config(origin, listen, "workers = 3", admin=taken.getsockname()[1])
+                    )
+                    await hup_and_wait(px, b"reload failed, workers keep their config")
+                status, text = await anyio.to_thread.run_sync(scrape, admin)
+                assert status == 200
+                fams = {f.name: f for f in text_string_to_metric_families(text)}
+                assert fams["muxproxy_supervisor_reloads_failed"].samples[0].value == 2
+                assert len(children(px.proc.pid)) == 2
                 failed: list[str] = []
                 ok = 0
                 phase = "start"
