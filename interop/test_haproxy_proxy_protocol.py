@@ -1,6 +1,7 @@
 """A real HAProxy in TCP mode in front of a proxy_protocol listener (`send-proxy`,
 `send-proxy-v2`), plain or with TLS passed through to muxproxy: the backend sees the
-original client's address in X-Forwarded-For."""
+original client's address in X-Forwarded-For, and the access log names it as the client
+(HAProxy's own address as the peer)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from anyio.streams.tls import TLSStream
 
 from muxproxy.config import loads
 from muxproxy.demo.h2server import H2Origin
+from muxproxy.io.accesslog import AccessLog
 from muxproxy.io.server import Proxy
 from tests.integration.origin import Script
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CLIENT = "127.0.0.9"  # the original client: neither HAProxy's nor muxproxy's address
+HAPROXY_SOURCE = "127.0.0.1"  # HAProxy's address towards muxproxy (in trusted_proxies)
 
 
 def free_port() -> int:
@@ -61,6 +64,8 @@ def test_haproxy_in_front_passes_the_client_address(
                     'connections = 1\n[[routes]]\ncluster = "app"\n'
                 )
             )
+            access_log = AccessLog(str(tmp_path / "access.log"), "json")
+            proxy.attach_access_log(access_log)
             edge = (await tg.start(proxy.serve))["edge"]
             front = free_port()
             cfg = tmp_path / "haproxy.cfg"
@@ -68,7 +73,8 @@ def test_haproxy_in_front_passes_the_client_address(
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
                 "  timeout server 30s\n"
                 f"frontend f\n  bind 127.0.0.1:{front}\n  default_backend b\n"
-                f"backend b\n  server s 127.0.0.1:{edge.port} {send_proxy} source 127.0.0.1\n"
+                f"backend b\n  server s 127.0.0.1:{edge.port} {send_proxy}"
+                f" source {HAPROXY_SOURCE}\n"
             )
             haproxy = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(cfg)],
@@ -113,5 +119,11 @@ def test_haproxy_in_front_passes_the_client_address(
                 haproxy.terminate()
                 haproxy.wait(10)
             tg.cancel_scope.cancel()
+        access_log.close()
+        lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+        assert len(lines) == 3, lines
+        for line in lines:
+            assert line["client"] == CLIENT and line["peer"] == HAPROXY_SOURCE, line
+            assert line["status"] == 200 and line["path"] == "/headers"
 
     anyio.run(scenario, backend=backend)

@@ -8,25 +8,26 @@ missing ``--loop`` extra) ends here as one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import anyio.abc
 
 from . import __version__
 from .budget import connection_budget
-from .config import Address, Config, ConfigError, load, loads
-from .io.accesslog import AccessLog, configure_logging
-from .io.server import Proxy, bind_error
-from .io.startup import check_startup
+from .config import Address, AdminConfig, Config, ConfigError, load, loads
+from .io.accesslog import UNLIMITED, AccessLog, configure_logging
+from .io.listen import bind_error
+from .io.reload_scope import Action, Role, applied, plan, settings
+from .io.server import Proxy
+from .io.startup import check_loop, check_startup
 from .io.supervisor import READY_FD_ENV, die_with_supervisor, supervise
 
 log = logging.getLogger("muxproxy")
@@ -41,7 +42,6 @@ examples:
   muxproxy run -c proxy.toml         serve; SIGTERM/SIGINT drain gracefully, SIGHUP reloads
   muxproxy reload -c proxy.toml      validate, then SIGHUP the proxy named in [proxy].pid_file
 """
-LOOP_EXTRAS = {"uvloop": "uvloop", "trio": "trio"}  # --loop → the pip extra that provides it
 
 
 def _demo_config() -> Config:
@@ -95,6 +95,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # (a write outside _say; the output is lost either way)
+        _silence(sys.stdout)
+        return 1
+
+
+def _say(*lines: str, err: bool = False) -> None:
+    """Print the lines and flush.  A reader that went away (``muxproxy check … | head -1``)
+    silences the stream instead of a BrokenPipeError traceback; the command's exit status
+    stays its own."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write("".join(f"{line}\n" for line in lines))
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken stream at /dev/null, so later writes and the flush at exit are quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -107,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config) if args.config is not None else _demo_config()
         loop = getattr(args, "loop", None) or cfg.proxy.loop
-        _check_loop(loop, "--loop" if getattr(args, "loop", None) else "proxy.loop")
+        check_loop(loop, "--loop" if getattr(args, "loop", None) else "proxy.loop")
         if args.command == "check":
             check_startup(cfg, bind=args.bind)
             _print_routes(cfg)
@@ -121,37 +151,23 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_loop(loop, _serve, _worker_config(cfg), args.config, True)
             if cfg.proxy.workers > 1:
                 check_startup(cfg, bind=True, reuse_port=True)
-                admin = cfg.admin.listen if cfg.admin is not None else None
                 with _pid_file(cfg):
-                    return supervise(
-                        args.config, loop, cfg.proxy.workers, cfg.proxy.grace_period, admin
-                    )
+                    return supervise(args.config, cfg, args.loop)
             with _pid_file(cfg):
-                return _run_loop(loop, _serve, cfg, args.config, False)
+                return _run_loop(loop, _serve, cfg, args.config, False, args.loop)
         return _run_loop(loop, _demo, cfg, args.clients, args.requests, args.once)
     except ConfigError as exc:
-        print(f"muxproxy: {where}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: {where}: {exc}", err=True)
         return 1
 
 
-def _check_loop(loop: str, key: str) -> None:
-    """A loop whose package is missing: one line naming the extra to install."""
-    extra = LOOP_EXTRAS.get(loop)
-    if extra is not None and importlib.util.find_spec(extra) is None:
-        raise ConfigError(
-            f"{key}: {loop} is not installed; install the extra: pip install 'muxproxy[{extra}]'"
-        )
-
-
 def _worker_config(cfg: Config) -> Config:
-    """A worker's admin listener moves to a private loopback port: the supervisor owns the
-    configured one and gathers every worker's figures from these (io/supervisor.py)."""
-    if cfg.admin is None:
-        return cfg
+    """A worker's admin listener is on a private loopback port, with or without ``[admin]``:
+    the supervisor owns the configured one (and may add or move it on reload) and gathers
+    every worker's figures from these (io/supervisor.py)."""
     import msgspec
 
-    admin = msgspec.structs.replace(cfg.admin, listen=Address("127.0.0.1", 0))
-    return msgspec.structs.replace(cfg, admin=admin)
+    return msgspec.structs.replace(cfg, admin=AdminConfig(listen=Address("127.0.0.1", 0)))
 
 
 def _startup_error(exc: BaseException) -> ConfigError | None:
@@ -172,22 +188,19 @@ def _signal_reload(cfg: Config) -> int:
     try:
         check_startup(cfg)  # (certificates load; nothing binds: the proxy holds the ports)
     except ConfigError as exc:
-        print(f"muxproxy: {cfg.source}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: {cfg.source}: {exc}", err=True)
         return 1
     pid_file = cfg.proxy.pid_file
     if pid_file is None:
-        print(
-            f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find",
-            file=sys.stderr,
-        )
+        _say(f"muxproxy: {cfg.source}: proxy.pid_file: not set, no running proxy to find", err=True)
         return 1
     try:
         pid = int(Path(pid_file).read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
-        print(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", file=sys.stderr)
+        _say(f"muxproxy: proxy.pid_file: {pid_file}: {exc}", err=True)
         return 1
-    print(f"muxproxy: asked pid {pid} to reload {cfg.source}", file=sys.stderr)
+    _say(f"muxproxy: asked pid {pid} to reload {cfg.source}", err=True)
     return 0
 
 
@@ -232,20 +245,20 @@ def _plural(n: int, noun: str) -> str:
 
 
 def _print_routes(cfg: Config) -> None:
-    print(f"{cfg.source}: OK")
+    lines = [f"{cfg.source}: OK"]
     for lst in cfg.listeners:
-        print(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
+        lines.append(f"listener {lst.name}: {'https' if lst.tls else 'http'}://{lst.listen}")
     for c in cfg.clusters:
         cap = f", up to {c.max_connections}" if c.max_connections else ""
         conns = _plural(c.connections, "connection")
-        print(
+        lines.append(
             f"cluster {c.name}: {c.protocol} → {', '.join(map(str, c.backends))} "
             f"({conns} per backend{cap}, {c.balance})"
         )
     for i, r in enumerate(cfg.routes):
         ws = " +websocket" if r.websocket else ""
-        print(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
-    print("\n".join(connection_budget(cfg)))
+        lines.append(f"route {i}: host {r.host} path {r.path_prefix}* → {r.cluster}{ws}")
+    _say(*lines, *connection_budget(cfg))
 
 
 async def _with_signals(
@@ -253,29 +266,29 @@ async def _with_signals(
     on_ready: Callable[[dict[str, Address]], Awaitable[None]],
     *,
     reuse_port: bool = False,
-    config_path: Path | None = None,
-    adjust: Callable[[Config], Config] | None = None,
+    on_hup: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once.  SIGHUP reloads
-    ``config_path``, SIGUSR1 reopens the access log."""
+    """Serve until SIGTERM/SIGINT (graceful); a second signal stops at once.  SIGHUP calls
+    ``on_hup`` (the reload), SIGUSR1 reopens the access log, SIGUSR2 retires (the supervisor
+    replacing a worker: a drain that answers each keep-alive client once more)."""
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
             with anyio.open_signal_receiver(
-                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2
             ) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        if config_path is not None:
-                            tg.start_soon(proxy.reload_file, config_path, adjust)
+                        if on_hup is not None:
+                            tg.start_soon(on_hup)
                         continue
                     if signum == signal.SIGUSR1:
                         if proxy.access_log is not None:
                             proxy.access_log.reopen()
                         continue
-                    if proxy.draining:
+                    if proxy.draining and signum != signal.SIGUSR2:
                         tg.cancel_scope.cancel()
-                    proxy.shutdown()
+                    proxy.shutdown(retire=signum == signal.SIGUSR2)
 
         async def serve(*, task_status: anyio.abc.TaskStatus[dict[str, Address]]) -> None:
             await proxy.serve(task_status=task_status, reuse_port=reuse_port)
@@ -290,9 +303,28 @@ def _ready_line(bound: dict[str, Address]) -> str:
     return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
 
 
-async def _serve(cfg: Config, config_path: Path | None = None, worker: bool = False) -> int:
+async def _serve(
+    cfg: Config, config_path: Path, worker: bool = False, loop_override: str | None = None
+) -> int:
     proxy = Proxy(cfg)
     proxy.attach_access_log(AccessLog.from_config(cfg.proxy))
+
+    in_force = settings(cfg, loop_override)  # the keys around the proxy (io/reload_scope.py)
+
+    async def reload() -> None:
+        """SIGHUP: the proxy's own reload, then the keys around it that are this process's
+        business (a worker leaves workers, loop and [admin] to its supervisor)."""
+        nonlocal in_force
+        adjust = _worker_config if worker else None
+        if await proxy.reload_file(config_path, adjust):
+            role: Role = "worker" if worker else "single"
+            changes = plan(in_force, proxy.config, role, loop_override)
+            for change in changes:
+                if change.action is Action.RESTART:
+                    log.warning("%s", change.line(), extra=UNLIMITED)
+                elif change.action is Action.RELOG:
+                    configure_logging(proxy.config.proxy.log_format, logging.root.level)
+            in_force = applied(in_force, changes)
 
     async def ready(bound: dict[str, Address]) -> None:
         # A worker tells its supervisor on a pipe of their own (stdout is the access log's);
@@ -304,15 +336,14 @@ async def _serve(cfg: Config, config_path: Path | None = None, worker: bool = Fa
             os.write(int(ready_fd), f"{line}\n".encode())
             os.close(int(ready_fd))
         else:
-            print(line, file=sys.stdout if worker else sys.stderr, flush=True)
+            _say(line, err=not worker)
 
     try:
         await _with_signals(
             proxy,
             ready,
             reuse_port=worker,
-            config_path=config_path,
-            adjust=_worker_config if worker else None,
+            on_hup=reload,
         )
     finally:
         if proxy.access_log is not None:
@@ -334,7 +365,7 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
             raise ConfigError(bind_error("clusters[0].backends[0]", backend, exc)) from None
 
         async def ready(bound: dict[str, Address]) -> None:
-            print(_ready_line(bound), file=sys.stderr, flush=True)
+            _say(_ready_line(bound), err=True)
             addr = next(iter(bound.values()))
             ok = 0
 
@@ -352,16 +383,15 @@ async def _demo(cfg: Config, clients: int, requests: int, once: bool) -> int:
                 for _ in range(clients):
                     burst.start_soon(one_client)
             n = origin.connections_accepted
-            print(
+            _say(
                 f"demo: {_plural(clients, 'client connection')} sent "
                 f"{_plural(clients * requests, 'request')}, {ok} answered 200, over "
-                f"{_plural(n, 'backend TCP connection')} to {backend}",
-                flush=True,
+                f"{_plural(n, 'backend TCP connection')} to {backend}"
             )
             if once:
                 proxy.shutdown()
             else:
-                print(f"try: curl -i http://{addr}/hello   (Ctrl-C to stop)", flush=True)
+                _say(f"try: curl -i http://{addr}/hello   (Ctrl-C to stop)")
 
         await _with_signals(proxy, ready)
         tg.cancel_scope.cancel()

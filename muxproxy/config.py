@@ -226,6 +226,9 @@ class ListenerConfig(_Section, frozen=True):
     trusted_proxies: tuple[Network, ...] = ()
     # Every connection starts with a PROXY protocol v1/v2 header, from a trusted_proxies peer
     proxy_protocol: bool = False
+    # What the backend is told of the client (core/forwarded.py): X-Forwarded-For/-Proto/-Host,
+    # the RFC 7239 Forwarded field, or both; trusted_proxies decide extend or replace for all.
+    forwarded: Literal["x-forwarded", "rfc7239", "both"] = "x-forwarded"
     limits: Limits = Limits()
     # Path normalisation before routing (RFC 3986 §6.2.2, README "Paths"): "//" → "/", and
     # what %2F / %5C in a path do: refused with 400, kept escaped, or decoded.

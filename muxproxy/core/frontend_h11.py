@@ -298,6 +298,11 @@ class ClientSession:
         """The connection may serve another request after this one (as far as is known)."""
         return not self._must_close and self.request_complete
 
+    def close_after_response(self) -> None:
+        """The connection ends after this response, and its head says ``connection: close``
+        (a proxy draining, a listener removed): the client knows not to send another."""
+        self._must_close = True
+
     def continue_bytes(self) -> bytes:
         """``100 Continue`` if the client waits for it before sending its body, else b""."""
         req = self.request

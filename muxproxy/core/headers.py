@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from ..errors import BackendError
+from .forwarded import EXTENDED, forwarding_fields
+from .forwarded import Forwarding as Forwarding  # (its home before core/forwarded.py)
 from .memo import Memo
 
 Header = tuple[bytes, bytes]
@@ -76,16 +77,6 @@ def memo_bytes() -> int:
     return _SAFE_MEMO.size
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarding:
-    """What the proxy adds to every forwarded request."""
-
-    client_ip: str
-    scheme: bytes  # b"http" | b"https": the listener's scheme
-    trusted: bool  # peer is in trusted_proxies: keep and extend incoming X-Forwarded-*
-    via: bytes = b"muxproxy"
-
-
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     """Names listed in every ``Connection`` field, lower-cased."""
     names: set[bytes] = set()
@@ -129,32 +120,31 @@ def request_to_h2(
         del out[2]
     xff: list[bytes] = []
     xfp = xfh = None
+    forwarded: list[bytes] = []
     vias: list[bytes] = []
     for name, value in headers:
         if name in HOP_BY_HOP or name in named or name in extra_drop:
             if name == b"te" and value.strip().lower() == b"trailers" and b"te" not in named:
                 out.append((name, b"trailers"))
             continue
-        if name in FORWARDING:
+        if name in FORWARDING:  # the rules: core/forwarded.py
             if fwd.trusted:
-                if name == b"x-forwarded-for":
+                if name not in EXTENDED[fwd.mode]:
+                    out.append((name, value))  # a kind this listener does not add: as is
+                elif name == b"x-forwarded-for":
                     xff.append(value)
                 elif name == b"x-forwarded-proto":
                     xfp = value
                 elif name == b"x-forwarded-host":
                     xfh = value
                 else:
-                    out.append((name, value))
+                    forwarded.append(value)
             continue
         if name == b"via":
             vias.append(value)
             continue
         out.append((name, value))
-    xff.append(fwd.client_ip.encode("ascii"))
-    out.append((b"x-forwarded-for", b", ".join(xff)))
-    out.append((b"x-forwarded-proto", xfp or fwd.scheme))
-    if xfh or authority:
-        out.append((b"x-forwarded-host", xfh or authority))
+    out += forwarding_fields(fwd, authority, xff, xfp, xfh, forwarded)
     vias.append(http_version + b" " + fwd.via)
     out.append((b"via", b", ".join(vias)))
     return out

@@ -21,6 +21,7 @@ import http.client
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..config import Address, ConfigError
@@ -87,6 +88,8 @@ class AdminGatherer:
     def __init__(self, listen: Address, workers: int) -> None:
         # worker index → its private admin address ("127.0.0.1:41234"), None while unknown
         self.workers: dict[int, str | None] = dict.fromkeys(range(workers))
+        # The supervisor's own series (Prometheus text), appended to every /metrics answer.
+        self.own: Callable[[], str] = lambda: ""
         gatherer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,7 +130,8 @@ class AdminGatherer:
         if path == "/metrics":
             got = self._ask(path)
             texts = {w: r[1].decode() if r and r[0] == 200 else None for w, r in got.items()}
-            return 200, "text/plain; version=0.0.4", merge_metrics(texts).encode()
+            text = merge_metrics(texts) + self.own()
+            return 200, "text/plain; version=0.0.4", text.encode()
         if path == "/healthz":
             got = self._ask(path)
             bad = [w for w, r in got.items() if r is None or r[0] != 200]

@@ -44,8 +44,11 @@ log = logging.getLogger("muxproxy.client")
 
 
 class ClientHost(ProxyHost, Protocol):
-    """What an HTTP/1.1 connection needs beyond :class:`ProxyHost`: to be forgotten."""
+    """What an HTTP/1.1 connection needs beyond :class:`ProxyHost`: to be forgotten, and
+    whether a drain lets an idle keep-alive connection make one more request."""
 
+    @property
+    def retiring(self) -> bool: ...
     def forget(self, client: ClientConnection) -> None: ...
 
 
@@ -123,6 +126,7 @@ class ClientConnection:
         "_head",
         "_out",
         "detached",
+        "direct",
         "fwd",
         "idle",
         "limits",
@@ -148,12 +152,14 @@ class ClientConnection:
         listener: ListenerConfig,
         proxy: ClientHost,
         peer: tuple[str, int],
+        direct: str = "",
     ) -> None:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
         self.wheel = proxy.wheel
-        self.peer = peer
+        self.peer = peer  # the client: the PROXY header's source if there was one
+        self.direct = direct  # the TCP peer (an L4 balancer) when it is not the client
         lim = listener.limits
         self.limits = lim
         self.session = ClientSession(_head_limits(lim))
@@ -162,6 +168,7 @@ class ClientConnection:
             client_ip=ip,
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
+            mode=listener.forwarded,
         )
         self.idle = False  # waiting for the first byte of a request: a shutdown may close it
         # Cancelled by a passed deadline or a shutdown; exists while run() runs.
@@ -206,6 +213,8 @@ class ClientConnection:
             await self.send(cont)
 
     def send_head(self, status: int, headers: list[Header]) -> None:
+        if self.must_close or self.proxy.draining:
+            self.session.close_after_response()  # ("connection: close": not reused)
         try:
             self._out.append(self.session.response_head(status, headers))
         except ResponseFramingError as exc:
@@ -310,7 +319,7 @@ class ClientConnection:
         """A new outcome record for the request whose head started at ``start``.  (Its text
         fields are filled in ``_describe``, and only when a recorder listens.)"""
         peer = self.peer
-        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1])
+        o = Outcome(0.0, start, self.listener.name, peer[0], peer[1], self.direct)
         self.outcome = o
         self._head = head
         return o
@@ -357,10 +366,12 @@ class ClientConnection:
                 if self.detached is not None:
                     return  # the tunnel has the connection (and the outcome) now
                 self._finish()
+                # (Retiring: a response that began before the drain did not say "close", so
+                # the client may already be sending the next request: that one is answered.)
                 if (
                     not keep
                     or self.must_close
-                    or self.proxy.draining
+                    or (self.proxy.draining and not self.proxy.retiring)
                     or not session.start_next_cycle()
                 ):
                     return
@@ -397,8 +408,8 @@ class ClientConnection:
                     start = start or time.monotonic()
                 data = await self.receive()
             else:
-                if self.proxy.draining:
-                    return None
+                if self.proxy.draining and not self.proxy.retiring:
+                    return None  # (retiring: one more request, answered with a close)
                 timer.kind = "idle"
                 self.wheel.start(timer, self.limits.idle_timeout)
                 self.idle = True

@@ -106,12 +106,14 @@ class H2ClientConnection:
         first: bytes = b"",
         *,
         websockets: bool = False,
+        direct: str = "",
     ) -> None:
         self.stream = stream
         self.listener = listener
         self.proxy = proxy
         self.wheel = proxy.wheel
         self.peer = peer
+        self.direct = direct  # the TCP peer (an L4 balancer) when it is not the client
         self.limits = listener.limits
         self.first = first
         ip = peer[0]
@@ -119,6 +121,7 @@ class H2ClientConnection:
             client_ip=ip,
             scheme=b"https" if listener.tls else b"http",
             trusted=proxy.is_trusted(listener, ip),
+            mode=listener.forwarded,
         )
         # RFC 8441 is announced when some route allows WebSockets.
         self.server = H2Server(h2_limits(self.limits), connect_protocol=websockets)
@@ -318,7 +321,9 @@ class H2ClientConnection:
         recorded too: no response, a reason."""
         now = time.monotonic()
         peer = self.peer
-        o = Outcome(time.time(), now, self.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        o = Outcome(
+            time.time(), now, self.listener.name, peer[0], peer[1], self.direct, protocol="HTTP/2"
+        )
         o.reason = "refused_limit" if ev.code == REFUSED else "refused_malformed"
         o.detail = ev.reason
         o.end = now

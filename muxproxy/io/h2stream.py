@@ -66,6 +66,7 @@ class StreamHost(Protocol):
     limits: Limits
     listener: ListenerConfig
     peer: tuple[str, int]
+    direct: str
     fwd: Forwarding
     wheel: TimerWheel
     streams: dict[int, H2Stream]
@@ -106,7 +107,9 @@ class H2Stream:
         self.req = req
         self.sid = req.stream_id
         peer = conn.peer
-        self.outcome = Outcome(0.0, start, conn.listener.name, peer[0], peer[1], protocol="HTTP/2")
+        self.outcome = Outcome(
+            0.0, start, conn.listener.name, peer[0], peer[1], conn.direct, protocol="HTTP/2"
+        )
         self.inbox: deque[Body | EndOfRequest] = deque()
         self._wake: anyio.Event | None = None  # read_body waiting for the inbox
         self._window: anyio.Event | None = None  # flush waiting for the client's window

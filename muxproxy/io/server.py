@@ -15,12 +15,10 @@ and logging").  Everything that can fail is done before that step.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,10 +38,20 @@ from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .client_h2 import H2ClientConnection, sniff_preface
 from .fast_stream import asyncio_running, serve_fast
+from .listen import (
+    Listening,
+    bind_error,
+    bind_listener,
+    listen,
+    listener_certificates,
+    listener_key,
+    too_many,
+)
 from .pool import ClusterPool
 from .proxy_header import read_proxy_header, start_tls
 from .timers import TimerWheel
-from .tls import ServerCertificates, check_certificates
+
+__all__ = ["Proxy", "Recorder", "ReloadError", "bind_error"]
 
 log = logging.getLogger("muxproxy")
 
@@ -52,45 +60,6 @@ Recorder = Callable[[Outcome], None]
 
 class ReloadError(Exception):
     """The new config cannot be applied; the old one stays.  The message is one line."""
-
-
-@dataclass(eq=False)
-class _Listening:
-    """One bound listener: its current config (a reload may change name, limits, TLS),
-    the socket, the task accepting on it, and its open client connections."""
-
-    lc: ListenerConfig
-    listener: anyio.abc.Listener[anyio.abc.ByteStream]
-    address: Address
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    open_here: set[Any] = field(default_factory=set)  # its ClientConnection | H2ClientConnection
-
-
-def _listener_key(lc: ListenerConfig) -> tuple[str, bool, bool]:
-    """Listeners are kept across a reload by address, TLS or not and PROXY protocol or not
-    (these decide the listener's type): same key, same socket."""
-    return (str(lc.listen), lc.tls is not None, lc.proxy_protocol)
-
-
-def listener_certificates(cfg: Config) -> dict[str, ServerCertificates]:
-    """Every TLS listener's certificates by listener name, their files read now (start and
-    reload load them before anything binds or changes).
-
-    Raises:
-        ConfigError: a file is missing or unusable; the message names the listener's key.
-    """
-    return {
-        lc.name: ServerCertificates(lc, f"listeners[{i}]")
-        for i, lc in enumerate(cfg.listeners)
-        if lc.tls is not None
-    }
-
-
-def check_listener_certificates(cfg: Config) -> None:
-    """Load every listener's certificate files once (``muxproxy reload`` and the supervisor
-    check a file before they signal); ConfigError naming the key if one fails."""
-    for i, lc in enumerate(cfg.listeners):
-        check_certificates(lc, f"listeners[{i}]")
 
 
 class Proxy:
@@ -106,6 +75,9 @@ class Proxy:
         self.wheel = TimerWheel()
         self.pools = {c.name: ClusterPool(c, self.wheel) for c in config.clusters}
         self.draining = False
+        # A worker retired by its supervisor (SIGUSR2): idle keep-alive connections are not
+        # closed at once but after one more response (connection: close), within grace_period.
+        self.retiring = False
         self.clients: set[ClientConnection | H2ClientConnection] = set()
         self._stop = anyio.Event()
         self._no_clients = anyio.Event()
@@ -125,11 +97,15 @@ class Proxy:
         self.reloads = 0
         self.reloads_failed = 0
         self.reload_lock = anyio.Lock()
-        self._listening: dict[tuple[str, bool, bool], _Listening] = {}
+        self._listening: dict[tuple[str, bool, bool], Listening] = {}
         self._pool_scopes: dict[ClusterPool, anyio.CancelScope] = {}
         self._pools_tg: anyio.abc.TaskGroup | None = None
         self._clients_tg: anyio.abc.TaskGroup | None = None
         self._accept_tg: anyio.abc.TaskGroup | None = None
+        # The admin listener's task (a reload that moves [admin] cancels it) and address.
+        self._admin_scope: anyio.CancelScope | None = None
+        self._admin_closed = anyio.Event()  # set when that task has closed its socket
+        self.admin_address: Address | None = None
         self._reuse_port = False
         # Called with each request's or tunnel's Outcome once it is over (access log,
         # metrics).
@@ -192,15 +168,18 @@ class Proxy:
             reload=self.reload_statistics(),
         )
 
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown (idempotent, never blocks)."""
+    def shutdown(self, retire: bool = False) -> None:
+        """Begin a graceful shutdown (idempotent, never blocks).  ``retire``: a worker being
+        replaced, whose keep-alive clients must not meet a close racing their next request:
+        each is answered once more, with ``connection: close``, until ``grace_period``."""
         if not self.draining:
             log.info("shutting down: draining %d client connections", len(self.clients))
             self.draining = True
+            self.retiring = retire
             for c in self.clients:
                 if isinstance(c, H2ClientConnection):
                     c.drain()  # GOAWAY: the streams in flight finish
-                elif c.idle and c.scope is not None:
+                elif c.idle and c.scope is not None and not retire:
                     c.scope.cancel()
             self._stop.set()
 
@@ -213,17 +192,16 @@ class Proxy:
         self._reuse_port = reuse_port
         # Bind first: a port in use stops the start before any backend is dialled.
         bound: dict[str, Address] = {}
-        entries: list[_Listening] = []
+        entries: list[Listening] = []
         admin: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         try:
             for i, lc in enumerate(self.config.listeners):
-                entry = await self._bind(lc, i, reuse_port, self.certificates.get(lc.name))
+                entry = await bind_listener(lc, i, reuse_port, self.certificates.get(lc.name))
                 entries.append(entry)
                 bound[lc.name] = entry.address
             if self.config.admin is not None:
-                admin = await _listen(self.config.admin.listen, "admin.listen", reuse_port=False)
-                sock = admin.extra(anyio.abc.SocketAttribute.raw_socket)
-                bound["admin"] = Address(*sock.getsockname()[:2])
+                admin = await listen(self.config.admin.listen, "admin.listen", reuse_port=False)
+                bound["admin"] = _bound_address(admin)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for entry in entries:
@@ -240,14 +218,13 @@ class Proxy:
                 async with anyio.create_task_group() as accept_tg:
                     self._accept_tg = accept_tg
                     for entry in entries:
-                        self._listening[_listener_key(entry.lc)] = entry
+                        self._listening[listener_key(entry.lc)] = entry
                         accept_tg.start_soon(self._accept_loop, entry)
                     if admin is not None:
-                        # In the clients' group: /healthz answers 503 while draining.
-                        serve = partial(serve_admin, self.statistics)
-                        clients_tg.start_soon(admin.serve, serve, clients_tg)
+                        self._start_admin(admin)
                     task_status.started(bound)
                     await self._stop.wait()
+                    deadline = anyio.current_time() + self.config.proxy.grace_period
                     accept_tg.cancel_scope.cancel()
                 for entry in self._listening.values():
                     await entry.listener.aclose()
@@ -257,8 +234,37 @@ class Proxy:
                 for client in list(self.clients):  # tunnels with no task of their own
                     if client.detached is not None:
                         client.detached.finish()
-                clients_tg.cancel_scope.cancel()
+                # A connection accepted just before the listeners closed may have no client
+                # yet (its task not started): it ends on its own (a retiring worker answers
+                # it once), bounded by grace_period like the rest; the admin port closes now.
+                if self._admin_scope is not None:
+                    self._admin_scope.cancel()
+                clients_tg.cancel_scope.deadline = deadline
             pools_tg.cancel_scope.cancel()
+
+    def _start_admin(self, admin: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        """Serve the admin endpoints on ``admin`` until a reload moves them (in the clients'
+        group: /healthz answers 503 while draining)."""
+        assert self._clients_tg is not None
+        scope = self._admin_scope = anyio.CancelScope()
+        closed = self._admin_closed = anyio.Event()
+        self.admin_address = _bound_address(admin)
+        self._clients_tg.start_soon(self._serve_admin, admin, scope, closed, self._clients_tg)
+
+    async def _serve_admin(
+        self,
+        admin: anyio.abc.Listener[anyio.abc.SocketStream],
+        scope: anyio.CancelScope,
+        closed: anyio.Event,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        try:
+            with scope:
+                await admin.serve(partial(serve_admin, self.statistics), tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await admin.aclose()
+            closed.set()
 
     async def _run_pool(
         self, pool: ClusterPool, *, task_status: anyio.abc.TaskStatus[None]
@@ -278,28 +284,7 @@ class Proxy:
             scope.cancel()
         log.info("cluster %s: old pool closed after a reload", pool.cfg.name)
 
-    async def _bind(
-        self,
-        lc: ListenerConfig,
-        index: int,
-        reuse_port: bool,
-        certs: ServerCertificates | None,
-    ) -> _Listening:
-        """Bind ``listeners[index]``; ConfigError (one line naming the key) if it cannot."""
-        tcp = await _listen(lc.listen, f"listeners[{index}].listen", reuse_port=reuse_port)
-        sock = tcp.extra(anyio.abc.SocketAttribute.raw_socket)
-        host, port = sock.getsockname()[:2]
-        listener: anyio.abc.Listener[anyio.abc.ByteStream] = tcp
-        if certs is not None and not lc.proxy_protocol:  # (else: TLS after the PROXY header)
-            listener = _QuietTLSListener(
-                tcp,
-                certs.context,
-                standard_compatible=False,
-                handshake_timeout=lc.limits.header_timeout,
-            )
-        return _Listening(lc, listener, Address(host, port))
-
-    async def _accept_loop(self, entry: _Listening) -> None:
+    async def _accept_loop(self, entry: Listening) -> None:
         assert self._clients_tg is not None
         handler = self._handler(entry)
         listener = entry.listener
@@ -313,13 +298,16 @@ class Proxy:
         await listener.aclose()
 
     def _handler(
-        self, entry: _Listening
+        self, entry: Listening
     ) -> Callable[[anyio.abc.ByteStream], Coroutine[Any, Any, None]]:
         open_here = entry.open_here  # this listener's share of self.clients
 
         async def handle(stream: anyio.abc.ByteStream) -> None:
             lc = entry.lc  # read per connection: a reload may have changed the limits
-            if len(open_here) >= lc.limits.max_connections or self.draining:
+            # (A retiring worker still serves what it had accepted: one answer, then close.)
+            if len(open_here) >= lc.limits.max_connections or (
+                self.draining and not self.retiring
+            ):
                 self.refused_connections += 1
                 await stream.aclose()
                 return
@@ -332,12 +320,15 @@ class Proxy:
                 await stream.aclose()
                 return
             early = b""
+            direct = ""
             if lc.proxy_protocol:  # in this connection's task, never in the accept loop
                 got = await read_proxy_header(self, lc, stream, peer)  # type: ignore[arg-type]
                 if got is None:
                     self.proxy_header_errors += 1
                     await anyio.aclose_forcefully(stream)
                     return
+                if got[0][0] != peer[0]:
+                    direct = peer[0]  # the balancer: the Outcome's peer_addr
                 peer, early = got
                 certs = self.certificates.get(lc.name)
                 if certs is not None:
@@ -351,10 +342,10 @@ class Proxy:
                 key = (lc.name, peer[0])
                 if self._per_client.get(key, 0) >= per_client:
                     self.refused_connections += 1
-                    await _too_many(stream)
+                    await too_many(stream)
                     return
                 self._per_client[key] = self._per_client.get(key, 0) + 1
-            client = await self._client(stream, lc, peer, early)
+            client = await self._client(stream, lc, peer, early, direct)
             if client is None:
                 await stream.aclose()
                 return
@@ -375,7 +366,12 @@ class Proxy:
         return handle
 
     async def _client(
-        self, stream: anyio.abc.ByteStream, lc: ListenerConfig, peer: Any, first: bytes
+        self,
+        stream: anyio.abc.ByteStream,
+        lc: ListenerConfig,
+        peer: Any,
+        first: bytes,
+        direct: str = "",
     ) -> ClientConnection | H2ClientConnection | None:
         """The connection for the protocol the client speaks: ALPN on TLS, the connection
         preface on a plain listener offering h2c (prior knowledge).  None: none we speak."""
@@ -393,10 +389,10 @@ class Proxy:
                 return None
         if h2:
             ws = any(r.websocket for r in self.config.routes)
-            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws)
+            return H2ClientConnection(stream, lc, self, peer, first, websockets=ws, direct=direct)
         if "http1" not in protocols:
             return None
-        client = ClientConnection(stream, lc, self, peer)
+        client = ClientConnection(stream, lc, self, peer, direct)
         if first:
             client.session.receive_data(first)
         return client
@@ -470,19 +466,23 @@ class Proxy:
                 raise ReloadError(f"clusters[{i}].tls: {exc}") from None
             pools[c.name] = pool
             fresh.append(pool)
-        added: list[_Listening] = []
+        added: list[Listening] = []
         try:
             for i, lc in enumerate(cfg.listeners):
-                key = _listener_key(lc)
+                key = listener_key(lc)
                 if key not in self._listening:
                     try:
                         added.append(
-                            await self._bind(
-                                lc, i, self._reuse_port, certificates.get(lc.name)
-                            )
+                            await bind_listener(lc, i, self._reuse_port, certificates.get(lc.name))
                         )
                     except ConfigError as exc:
                         raise ReloadError(str(exc)) from None
+            admin = None
+            if cfg.admin != self.config.admin and cfg.admin is not None:
+                try:
+                    admin = await listen(cfg.admin.listen, "admin.listen", reuse_port=False)
+                except ConfigError as exc:
+                    raise ReloadError(str(exc)) from None
         except BaseException:
             for entry in added:
                 await entry.listener.aclose()
@@ -491,6 +491,14 @@ class Proxy:
             await self._pools_tg.start(self._run_pool, pool)
         # 2. The swap: no await from here to the end of the listener bookkeeping.
         old_pools = self.pools
+        old_admin: anyio.Event | None = None
+        if cfg.admin != self.config.admin:  # [admin] moved, came or went
+            if self._admin_scope is not None:
+                self._admin_scope.cancel()
+                old_admin = self._admin_closed
+                self._admin_scope = self.admin_address = None
+            if admin is not None:
+                self._start_admin(admin)
         self.config = cfg
         self.router = Router(cfg.routes)
         self.pools = pools
@@ -499,7 +507,7 @@ class Proxy:
         }
         self.generation += 1
         self.reloads += 1
-        wanted = {_listener_key(lc): lc for lc in cfg.listeners}
+        wanted = {listener_key(lc): lc for lc in cfg.listeners}
         for key, entry in list(self._listening.items()):
             new_lc = wanted.get(key)
             if new_lc is None:
@@ -513,7 +521,7 @@ class Proxy:
         # (PROXY-protocol listeners start TLS themselves, with self.certificates.)
         self.certificates = certificates
         for entry in added:
-            self._listening[_listener_key(entry.lc)] = entry
+            self._listening[listener_key(entry.lc)] = entry
             self._accept_tg.start_soon(self._accept_loop, entry)
         in_use = set(pools.values())
         grace = cfg.proxy.grace_period
@@ -521,6 +529,8 @@ class Proxy:
             if pool not in in_use:
                 self._pools_tg.start_soon(self._retire_pool, pool, grace)
         self._reconfigure_access_log(cfg)
+        if old_admin is not None:
+            await old_admin.wait()  # (reload returns once the old admin port is closed)
         log.info(
             "reloaded %s: generation %d, %d new pool(s), %d listener(s) added",
             cfg.source,
@@ -544,7 +554,7 @@ class Proxy:
         else:
             current.reconfigure(cfg.proxy)
 
-    def _stop_listening(self, entry: _Listening) -> None:
+    def _stop_listening(self, entry: Listening) -> None:
         """A listener left the config: stop accepting; its idle connections close now, busy
         ones after their current request (tunnels stay until they end)."""
         entry.scope.cancel()  # (the accept loop then closes the socket)
@@ -571,49 +581,7 @@ class Proxy:
             self._no_clients.set()
 
 
-_TOO_MANY = (
-    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 36\r\nconnection: close\r\n\r\ntoo many connections from one client\n"
-)
-
-
-async def _too_many(stream: anyio.abc.ByteStream) -> None:
-    """max_connections_per_client: a short 429, then close (never read what it sent)."""
-    with anyio.move_on_after(1.0):
-        try:
-            await stream.send(_TOO_MANY)
-        except NETWORK_ERRORS:
-            pass
-    await anyio.aclose_forcefully(stream)
-
-
-async def _listen(
-    addr: Address, where: str, *, reuse_port: bool
-) -> anyio.abc.Listener[anyio.abc.SocketStream]:
-    """Bind one listen address; a failure is a ConfigError naming the key (one line)."""
-    try:
-        return await anyio.create_tcp_listener(
-            local_host=addr.host, local_port=addr.port, reuse_port=reuse_port, backlog=4096
-        )
-    except OSError as exc:
-        raise ConfigError(bind_error(where, addr, exc)) from None
-
-
-def bind_error(where: str, addr: Address, exc: OSError) -> str:
-    """The one line for a listen address that cannot be bound."""
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.EADDRINUSE:
-        reason += " (another process, or another listener here, has this port)"
-    return f"{where}: cannot listen on {addr}: {reason}"
-
-
-class _QuietTLSListener(TLSListener):
-    """A failed client handshake is the client's problem: one debug line, no traceback."""
-
-    @staticmethod
-    async def handle_handshake_error(exc: BaseException, stream: anyio.abc.AnyByteStream) -> None:
-        log.debug("TLS handshake failed: %r", exc)
-        with anyio.CancelScope(shield=True):
-            await anyio.aclose_forcefully(stream)
-        if not isinstance(exc, Exception):
-            raise exc
+def _bound_address(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> Address:
+    sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    host, port = sock.getsockname()[:2]
+    return Address(host, port)

@@ -8,13 +8,25 @@ workers — as one line naming the key, like any other config error.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 
 from ..config import Address, Config, ConfigError
-from .server import bind_error
+from .listen import bind_error
 from .tls import check_certificates
 
-__all__ = ["check_startup"]
+__all__ = ["LOOP_EXTRAS", "check_loop", "check_startup"]
+
+LOOP_EXTRAS = {"uvloop": "uvloop", "trio": "trio"}  # --loop → the pip extra that provides it
+
+
+def check_loop(loop: str, key: str) -> None:
+    """A loop whose package is missing: one line naming the extra to install."""
+    extra = LOOP_EXTRAS.get(loop)
+    if extra is not None and importlib.util.find_spec(extra) is None:
+        raise ConfigError(
+            f"{key}: {loop} is not installed; install the extra: pip install 'muxproxy[{extra}]'"
+        )
 
 
 def _try_bind(addr: Address, where: str, reuse_port: bool) -> None:

@@ -176,6 +176,44 @@ def test_access_lines_on_stdout_by_default_and_the_ready_line_still_works(
     anyio.run(scenario)
 
 
+def test_access_lines_on_stderr_in_text(tmp_path: Path) -> None:
+    """access_log = "stderr": the access lines join the other log lines, stdout stays empty."""
+    from muxproxy.demo.h2server import H2Origin
+
+    async def scenario() -> None:
+        origin = H2Origin(Script())
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(origin.serve)
+            cfg = tmp_path / "proxy.toml"
+            cfg.write_text(
+                '[proxy]\naccess_log = "stderr"\nlog_format = "text"\n'
+                '[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\n'
+                f'[[clusters]]\nname = "app"\nbackends = ["127.0.0.1:{port}"]\nconnections = 1\n'
+                '[[routes]]\ncluster = "app"\n'
+            )
+            argv = [sys.executable, "-m", "muxproxy", "run", "-c", str(cfg)]
+            async with proxy_process(argv) as px:
+                c = await H1Client.connect(px.host, px.port)
+                assert (await c.request("GET", "/hello?on-stderr")).status == 200
+                await c.aclose()
+                assert await px.stop() == 0, px.log
+                assert px.proc.stdout is not None
+                out = b""
+                with anyio.fail_after(10):
+                    try:
+                        while True:
+                            out += await px.proc.stdout.receive()
+                    except anyio.EndOfStream:
+                        pass
+                assert out == b""
+            tg.cancel_scope.cancel()
+        lines = [ln for ln in px.log.splitlines() if b"/hello?on-stderr" in ln]
+        assert len(lines) == 1, px.log
+        assert b'"GET localhost /hello?on-stderr HTTP/1.1" 200 ' in lines[0]
+
+    anyio.run(scenario)
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()

@@ -217,6 +217,12 @@ def test_check_output_and_messages(tmp_path: Path) -> None:
     bad = write(tmp_path, listener("a", "127.0.0.1:0", "[listeners.limits]\nmax_body = 1024\n"))
     line = one_line(cli("check", "-c", str(bad)))
     assert "listeners[0].limits.max_body: a size needs a unit" in line, line
+    bad = write(tmp_path, listener("a", "127.0.0.1:0", 'forwarded = "rfc"\n'))
+    line = one_line(cli("check", "-c", str(bad)))
+    assert line.endswith(
+        "listeners[0].forwarded: Invalid enum value 'rfc' "
+        "(use one of: 'x-forwarded', 'rfc7239', 'both')"
+    ), line
 
 
 # --- several workers, one admin port ----------------------------------------------------------
@@ -333,3 +339,47 @@ def test_demo_with_its_backend_port_taken_is_one_line(tmp_path: Path, taken: int
     )
     line = one_line(cli("demo", "--once", "-c", str(path)))
     assert f"clusters[0].backends[0]: cannot listen on 127.0.0.1:{taken}" in line, line
+
+
+# --- output into a closed pipe (`muxproxy … | head -1`) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("check", "-c", "CONFIG"), 0),  # valid: the truncated output does not change that
+        (("check", "-c", "BAD"), 1),
+        (("--help",), 0),
+        (("run", "--help"), 0),
+        (("--version",), 0),
+    ],
+)
+def test_output_to_a_closed_pipe_exits_quietly(
+    tmp_path: Path, args: tuple[str, ...], code: int
+) -> None:
+    """The reader is gone before the first write (its end closed before the start), so
+    every write meets EPIPE: no BrokenPipeError traceback, no "Exception ignored" at exit."""
+    good = write(tmp_path, listener("a", "127.0.0.1:0"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[proxy]\nworkers = "x"\n')
+    argv = [str(good) if a == "CONFIG" else str(bad) if a == "BAD" else a for a in args]
+    r, w = os.pipe()
+    os.close(r)
+    err_r, err_w = os.pipe()
+    os.close(err_r)  # stderr is a closed pipe too (`2>&1 | head -1`)
+    try:
+        for stderr in (subprocess.PIPE, err_w):
+            p = subprocess.run(
+                [sys.executable, "-m", "muxproxy", *argv],
+                stdout=w,
+                stderr=stderr,
+                cwd=tmp_path,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            assert p.returncode == code, (p.returncode, p.stderr)
+            if stderr is subprocess.PIPE:
+                assert b"Traceback" not in p.stderr and b"BrokenPipe" not in p.stderr, p.stderr
+    finally:
+        os.close(w)
+        os.close(err_w)

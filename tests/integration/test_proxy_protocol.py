@@ -16,6 +16,7 @@ import trustme
 from anyio.streams.tls import TLSStream
 
 from muxproxy.config import Address, loads
+from muxproxy.core.outcome import Outcome
 from muxproxy.core.proxy_protocol import V2_SIGNATURE
 from muxproxy.demo.h2server import H2Origin
 from muxproxy.io.server import Proxy
@@ -86,9 +87,19 @@ async def test_v1_header_gives_the_client_address() -> None:
 
 
 async def test_v2_header_gives_the_client_address() -> None:
-    async with pp_proxy() as (_, addr):
+    async with pp_proxy() as (proxy, addr):
+        outcomes: list[Outcome] = []
+        proxy.recorders.append(outcomes.append)
         r = await exchange(addr, v2_inet("198.51.100.9", 5555) + GET_HEADERS)
         assert forwarded_for(r) == "198.51.100.9"
+        local = V2_SIGNATURE + bytes([0x20, 0x00, 0, 0])
+        await exchange(addr, local + GET_HEADERS)
+    # The access log's and the metrics' record: the header's client, the balancer as peer;
+    # a LOCAL header (the balancer's own health check) has no other peer.
+    assert [(o.client_addr, o.client_port, o.peer_addr) for o in outcomes] == [
+        ("198.51.100.9", 5555, "127.0.0.1"),
+        ("127.0.0.1", outcomes[1].client_port, ""),
+    ]
 
 
 async def test_v2_local_keeps_the_connection_address() -> None:

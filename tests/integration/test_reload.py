@@ -168,6 +168,43 @@ async def test_listener_added_then_removed() -> None:
         assert (await h.get("/hello")).status == 200
 
 
+async def _healthz(host: str, port: int) -> int:
+    c = await H1Client.connect(host, port)
+    try:
+        return (await c.request("GET", "/healthz")).status
+    finally:
+        await c.aclose()
+
+
+async def test_admin_added_moved_and_removed_in_place() -> None:
+    """A single process applies an [admin] change itself: the new address is bound before the
+    swap (a taken one fails the reload as a whole), the old one stops answering."""
+    async with running(Script()) as h:
+        port = h.proxy.config.clusters[0].backends[0].port
+        base = two_clusters(port)
+        assert h.proxy.admin_address is None
+        await h.proxy.reload(loads(base + '[admin]\nlisten = "127.0.0.1:0"\n'))
+        first = h.proxy.admin_address
+        assert first is not None and await _healthz(first.host, first.port) == 200
+        await h.proxy.reload(loads(base + '[admin]\nlisten = "127.0.0.2:0"\n'))
+        moved = h.proxy.admin_address
+        assert moved is not None and moved.host == "127.0.0.2"
+        assert await _healthz(moved.host, moved.port) == 200
+        with pytest.raises(OSError):
+            await H1Client.connect(first.host, first.port)
+        taken = await anyio.create_tcp_listener(local_host="127.0.0.3")
+        busy = taken.extra(anyio.abc.SocketAttribute.local_port)
+        with pytest.raises(ReloadError, match=r"admin\.listen: cannot listen on"):
+            await h.proxy.reload(loads(base + f'[admin]\nlisten = "127.0.0.3:{busy}"\n'))
+        await taken.aclose()
+        assert h.proxy.admin_address == moved and await _healthz(moved.host, moved.port) == 200
+        await h.proxy.reload(loads(base))
+        assert h.proxy.admin_address is None
+        with pytest.raises(OSError):
+            await H1Client.connect(moved.host, moved.port)
+        assert (await h.get("/hello")).status == 200
+
+
 async def test_reload_rereads_listener_certificates(tmp_path: Path) -> None:
     """Replaced certificate files: after a reload, new handshakes get the new certificate on
     the same (kept) listening socket."""

@@ -100,9 +100,10 @@ async def proxy_process(argv: list[str]) -> AsyncIterator[ProxyProcess]:
         assert proc.stderr is not None
         log = b""
         with anyio.fail_after(30):
-            while b"ready " not in log:
-                log += await proc.stderr.receive()
+            while b"ready " not in log or b"\n" not in log.split(b"ready ", 1)[1]:
+                log += await proc.stderr.receive()  # (up to the end of the ready line)
         line = log.split(b"ready ", 1)[1].split(b"\n", 1)[0].decode()
+        assert "=" in line.split(" ")[0], log
         host, _, port = line.split(" ")[0].split("=", 1)[1].rpartition(":")
         yield ProxyProcess(proc, log, host, int(port))
     finally:
