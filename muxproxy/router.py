@@ -121,6 +121,8 @@ def _rules(cfg: HeaderRulesConfig | None) -> HeaderRules | None:
     return HeaderRules(set=cfg.set, add=cfg.add, remove=cfg.remove)
 
 
+_HOSTS_COUNT, _HOSTS_ITEM_MAX = 1024, 256
+
 class Router:
     """First match in file order.  Routes for an exact host are indexed by that host: a
     request only tries the routes of its own host and the wildcard ones (``*``, ``*.suffix``),
@@ -141,6 +143,8 @@ class Router:
             return tuple(sorted((*own, *wild), key=lambda r: order[id(r)]))
 
         self._by_host = {h: in_file_order(own) for h, own in by_host.items()}
+        # authority as sent → (host, the routes to try): a few authorities are most traffic.
+        self._hosts: dict[bytes, tuple[bytes, tuple[Route, ...]]] = {}
 
     def route(self, head: RequestHead, listener: ListenerConfig) -> Route | None:
         """Where a request is routed.  Normalises ``head.target`` in place first
@@ -162,8 +166,16 @@ class Router:
         method: bytes = b"GET",
         headers: Iterable[Header] = (),
     ) -> Route | None:
-        host = host_only(authority)
-        for route in self._by_host.get(host, self._wild):
+        hit = self._hosts.get(authority)
+        if hit is None:
+            host = host_only(authority)
+            hit = (host, self._by_host.get(host, self._wild))
+            if len(authority) <= _HOSTS_ITEM_MAX:  # bounded: 1,024 × 256 bytes at most
+                if len(self._hosts) >= _HOSTS_COUNT:
+                    self._hosts.clear()
+                self._hosts[authority] = hit
+        host, routes = hit
+        for route in routes:
             if route.matcher.matches(method, host, target, headers):
                 return route
         return None

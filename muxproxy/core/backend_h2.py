@@ -32,6 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .h2wire import (
@@ -90,6 +91,7 @@ from .h2wire import (
 )
 from .headers import Header
 from .hpack_codec import Decoder, Encoder, HPACKError
+from .memo import ByIdentity
 from .relay import StreamState, Update, fail_streams
 
 
@@ -540,21 +542,18 @@ class H2Backend:
             up.streams.append(st)
             self._ended(st, up)
 
-    def _on_head(self, st: _H2Stream, fields: list[Header], end_stream: bool, up: Update) -> None:
-        check_fields(fields, trailers=False)
-        status = fields[0][1]
-        if len(status) != 3 or not status.isdigit():
-            raise StreamError(PROTOCOL_ERROR, f"malformed :status {status[:16]!r}")
-        if status[0] == 0x31:  # 1xx: informational, never relayed
-            if end_stream or status == b"101":
-                raise StreamError(PROTOCOL_ERROR, f"status {status.decode()} ending the stream")
-            return
-        cl: int | None = None
-        for name, value in fields:
-            if name == b"content-length":
-                if not value.isdigit() or (cl is not None and int(value) != cl):
-                    raise StreamError(PROTOCOL_ERROR, "malformed content-length")
-                cl = int(value)
+    def _on_head(
+        self, st: _H2Stream, fields: Sequence[Header], end_stream: bool, up: Update
+    ) -> None:
+        known = _FINAL_HEADS.get(fields)  # the same decoded block as before: checked then
+        if known is None:
+            cl = _final_head(fields, end_stream)
+            if cl is _INFORMATIONAL:
+                return  # 1xx: never relayed
+            if type(fields) is tuple:
+                _FINAL_HEADS.put(fields, (cl,))
+        else:
+            (cl,) = known
         st.content_length = cl
         st.headers = fields
         if end_stream:
@@ -684,3 +683,29 @@ class H2Backend:
     def _maybe_forget(self, st: _H2Stream) -> None:
         if st.ended and st.local_closed:
             self.streams.pop(st.stream_id, None)
+
+
+# Final response heads already checked, by the identity of the decoded block's tuple (see
+# hpack_codec.Decoder.decode): their content-length.  A backend answers with a few shapes.
+_FINAL_HEADS: ByIdentity[Sequence[Header], tuple[int | None]] = ByIdentity(64)
+_INFORMATIONAL = -1
+
+
+def _final_head(fields: Sequence[Header], end_stream: bool) -> int | None:
+    """RFC 9113 §8.3.2 and §8.1.1: check a response head; its content-length, or
+    ``_INFORMATIONAL`` for a 1xx head (which must not end the stream).  Raises StreamError."""
+    check_fields(fields, trailers=False)
+    status = fields[0][1]
+    if len(status) != 3 or not status.isdigit():
+        raise StreamError(PROTOCOL_ERROR, f"malformed :status {status[:16]!r}")
+    if status[0] == 0x31:  # 1xx: informational
+        if end_stream or status == b"101":
+            raise StreamError(PROTOCOL_ERROR, f"status {status.decode()} ending the stream")
+        return _INFORMATIONAL
+    cl: int | None = None
+    for name, value in fields:
+        if name == b"content-length":
+            if not value.isdigit() or (cl is not None and int(value) != cl):
+                raise StreamError(PROTOCOL_ERROR, "malformed content-length")
+            cl = int(value)
+    return cl

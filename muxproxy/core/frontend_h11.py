@@ -36,6 +36,7 @@ connection must be closed (``error_response`` says ``connection: close``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -43,6 +44,7 @@ from typing import Final
 from ..errors import REASONS, ClientError
 from .chunked import ChunkedScanner
 from .headers import Header
+from .memo import ByIdentity
 
 # Re-exported: the session's callers and tests name them from here.
 from .request_head import HeadLimits as HeadLimits
@@ -312,18 +314,17 @@ class ClientSession:
                 return b"HTTP/1.1 100 Continue\r\n\r\n"
         return b""
 
-    def response_head(self, status: int, headers: list[Header]) -> bytes:
+    def response_head(self, status: int, headers: Sequence[Header]) -> bytes:
         """Serialise a final response head and choose its framing (RFC 9112 §6.3)."""
         req = self.request
         assert req is not None and not self.response_started
-        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
-        length: int | None = None
-        for name, value in headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    raise ResponseFramingError("bad content-length from the backend")
-                length = int(value)
-            lines.append(name + b": " + value + b"\r\n")
+        known = _FIELD_LINES.get(headers)  # the same memoised head as before (headers.py)
+        if known is None:
+            known = _field_lines(headers)
+            if type(headers) is tuple:
+                _FIELD_LINES.put(headers, known)
+        block, length = known
+        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, block]
         self.response_started = True  # (not before: a head refused above can become a 502)
         if status < 200 or status in (204, 304) or req.method == b"HEAD":
             self._framing = _NONE
@@ -422,3 +423,19 @@ _STATUS_LINES = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode())
     for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)
 }
+
+
+# The field lines of response heads serialised before, by the identity of the head's tuple
+# (headers.response_from_h2 hands out the same tuple for the same decoded block).
+_FIELD_LINES: ByIdentity[Sequence[Header], tuple[bytes, int | None]] = ByIdentity(64)
+
+
+def _field_lines(headers: Sequence[Header]) -> tuple[bytes, int | None]:
+    """A response's fields as HTTP/1.1 lines, and its content-length (RFC 9112 §6.3)."""
+    length: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                raise ResponseFramingError("bad content-length from the backend")
+            length = int(value)
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers]), length

@@ -67,6 +67,7 @@ streams below it finish, newer ones are refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .h2guard import FrameGuard, H2Limits, Malformed, Request, check_request
@@ -406,9 +407,10 @@ class H2Server:
         self, sid: int, block: bytes, end_stream: bool, error: str, events: list[Event]
     ) -> None:
         try:  # always decoded, whatever becomes of the stream: the HPACK state is shared
-            fields, too_large, bad = self._decoder.decode(block)
+            decoded, too_large, bad = self._decoder.decode(block)
         except HPACKError as exc:
             raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        fields = list(decoded)  # a request's fields go on to be changed: never the memo's
         if too_large:
             raise ConnectionError_(
                 ENHANCE_YOUR_CALM, f"header list over {self.limits.max_header_list_size} bytes"
@@ -659,7 +661,7 @@ class H2Server:
             raise ValueError(f"not an informational head: {status!r}")
         self._send_block(stream_id, headers, 0)
 
-    def send_head(self, sid: int, status: int, headers: list[Header], end: bool) -> None:
+    def send_head(self, sid: int, status: int, headers: Sequence[Header], end: bool) -> None:
         self._open(sid)
         self._send_block(sid, [(b":status", _STATUS.get(status) or b"%d" % status), *headers],
                          END_STREAM if end else 0)  # fmt: skip

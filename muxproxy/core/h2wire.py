@@ -5,6 +5,7 @@ must pass.  No state: :mod:`~muxproxy.core.backend_h2` keeps that."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from .headers import Header
 
@@ -94,7 +95,7 @@ def unpad(payload: bytes) -> bytes:
     return payload[1 : len(payload) - pad]
 
 
-def check_fields(fields: list[Header], *, trailers: bool) -> None:
+def check_fields(fields: Sequence[Header], *, trailers: bool) -> None:
     """RFC 9113 §8.2.2 and §8.3: a response head has exactly one pseudo-header, ``:status``,
     first; trailers have none; neither has a connection-specific field.  (Names and values
     were checked as they were decoded.)"""

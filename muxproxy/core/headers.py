@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from ..errors import BackendError
 from .forwarded import EXTENDED, forwarding_fields
 from .forwarded import Forwarding as Forwarding  # (its home before core/forwarded.py)
-from .memo import Memo
+from .memo import ByIdentity, Memo
 
 Header = tuple[bytes, bytes]
 
@@ -152,11 +152,16 @@ def request_to_h2(
 
 def response_from_h2(
     headers: Sequence[Header], *, allow_101: bool = False
-) -> tuple[int, list[Header]]:
+) -> tuple[int, Sequence[Header]]:
     """Split an HTTP/2 response head into ``(status, fields)`` fit for HTTP/1.1.
 
     Raises BackendError (502) for a bad ``:status`` or a value that could inject a line.
+    A head that is a memoised decoded block (a tuple) gives the same tuple of fields each
+    time, so the client side can memoise its serialisation by identity too.
     """
+    hit = _RESPONSES.get(headers)
+    if hit is not None:  # (never a 101: the same answer whatever allow_101 says)
+        return hit
     status = 0
     out: list[Header] = []
     for name, value in headers:
@@ -176,7 +181,15 @@ def response_from_h2(
         out.append(field)
     if not 100 <= status <= 599 or (status == 101 and not allow_101):
         raise BackendError(f"backend sent status {status}")
+    if type(headers) is tuple and status != 101:
+        result = (status, tuple(out))
+        _RESPONSES.put(headers, result)
+        return result
     return status, out
+
+
+# Response heads mapped by response_from_h2, by the identity of the decoded block's tuple.
+_RESPONSES: ByIdentity[Sequence[Header], tuple[int, Sequence[Header]]] = ByIdentity(64)
 
 
 def trailers_from_h2(headers: Sequence[Header]) -> list[Header]:

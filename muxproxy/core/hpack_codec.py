@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hpack.exceptions import HPACKDecodingError
@@ -238,10 +239,14 @@ class Decoder:
         except IndexError:
             raise HPACKError(f"index {index} outside the tables") from None
 
-    def decode(self, data: bytes) -> tuple[list[Header], bool, bytes | None]:
+    def decode(self, data: bytes) -> tuple[Sequence[Header], bool, bytes | None]:
         """Decode one complete header block: ``(fields, too_large, bad)``, where ``bad`` names
         a field whose name or value RFC 9113 §8.2.1 forbids (the block is malformed, but it was
-        decoded to the end: the dynamic table is in step).  Raises HPACKError."""
+        decoded to the end: the dynamic table is in step).  Raises HPACKError.
+
+        A block seen before returns the very tuple it returned then (never to be changed by
+        the caller): what callers derive from it can be memoised by identity
+        (:class:`~muxproxy.core.memo.ByIdentity`).  A block decoded now returns a new list."""
         hit = self._blocks.get(data)
         if hit is not None:  # seen before, and its meaning does not depend on the table
             fields, added_fields, added_sizes, added = hit
@@ -253,7 +258,7 @@ class Decoder:
                 self._sizes.extendleft(added_sizes)
                 self._size += added
                 self._evict(self._max)
-            return list(fields), False, None
+            return fields, False, None
         out: list[Header] = []
         inserts: list[Header] = []
         sizes: list[int] = []

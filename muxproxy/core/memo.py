@@ -52,3 +52,33 @@ class Memo(Generic[K, V]):
     def clear(self) -> None:
         self.data.clear()
         self.size = 0
+
+
+class ByIdentity(Generic[K, V]):
+    """What was derived from an immutable object that comes back as the *same* object.
+
+    A hit of the HPACK block memo returns the same tuple of fields each time, so what is
+    derived from a response head (its checks, its content-length, its HTTP/1.1 field lines)
+    can be kept beside it and found by identity, at the cost of one dict lookup and an ``is``.
+    The object itself is held with its value, so its ``id`` cannot be reused while the entry
+    lives.  Only tuples handed out by a bounded memo go in, so the objects held are bounded by
+    that memo's ``item_max``, ``count`` times; a full table is emptied.
+    """
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.data: dict[int, tuple[K, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        hit = self.data.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        return None
+
+    def put(self, key: K, value: V) -> None:
+        data = self.data
+        if len(data) >= self.count:
+            data.clear()
+        data[id(key)] = (key, value)

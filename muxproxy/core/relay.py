@@ -9,7 +9,7 @@ provide it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -21,10 +21,10 @@ class StreamState:
     """What the backend sent on one stream, waiting to be relayed to the client."""
 
     stream_id: int
-    headers: list[Header] | None = None  # the final response head, once received
+    headers: Sequence[Header] | None = None  # the final response head, once received
     # (data, flow length); a list, not a deque: an empty deque costs ~600 bytes per stream
     chunks: list[tuple[bytes, int]] = field(default_factory=list)
-    trailers: list[Header] | None = None
+    trailers: Sequence[Header] | None = None
     ended: bool = False  # END_STREAM received
     reset_code: int | None = None  # RST_STREAM received or connection lost
     refused: bool = False  # provably never processed: safe to replay

@@ -264,7 +264,7 @@ class HeaderRules:
         self.add = tuple((k.lower().encode(), v.encode()) for k, v in (add or {}).items())
         self.remove = frozenset(k.lower().encode() for k in remove)
 
-    def apply(self, headers: list[Header], facts: RequestFacts) -> list[Header]:
+    def apply(self, headers: Sequence[Header], facts: RequestFacts) -> list[Header]:
         """A new field list with the rules applied (the input is not changed)."""
         drop = self.remove | {name for name, _ in self.set}
         out = [(n, v) for n, v in headers if n not in drop] if drop else list(headers)

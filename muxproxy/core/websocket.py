@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 
 from ..errors import ClientError
 from .headers import Forwarding, Header, request_to_h2
@@ -89,7 +90,7 @@ def connect_head(
     return out
 
 
-def switching_protocols(key: bytes, response: list[Header]) -> bytes:
+def switching_protocols(key: bytes, response: Sequence[Header]) -> bytes:
     """The client's 101 answer, carrying what the backend negotiated."""
     lines = [
         b"HTTP/1.1 101 Switching Protocols\r\n",

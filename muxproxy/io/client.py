@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -212,7 +213,7 @@ class ClientConnection:
         if cont:
             await self.send(cont)
 
-    def send_head(self, status: int, headers: list[Header]) -> None:
+    def send_head(self, status: int, headers: Sequence[Header]) -> None:
         if self.must_close or self.proxy.draining:
             self.session.close_after_response()  # ("connection: close": not reused)
         try:
@@ -269,8 +270,10 @@ class ClientConnection:
         wheel.discard(self.write_timer)
         self.read_timer = self.write_timer = _SPENT_TIMER
         self.fwd = _SPENT_FWD
-        if self.proxy.recorders:
+        if self.proxy.describe:
             self._describe(self.outcome)
+        elif self.proxy.recorders:
+            self._head = None
         else:
             self.outcome = _NO_OUTCOME
             self._head = None
@@ -343,9 +346,10 @@ class ClientConnection:
             self.outcome = _NO_OUTCOME
             proxy = self.proxy
             if proxy.recorders:
-                self._describe(o)
                 o.end = now = time.monotonic()
-                o.wall_start = time.time() - (now - o.start)
+                if proxy.describe:
+                    self._describe(o)
+                    o.wall_start = time.time() - (now - o.start)
                 proxy.record(o)
             self._head = None
 

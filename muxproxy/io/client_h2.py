@@ -336,12 +336,13 @@ class H2ClientConnection:
         o = st.outcome
         proxy = self.proxy
         if proxy.recorders:
-            r = st.req
-            o.method = r.method.decode("latin-1")
-            o.authority = r.authority.decode("latin-1")
-            o.path = r.path.decode("latin-1")
             o.end = now = time.monotonic()
-            o.wall_start = time.time() - (now - o.start)
+            if proxy.describe:
+                r = st.req
+                o.method = r.method.decode("latin-1")
+                o.authority = r.authority.decode("latin-1")
+                o.path = r.path.decode("latin-1")
+                o.wall_start = time.time() - (now - o.start)
             proxy.record(o)
         if not self.streams:
             if self._done is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from ..core.frontend_h11 import Body, RequestHead
@@ -37,19 +38,21 @@ if TYPE_CHECKING:
 __all__ = ["dispatch"]
 
 
-async def dispatch(
+def dispatch(
     down: TunnelDownstream,
     head: RequestHead,
     route: Route | None,
     pools: dict[str, ClusterPool],
     *,
     websocket: bool | None = None,
-) -> bool:
-    """Route one request and relay it; whether the client connection may be kept.
+) -> Awaitable[bool]:
+    """Route one request and relay it; whether the client connection may be kept.  A plain
+    function that decides at once and returns the relay to await (one coroutine fewer per
+    request than an ``async def`` around it).
     ``websocket``: the request is a WebSocket (an HTTP/2 extended CONNECT, RFC 8441);
     None: an HTTP/1.1 upgrade decides."""
     if route is None:
-        return await down.send_error(ProxyError("no route for this host and path", 404))
+        return down.send_error(ProxyError("no route for this host and path", 404))
     cfg = route.config
     outcome = down.outcome
     outcome.route = route.name
@@ -59,25 +62,25 @@ async def dispatch(
         if wait > 0:
             outcome.reason = "rate_limited"
             retry = str(max(1, math.ceil(wait))).encode()
-            return await _refuse(
+            return _refuse(
                 down, head, ProxyError("rate limit reached", 429, ((b"retry-after", retry),))
             )
     if cfg.respond is not None or cfg.redirect is not None:
-        return await _answer_here(down, head, route)
+        return _answer_here(down, head, route)
     if cfg.max_body is not None and (head.content_length or 0) > cfg.max_body:
         outcome.reason = "refused_limit"
-        return await _refuse(down, head, ClientError("request body larger than max_body", 413))
+        return _refuse(down, head, ClientError("request body larger than max_body", 413))
     cluster = route.cluster_for(down.fwd.client_ip, head.headers)
     outcome.cluster = cluster
     pool = pools[cluster]
     if websocket is None:
         websocket = cfg.websocket and is_upgrade(head.headers)
     elif websocket and not cfg.websocket:  # (HTTP/2: a CONNECT cannot become a GET)
-        return await down.send_error(ProxyError("no WebSockets on this route", 404))
+        return down.send_error(ProxyError("no WebSockets on this route", 404))
     if websocket:
         outcome.protocol = "websocket"
-        return await Tunnel(down, head, route, pool).run()
-    return await Exchange(down, head, route, pool).run()
+        return Tunnel(down, head, route, pool).run()
+    return Exchange(down, head, route, pool).run()
 
 
 async def _refuse(down: Downstream, head: RequestHead, exc: ProxyError) -> bool:

@@ -20,7 +20,7 @@ surfaces as :class:`ClientGone`, never as an anyio or OS exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..core.frontend_h11 import Body, EndOfRequest
@@ -53,6 +53,8 @@ class ProxyHost(Protocol):
     def draining(self) -> bool: ...
     @property
     def recorders(self) -> list[Callable[[Outcome], None]]: ...
+    @property
+    def describe(self) -> bool: ...
     def is_trusted(self, listener: ListenerConfig, ip: str) -> bool: ...
     def record(self, outcome: Outcome) -> None: ...
 
@@ -88,7 +90,7 @@ class Downstream(Protocol):
         """Tell a client waiting for it (``Expect: 100-continue``) to send its body."""
         ...
 
-    def send_head(self, status: int, headers: list[Header]) -> None:
+    def send_head(self, status: int, headers: Sequence[Header]) -> None:
         """Queue the final response head.  Raises BackendError when the head cannot be
         relayed to this client (nothing was sent: the relay answers 502 instead)."""
         ...

@@ -20,7 +20,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # What a tunnel does with a 2xx answer to its extended CONNECT: (conn, stream, news, head).
 # It returns True when it took the stream over (it releases it itself).
-Upgrade = Callable[[BackendConnection, StreamState, Signal, list[Header]], Awaitable[bool]]
+Upgrade = Callable[[BackendConnection, StreamState, Signal, Sequence[Header]], Awaitable[bool]]
 
 
 class _Replay(Exception):
@@ -407,7 +407,7 @@ class Exchange:
         st: StreamState,
         news: Signal,
         status: int,
-        headers: list[Header],
+        headers: Sequence[Header],
     ) -> None:
         """Relay the response head and body, giving credit back as the client takes it."""
         down = self.down

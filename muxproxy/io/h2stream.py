@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import anyio
@@ -117,7 +118,7 @@ class H2Stream:
         self._acked = 0
         self._received = 0  # request-body bytes handed out (the listener's max_body)
         self._continue = False  # a 100 is owed when the body is first asked for
-        self._head: tuple[int, list[Header]] | None = None
+        self._head: tuple[int, Sequence[Header]] | None = None
         self._head_sent = False
         self._pending: list[bytes] = []
         self._end = False
@@ -232,7 +233,7 @@ class H2Stream:
             self.conn.server.send_informational(self.sid, [(b":status", b"100")])
             self.conn.kick()
 
-    def send_head(self, status: int, headers: list[Header]) -> None:
+    def send_head(self, status: int, headers: Sequence[Header]) -> None:
         self._head = (status, headers)
         self.outcome.status = status
 

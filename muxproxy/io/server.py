@@ -111,9 +111,18 @@ class Proxy:
         # metrics).
         self.recorders: list[Recorder] = []
         self.metrics = Metrics()  # request counters and histograms for /metrics
-        self.recorders.append(self.metrics.observe)
+        self._observe = self.metrics.observe
+        self.recorders.append(self._observe)
         self.access_log: AccessLog | None = None
         self._access_log_managed = False
+
+    @property
+    def describe(self) -> bool:
+        """Whether a recorder reads an outcome's text fields (method, authority, path,
+        protocol) and wall clock: the built-in metrics read neither, so with only them a
+        request costs no decoding and a tunnel keeps no text."""
+        recorders = self.recorders
+        return len(recorders) > 1 or (len(recorders) == 1 and recorders[0] is not self._observe)
 
     def record(self, outcome: Outcome) -> None:
         """Hand one finished request's or tunnel's outcome to every recorder."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -119,7 +120,7 @@ class Tunnel:
             await self._fallback_http1()
 
     async def _upgraded(
-        self, conn: BackendConnection, st: StreamState, news: Signal, headers: list[Header]
+        self, conn: BackendConnection, st: StreamState, news: Signal, headers: Sequence[Header]
     ) -> bool:
         """The backend accepted the tunnel.  True when the tunnel released the stream itself
         (a detached one, or one that ended by its rules)."""
@@ -151,7 +152,7 @@ class Tunnel:
         ).run(client.leftover())
         return st.stream_id not in conn.news
 
-    async def _accept(self, headers: list[Header]) -> None:
+    async def _accept(self, headers: Sequence[Header]) -> None:
         """Tell the client its WebSocket is open: 101 (HTTP/1.1), or 200 on an HTTP/2
         extended CONNECT stream (RFC 8441 §5: no Sec-WebSocket-Accept)."""
         client = self.client

@@ -81,7 +81,7 @@ def test_decoder_memos_keep_hitting_on_nginx_like_traffic() -> None:
     before = dict(dec._blocks)
     for b in blocks * 100:
         out, _, _ = dec.decode(b)
-        assert out == fields
+        assert list(out) == fields
     assert dec._blocks.keys() >= before.keys()
 
 
@@ -93,3 +93,18 @@ def test_encoder_memo_holds_its_budget() -> None:
         assert e.memo_bytes() <= ENCODE_BUDGET
     e.encode([(b"accept", b"*/*")])
     assert (b"accept", b"*/*") in e._cache
+
+
+def test_by_identity_finds_only_the_same_object_and_stays_bounded() -> None:
+    from muxproxy.core.memo import ByIdentity
+
+    memo: ByIdentity[tuple[int, ...], str] = ByIdentity(4)
+    key = (1, 2, 3)
+    memo.put(key, "derived")
+    assert memo.get(key) == "derived"
+    assert memo.get(tuple([1, 2, 3])) is None  # equal, but not the same object: no hit
+    keys = [tuple([i, i]) for i in range(10)]
+    for k in keys:
+        memo.put(k, "x")
+    assert len(memo.data) <= 4  # emptied when full, never more than count
+    assert memo.get(keys[-1]) == "x"
