@@ -81,6 +81,7 @@ from .h2wire import (
     U32x2,
     check_fields,
     code_name,
+    credit_error,
     frame,
     header_frames,
     max_continuations,
@@ -591,23 +592,20 @@ class H2Backend:
     def _on_window_update(self, sid: int, payload: bytes, up: Update) -> None:
         increment = window_increment(payload)
         if not sid:
-            if not increment:
-                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            bad = credit_error(self.send_window_conn, increment, "connection")
+            if bad is not None:
+                raise ConnectionError_(*bad)
             self.send_window_conn += increment
-            if self.send_window_conn > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
             up.window_opened = True
             return
         st = self._stream_for(sid, "WINDOW_UPDATE")
         if st is None:
             return
-        if not increment:
-            self._stream_error(st, StreamError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"), up)
+        bad = credit_error(st.send_window, increment, "stream")
+        if bad is not None:
+            self._stream_error(st, StreamError(*bad), up)
             return
         st.send_window += increment
-        if st.send_window > MAX_WINDOW:
-            self._stream_error(st, StreamError(FLOW_CONTROL_ERROR, "stream window overflow"), up)
-            return
         up.window_opened = True
 
     def _on_settings(self, flags: int, sid: int, payload: bytes, up: Update) -> None:

@@ -113,6 +113,7 @@ from .h2wire import (
     StreamError,
     U32x2,
     check_fields,
+    credit_error,
     frame,
     header_frames,
     read_settings,
@@ -527,11 +528,10 @@ class H2Server:
     def _on_window_update(self, sid: int, payload: bytes, events: list[Event]) -> None:
         increment = window_increment(payload)
         if not sid:
-            if not increment:
-                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            bad = credit_error(self.send_window_conn, increment, "connection")
+            if bad is not None:
+                raise ConnectionError_(*bad)
             self.send_window_conn += increment
-            if self.send_window_conn > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
             events.append(WindowOpen(0))
             return
         st = self.streams.get(sid)
@@ -539,13 +539,11 @@ class H2Server:
             if self._idle(sid):
                 raise ConnectionError_(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
             return  # (closed: allowed for a while after END_STREAM, §5.1)
-        if not increment:
-            self._stream_error(sid, PROTOCOL_ERROR, "WINDOW_UPDATE of 0", events)
+        bad = credit_error(st.send_window, increment, "stream")
+        if bad is not None:
+            self._stream_error(sid, *bad, events)
             return
         st.send_window += increment
-        if st.send_window > MAX_WINDOW:
-            self._stream_error(sid, FLOW_CONTROL_ERROR, "stream window overflow", events)
-            return
         events.append(WindowOpen(sid))
 
     def _on_rst_stream(self, sid: int, payload: bytes, events: list[Event]) -> None:

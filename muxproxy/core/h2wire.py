@@ -125,6 +125,17 @@ def window_increment(payload: bytes) -> int:
     return int(U32.unpack(payload)[0] & MAX_WINDOW)
 
 
+def credit_error(window: int, increment: int, scope: str) -> tuple[int, str] | None:
+    """§6.9 and §6.9.1: what is wrong with a WINDOW_UPDATE adding ``increment`` to a send
+    ``window`` of ``scope`` ("connection" or "stream"): ``(error code, reason)``, or None.
+    The caller scopes the error: a connection error on stream 0, a stream error otherwise."""
+    if not increment:
+        return PROTOCOL_ERROR, "WINDOW_UPDATE of 0"
+    if window + increment > MAX_WINDOW:
+        return FLOW_CONTROL_ERROR, f"{scope} window overflow"
+    return None
+
+
 def read_settings(payload: bytes) -> list[tuple[int, int]]:
     """A SETTINGS frame's parameters, held to the ranges both roles enforce (§6.5.2; RFC 8441
     §3 for ENABLE_CONNECT_PROTOCOL)."""
