@@ -86,6 +86,8 @@ from .h2wire import (
     header_frames,
     max_continuations,
     read_settings,
+    shift_recv_windows,
+    shift_send_windows,
     unpad,
     update_due,
     window_increment,
@@ -618,8 +620,7 @@ class H2Backend:
                 self._settings_acked = True
                 delta = self.stream_window - DEFAULT_WINDOW
                 self._stream_recv_initial = self.stream_window
-                for st in self.streams.values():
-                    st.recv_window += delta
+                shift_recv_windows(self.streams.values(), delta)
             return
         for key, value in read_settings(payload):  # (ranges checked there)
             if key == MAX_CONCURRENT_STREAMS:
@@ -627,10 +628,7 @@ class H2Backend:
             elif key == INITIAL_WINDOW_SIZE:
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
-                for st in self.streams.values():
-                    st.send_window += delta
-                    if st.send_window > MAX_WINDOW:
-                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
+                shift_send_windows(self.streams.values(), delta)
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.peer_max_frame_size = value
             elif key == ENABLE_PUSH:

@@ -93,7 +93,6 @@ from .h2wire import (
     MAX_FRAME_SIZE,
     MAX_HEADER_LIST_SIZE,
     MAX_STREAM_ID,
-    MAX_WINDOW,
     NO_ERROR,
     PADDED,
     PING,
@@ -117,6 +116,8 @@ from .h2wire import (
     frame,
     header_frames,
     read_settings,
+    shift_recv_windows,
+    shift_send_windows,
     unpad,
     update_due,
     window_increment,
@@ -567,18 +568,14 @@ class H2Server:
                 self._settings_acked = True
                 delta = self.limits.initial_window - DEFAULT_WINDOW
                 self._stream_recv_initial = self.limits.initial_window
-                for st in self.streams.values():
-                    st.recv_window += delta
+                shift_recv_windows(self.streams.values(), delta)
             return
         window_changed = False
         for key, value in read_settings(payload):
             if key == INITIAL_WINDOW_SIZE:
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
-                for st in self.streams.values():
-                    st.send_window += delta
-                    if st.send_window > MAX_WINDOW:
-                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
+                shift_send_windows(self.streams.values(), delta)
                 window_changed = True
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.peer_max_frame_size = value

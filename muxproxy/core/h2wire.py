@@ -5,7 +5,8 @@ must pass.  No state: :mod:`~muxproxy.core.backend_h2` keeps that."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from .headers import Header
 
@@ -134,6 +135,29 @@ def credit_error(window: int, increment: int, scope: str) -> tuple[int, str] | N
     if window + increment > MAX_WINDOW:
         return FLOW_CONTROL_ERROR, f"{scope} window overflow"
     return None
+
+
+class Windowed(Protocol):
+    """A stream with flow-control windows, of either codec."""
+
+    send_window: int
+    recv_window: int
+
+
+def shift_send_windows(streams: Iterable[Windowed], delta: int) -> None:
+    """§6.9.2: a new SETTINGS_INITIAL_WINDOW_SIZE from the peer moves every open stream's send
+    window by the difference; a window past 2^31-1 is a connection error."""
+    for st in streams:
+        st.send_window += delta
+        if st.send_window > MAX_WINDOW:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
+
+
+def shift_recv_windows(streams: Iterable[Windowed], delta: int) -> None:
+    """§6.9.2: once the peer acknowledged our SETTINGS, our initial window applies to the
+    streams already open too."""
+    for st in streams:
+        st.recv_window += delta
 
 
 def read_settings(payload: bytes) -> list[tuple[int, int]]:
