@@ -83,13 +83,13 @@ from .h2wire import (
     code_name,
     credit_error,
     frame,
+    give_credit,
     header_frames,
     max_continuations,
     read_settings,
     shift_recv_windows,
     shift_send_windows,
     unpad,
-    update_due,
     window_increment,
 )
 from .headers import Header
@@ -299,23 +299,20 @@ class H2Backend:
         self._ack_conn(flow_length)
         st = self.streams.get(stream_id)
         if st is not None and not st.ended:
-            st.recv_unacked += flow_length
-            unacked = st.recv_unacked
-            if update_due(unacked, st.recv_window, self.stream_window):
-                st.recv_window += unacked
-                st.recv_unacked = 0
-                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(unacked)))
+            st.recv_window, st.recv_unacked, update = give_credit(
+                stream_id, st.recv_unacked + flow_length, st.recv_window, self.stream_window
+            )
+            if update is not None:
+                self._out.append(update)
 
     def _ack_conn(self, n: int) -> None:
         if self.closed:
             return
-        unacked = self._recv_unacked_conn + n
-        if update_due(unacked, self.recv_window_conn, self.recv_window_max):
-            self.recv_window_conn += unacked
-            self._recv_unacked_conn = 0
-            self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(unacked)))
-        else:
-            self._recv_unacked_conn = unacked
+        self.recv_window_conn, self._recv_unacked_conn, update = give_credit(
+            0, self._recv_unacked_conn + n, self.recv_window_conn, self.recv_window_max
+        )
+        if update is not None:
+            self._out.append(update)
 
     def ping(self, opaque: bytes = b"muxproxy") -> None:
         self._out.append(frame(PING, 0, 0, opaque[:8].ljust(8, b"\0")))

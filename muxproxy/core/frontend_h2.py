@@ -114,12 +114,12 @@ from .h2wire import (
     check_fields,
     credit_error,
     frame,
+    give_credit,
     header_frames,
     read_settings,
     shift_recv_windows,
     shift_send_windows,
     unpad,
-    update_due,
     window_increment,
 )
 from .headers import Header
@@ -720,23 +720,18 @@ class H2Server:
         self._ack_conn(n)
         st = self.streams.get(sid)
         if st is not None and not st.remote_closed:
-            unacked = st.recv_unacked + n
-            window = self._stream_recv_initial
-            if update_due(unacked, st.recv_window, window):
-                st.recv_window += unacked
-                st.recv_unacked = 0
-                self._out.append(frame(WINDOW_UPDATE, 0, sid, U32.pack(unacked)))
-            else:
-                st.recv_unacked = unacked
+            st.recv_window, st.recv_unacked, update = give_credit(
+                sid, st.recv_unacked + n, st.recv_window, self._stream_recv_initial
+            )
+            if update is not None:
+                self._out.append(update)
 
     def _ack_conn(self, n: int) -> None:
-        unacked = self._recv_unacked_conn + n
-        if update_due(unacked, self.recv_window_conn, self.recv_window_max):
-            self.recv_window_conn += unacked
-            self._recv_unacked_conn = 0
-            self._out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(unacked)))
-        else:
-            self._recv_unacked_conn = unacked
+        self.recv_window_conn, self._recv_unacked_conn, update = give_credit(
+            0, self._recv_unacked_conn + n, self.recv_window_conn, self.recv_window_max
+        )
+        if update is not None:
+            self._out.append(update)
 
     def _finish(self, sid: int) -> None:
         """Our side of ``sid`` ended.  If the client's request is still open (a response

@@ -119,6 +119,16 @@ def update_due(unacked: int, window: int, full: int) -> bool:
     return unacked >= full >> 1 or (window <= 0 and unacked > min(1024, full >> 2))
 
 
+def give_credit(
+    stream_id: int, unacked: int, window: int, full: int
+) -> tuple[int, int, bytes | None]:
+    """Consumed bytes given back to the peer when :func:`update_due` says so: ``(receive
+    window, bytes still not given back, the WINDOW_UPDATE frame to send or None)``."""
+    if update_due(unacked, window, full):
+        return window + unacked, 0, frame(WINDOW_UPDATE, 0, stream_id, U32.pack(unacked))
+    return window, unacked, None
+
+
 def window_increment(payload: bytes) -> int:
     """A WINDOW_UPDATE's increment (§6.9; 0 is the caller's error to scope)."""
     if len(payload) != 4:
