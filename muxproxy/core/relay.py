@@ -42,6 +42,14 @@ class Update:
     ping_acked: bool = False
     closed: bool = False  # connection is unusable (protocol error or GOAWAY with error)
 
+    def answers(self) -> bool:
+        """Whether this input answers something we sent — news on our streams, send credit,
+        a PING ACK — and so proves the peer reads.  Frames a peer sends of its own accord
+        (PINGs, SETTINGS) prove nothing: a peer that floods PINGs and never reads would look
+        alive, and loopback's autotuned receive buffers (``tcp_rmem``, 32 MiB here) can swallow
+        megabytes without our send ever blocking, so a stuck write is not seen on every loop."""
+        return bool(self.streams) or self.window_opened or self.ping_acked
+
 
 class BackendCore(Protocol):
     """What the pool and the exchanges need of a backend connection's protocol core; both

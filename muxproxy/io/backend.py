@@ -11,9 +11,13 @@ frames on the core and call :meth:`BackendConnection.schedule_flush`; the writer
 loop turn and writes everything queued at once — one syscall for many streams.
 
 Written once here for every protocol: connect errors (one ``BackendUnavailable`` reason),
-liveness (PING after ``ping_interval`` of silence, dead without an answer in ``ping_timeout``),
-write progress (a connection whose send has not completed for ``WRITE_STALL`` takes no new
-streams; one that has not drained for ``ping_timeout`` is dead, whatever it sends meanwhile),
+liveness and write progress, one rule: only input that answers what we sent (news on our
+streams, send credit, a PING ACK: :meth:`Update.answers`) proves the peer alive and reading.
+Without it for ``ping_interval`` a PING goes out; a connection whose PING is unanswered, or whose
+send has not completed, for ``stall_after`` (half of ``ping_timeout``, at most ``WRITE_STALL``)
+takes no new streams; after ``ping_timeout`` it is dead, whatever it sends meanwhile (a stuck
+send is seen where the kernel's buffers fill; the unanswered PING where a peer's autotuned
+receive buffer swallows everything, as on uvloop over loopback),
 and termination: a stream whose bytes never reached the transport was provably not processed
 and is failed as *refused* (replayable); every other open stream fails (502).
 """
@@ -44,8 +48,9 @@ log = logging.getLogger("muxproxy.backend")
 
 _serial = count(1)
 
-# A send that has not completed for this long (at most ping_timeout) means the backend is not
-# reading: the connection takes no new streams until it drains.
+# A send that has not completed, or a PING unanswered, for this long (at most half of
+# ping_timeout) means the backend is not reading: the connection takes no new streams until it
+# drains or answers.
 WRITE_STALL = 1.0
 
 
@@ -153,13 +158,16 @@ class BackendConnection:
         self.last_opened = 0
         self.handed = 0
         self.send_since: float | None = None
-        self.stall_after = min(WRITE_STALL, cfg.ping_timeout)
-        # Liveness (timer wheel entry): PING after ping_interval without a frame; dead when no
-        # frame at all arrives within ping_timeout after it.
+        self.stall_after = min(WRITE_STALL, cfg.ping_timeout / 2)
+        # Liveness (timer wheel entry): PING after ping_interval without an answer to what we
+        # sent; dead when none arrives within ping_timeout after it.  ``ping_since`` is the
+        # wheel time of the unanswered PING (None when answered); ``talked`` whether the peer
+        # sent frames meanwhile (then it is not reading: a write stall, not a silent peer).
         self.wheel = wheel
         self.deadline = math.inf
         self.timer_bucket: int | None = None
-        self._awaiting_ack = False
+        self.ping_since: float | None = None
+        self._talked = False
         self._scope: anyio.CancelScope | None = None
         self.ping_timeouts = 0
         self.write_stalls = 0
@@ -169,6 +177,8 @@ class BackendConnection:
     @property
     def free(self) -> int:
         since = self.send_since  # (an HTTP/1.1 connection is busy while it sends: free is 0)
+        if since is None:
+            since = self.ping_since
         if since is not None and self.wheel.now - since >= self.stall_after:
             return 0  # the backend is not reading: a new stream would hang
         return self.core.free_streams()
@@ -230,14 +240,25 @@ class BackendConnection:
             )
             self._terminate("backend connection dead (not reading)", cancel=True)
             return
-        if self._awaiting_ack:
+        if self.ping_since is not None:
+            if self._talked:  # it sends, but does not read what we send
+                self.write_stalls += 1
+                log.warning(
+                    "%r: frames but no answer (PING ACK) within %.3gs: not reading: "
+                    "connection dead",
+                    self,
+                    self.cfg.ping_timeout,
+                )
+                self._terminate("backend connection dead (not reading)", cancel=True)
+                return
             self.ping_timeouts += 1
             log.warning(
                 "%r: no PING ACK within %.3gs: connection dead", self, self.cfg.ping_timeout
             )
             self._terminate("backend connection dead (no PING ACK)", cancel=True)
             return
-        self._awaiting_ack = True
+        self.ping_since = self.wheel.now
+        self._talked = False
         self.core.ping()
         self.schedule_flush()
         self.wheel.start(self, self.cfg.ping_timeout)
@@ -277,12 +298,17 @@ class BackendConnection:
         """Wake the exchanges the update concerns; True once the connection is finished."""
         core = self.core
         if alive:  # (never for a protocol without PING: see PacedStreamTransport)
-            # Any frame proves the peer alive (the next PING is ping_interval away) — unless
-            # it does not read what we send: then only draining proves anything.
+            # An answer to what we sent proves the peer alive (the next PING is ping_interval
+            # away) — unless our send is stuck: then only draining proves anything.  Frames of
+            # its own (a PING flood) prove nothing.
             since = self.send_since
-            if since is None or self.wheel.now - since < self.stall_after:
-                self._awaiting_ack = False
+            if up.answers() and (since is None or self.wheel.now - since < self.stall_after):
+                if self.ping_since is not None:
+                    self.ping_since = None
+                    self.on_capacity(self)  # (it may have been skipped meanwhile)
                 self.wheel.start(self, self.cfg.ping_interval)
+            else:
+                self._talked = True
         news = self.news
         for st in up.streams:
             sig = news.get(st.stream_id)
@@ -334,7 +360,7 @@ class BackendConnection:
                 if wheel.now - since >= self.stall_after and self.protocol.multiplexed:
                     # Drained after a stall: the peer reads, so it is alive (frames it sent
                     # meanwhile were not counted), and the connection takes streams again.
-                    self._awaiting_ack = False
+                    self.ping_since = None
                     wheel.start(self, self.cfg.ping_interval)
                     self.on_capacity(self)
                 if core.closed:

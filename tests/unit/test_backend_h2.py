@@ -805,3 +805,19 @@ def test_connect_protocol_cannot_be_withdrawn() -> None:
     assert p.core.enable_connect_protocol
     up = p.core.receive_data(raw(4, 0, 0, b"\x00\x08\x00\x00\x00\x00"))
     assert up.closed
+
+
+def test_only_answers_prove_the_backend_reads() -> None:
+    """Update.answers (issue 16.6): a PING of the backend's own proves nothing; the ACK of ours,
+    a response on our stream and send credit do."""
+    p = Pair()
+    p.server.ping(b"flooding")
+    assert not p.to_core().answers()
+    p.core.ping(b"12345678")
+    p.to_server()
+    assert p.to_core().answers()
+    st = p.open(POST, end_stream=False)
+    p.server.increment_flow_control_window(1000, stream_id=st.stream_id)
+    assert p.to_core().answers()
+    p.server.ping(b"flooding")
+    assert p.respond(st.stream_id).answers()
