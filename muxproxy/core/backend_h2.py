@@ -619,6 +619,9 @@ class H2Backend:
                 self._stream_recv_initial = self.stream_window
                 shift_recv_windows(self.streams.values(), delta)
             return
+        # Only the first SETTINGS, or a larger initial window, gives send credit: repeated
+        # SETTINGS are no answer to anything we sent (relay.Update.answers).
+        credit = not self.settings_received
         for key, value in read_settings(payload):  # (ranges checked there)
             if key == MAX_CONCURRENT_STREAMS:
                 self.peer_max_concurrent_streams = value
@@ -626,6 +629,7 @@ class H2Backend:
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 shift_send_windows(self.streams.values(), delta)
+                credit = credit or delta > 0
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.peer_max_frame_size = value
             elif key == ENABLE_PUSH:
@@ -640,7 +644,7 @@ class H2Backend:
         self._out.append(frame(SETTINGS, ACK, 0))
         self.settings_received = True
         up.capacity_changed = True
-        up.window_opened = True
+        up.window_opened = credit
 
     def _goaway(self, last: int, code: int, up: Update) -> None:
         if self.goaway_last_stream_id is not None:

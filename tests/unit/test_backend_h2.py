@@ -821,3 +821,13 @@ def test_only_answers_prove_the_backend_reads() -> None:
     assert p.to_core().answers()
     p.server.ping(b"flooding")
     assert p.respond(st.stream_id).answers()
+
+
+def test_repeated_settings_are_no_answer_but_a_larger_window_is() -> None:
+    """A SETTINGS flood is the backend speaking of its own accord (issue 16.6): it must not
+    keep a connection that reads nothing looking alive.  A larger initial window is credit."""
+    p = Pair()
+    p.server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 90})
+    assert not p.to_core().answers()
+    p.server.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    assert p.to_core().answers()
