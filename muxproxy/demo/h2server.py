@@ -280,9 +280,14 @@ class OriginConnection:
             if got is not None:
                 got._chunks.append(ev.data)
                 got._wake()
-            padding = ev.flow_controlled_length - len(ev.data)
-            if padding:
-                self.h2.acknowledge_received_data(padding, ev.stream_id)
+                padding = ev.flow_controlled_length - len(ev.data)
+                if padding:
+                    self.h2.acknowledge_received_data(padding, ev.stream_id)
+            elif ev.flow_controlled_length:
+                # Nobody will read it (a stream we stopped tracking): its bytes still count
+                # against the connection window and must be given back (RFC 9113 §6.9), or
+                # every stream that carries data stalls once the window is spent.
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
             ended = self.requests.get(ev.stream_id)
             if ended is not None:
