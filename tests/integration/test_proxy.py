@@ -214,7 +214,10 @@ async def test_queue_full_and_pending_timeout_are_503() -> None:
             results[name] = (await h.get(path)).status
 
         async with anyio.create_task_group() as tg:
+            # One at a time: while the pool's only connection is still being made, both would
+            # wait in the queue and the second would find it full (max_pending = 1).
             tg.start_soon(fetch, "a", "/block")
+            await wait_for(lambda: len(script.started) == 1)
             tg.start_soon(fetch, "b", "/block")
             await wait_for(lambda: len(script.started) == 2)
             tg.start_soon(fetch, "queued", "/hello")
