@@ -34,7 +34,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -377,6 +377,23 @@ def asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio (or uvloop) loop, or None under trio.  Callers keep it: on Python
     3.11 each lookup costs a getpid() system call."""
     return asyncio._get_running_loop()
+
+
+def start_task(
+    loop: EventLoop,
+    coro: Coroutine[Any, Any, None],
+    done: Callable[[BaseException | None], None],
+) -> Callable[[], object]:
+    """Run ``coro`` as a bare task of ``loop``, outside any task group (the caller owns its
+    lifetime: it cancels and awaits it itself).  ``done`` gets the exception it ended with
+    (None when it returned or was cancelled).  Returns the task's ``cancel``."""
+
+    def report(task: asyncio.Task[None]) -> None:
+        done(None if task.cancelled() else task.exception())
+
+    task = loop.create_task(coro)
+    task.add_done_callback(report)
+    return task.cancel
 
 
 def asyncio_running() -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import anyio
@@ -84,6 +84,7 @@ class H2Stream:
 
     __slots__ = (
         "_acked",
+        "_closed",
         "_continue",
         "_end",
         "_ended",
@@ -99,8 +100,8 @@ class H2Stream:
         "inbox",
         "outcome",
         "req",
-        "scope",
         "sid",
+        "stop",
     )
 
     def __init__(self, conn: StreamHost, req: Request, start: float) -> None:
@@ -124,7 +125,9 @@ class H2Stream:
         self._end = False
         self._ended = False  # END_STREAM (or RST_STREAM) sent
         self._trailers: list[Header] | None = None
-        self.scope: anyio.CancelScope | None = None
+        self._closed = False
+        # Cancels the stream's task (set by the connection as it starts it; see client_h2).
+        self.stop: Callable[[], object] = _nothing
 
     # --- fed by the reader -----------------------------------------------------------------
 
@@ -365,40 +368,57 @@ class H2Stream:
         self._continue = head.expects_continue
         conn = self.conn
         try:
-            with anyio.CancelScope() as self.scope:
-                proxy = conn.dispatcher
-                try:
-                    if req.method == b"CONNECT" and req.protocol is None:
-                        raise ClientError("CONNECT is not served here", 501)  # as on HTTP/1.1
-                    if has_body and (length or 0) > conn.limits.max_body:
-                        raise ClientError("request body too large", 413)
-                    route = proxy.router.route(head, conn.listener)  # normalises head.target
-                except ClientError as exc:
-                    await self.send_error(exc)
-                    return
-                await dispatch(self, head, route, proxy.pools, websocket=ws)
-                if ws and self._head_sent and not self._ended:
-                    self.end(None)  # the tunnel is over: END_STREAM (its failures reset)
-                    await self.flush()
+            proxy = conn.dispatcher
+            try:
+                if req.method == b"CONNECT" and req.protocol is None:
+                    raise ClientError("CONNECT is not served here", 501)  # as on HTTP/1.1
+                if has_body and (length or 0) > conn.limits.max_body:
+                    raise ClientError("request body too large", 413)
+                route = proxy.router.route(head, conn.listener)  # normalises head.target
+            except ClientError as exc:
+                await self.send_error(exc)
+                return
+            await dispatch(self, head, route, proxy.pools, websocket=ws)
+            if ws and self._head_sent and not self._ended:
+                self.end(None)  # the tunnel is over: END_STREAM (its failures reset)
+                await self.flush()
         except ClientGone:
             if not self.outcome.reason:
                 self.outcome.reason = "client_gone"
         finally:
-            self.scope = None
-            if not self._ended:  # cancelled or cut: the client must not take it as whole
-                self._ended = True
-                conn.server.reset(self.sid, CANCEL)
-            self.inbox.clear()
-            self._give_back()
-            conn.finished(self)
+            self._close()
+
+    def _close(self) -> None:
+        """The stream is over: reset if its response was not ended, its window given back,
+        its outcome recorded by the connection.  Once."""
+        if self._closed:
+            return
+        self._closed = True
+        conn = self.conn
+        if not self._ended:  # cancelled or cut: the client must not take it as whole
+            self._ended = True
+            conn.server.reset(self.sid, CANCEL)
+        self.inbox.clear()
+        self._give_back()
+        conn.finished(self)
+
+    def ended_task(self, failure: BaseException | None) -> None:
+        """A bare task (asyncio) that ran ``run`` is done.  One cancelled before it ever
+        ran skipped run's ``finally``; one that failed unexpectedly has nobody to raise to."""
+        if failure is not None:
+            log.error("HTTP/2 stream %d failed", self.sid, exc_info=failure)
+        self._close()
 
     def cancel(self, reason: str = "") -> None:
         """The client reset the stream (or we did, as malformed: ``reason``)."""
         self._ended = True
         if not self.outcome.reason:
             self.outcome.reason = reason or "client_gone"
-        if self.scope is not None:
-            self.scope.cancel()
+        self.stop()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _reason(exc: ProxyError) -> str:
