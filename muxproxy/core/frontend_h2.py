@@ -747,6 +747,11 @@ class H2Server:
             self.draining_at = self.highest
             self._out.append(frame(GOAWAY, 0, 0, U32x2.pack(self.highest, NO_ERROR)))
 
+    @property
+    def has_output(self) -> bool:
+        """Frames are queued for ``data_to_send``."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         out = self._out
         if not out:

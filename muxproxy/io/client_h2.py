@@ -147,13 +147,19 @@ class H2ClientConnection:
         return self.proxy
 
     def kick(self) -> None:
-        """Something was queued: the writer's next turn sends it."""
-        self._wake.set()
+        """Something may have been queued: if so, the writer's next turn sends it."""
+        if self.server.has_output:
+            self._wake.set()
 
     async def sync(self) -> None:
         """Wait until everything queued so far has been written to the client."""
-        target = self.turns + (2 if self._writing else 1)
-        self.kick()
+        if not self._writing:
+            if not self.server.has_output:
+                return  # (nothing queued, no write under way: all of it went)
+            target = self.turns + 1
+        else:  # (what was queued during this turn's write goes with the next)
+            target = self.turns + 2
+        self._wake.set()
         while self.turns < target:
             turn = Signal(self._loop)
             self._turn_waiters.append(turn)
