@@ -7,12 +7,17 @@ It counts the QUIC connections it accepted (by peer address) and the requests it
 With ``goaway_after`` it sends GOAWAY after that many requests on a connection; with
 ``reject=True`` it then resets every stream at or above the GOAWAY id with H3_REQUEST_REJECTED
 (RFC 9114 §4.1.1: not processed), and with ``close=True`` it closes the connection once every
-stream below the id is answered and acknowledged.  ``processed_ids`` holds the request ids
-(``x-request-id``) it processed, so a test can prove none was processed twice.
+stream below the id is answered and acknowledged (the GOAWAY included).  With
+``late_goaway=N`` the rejects' STOP_SENDING still goes at once, but the GOAWAY and the
+RESET_STREAMs wait N timer ticks: the proxy sees STOP_SENDING first.  ``processed_ids`` holds
+the request ids (``x-request-id``) it processed, so a test can prove none was processed twice;
+``seen_ids`` those of every request head received (processed or rejected).  /sha256 answers
+with the hex digest of the request body.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +53,13 @@ class _Conn:
     answered: list[int] = field(default_factory=list)  # stream ids answered
     closing: bool = False
     to_reset: list[int] = field(default_factory=list)  # rejected: RESET_STREAM on the next tick
+    goaway_unsent: int = 0  # late_goaway: timer ticks before the GOAWAY frame is sent
     websockets: dict[int, WSProtocol] = field(default_factory=dict)
 
 
 class H3Origin:
     def __init__(self, ca: trustme.CA, tmp: Path, *, goaway_after: int = 0,
-                 reject: bool = False, close: bool = False) -> None:
+                 reject: bool = False, close: bool = False, late_goaway: int = 0) -> None:
         cert = ca.issue_cert("localhost", "127.0.0.1")
         self.certfile = tmp / "h3-cert.pem"
         self.keyfile = tmp / "h3-key.pem"
@@ -62,7 +68,9 @@ class H3Origin:
         self.goaway_after = goaway_after
         self.reject = reject
         self.close = close
+        self.late_goaway = late_goaway
         self.processed_ids: list[bytes] = []
+        self.seen_ids: set[bytes] = set()  # x-request-id of every request head received
         self.rejected = 0
         self.conns: dict[tuple[str, int], _Conn] = {}
         self.connections_accepted = 0
@@ -104,7 +112,12 @@ class H3Origin:
             await anyio.sleep(0.01)  # a test server's timer tick, not a synchronisation
             now = anyio.current_time()
             for peer, conn in list(self.conns.items()):
-                if conn.to_reset and not conn.closing:
+                if conn.goaway_unsent:
+                    conn.goaway_unsent -= 1
+                    if not conn.goaway_unsent:
+                        self._send_goaway(conn)
+                        await self._flush(conn, peer)
+                if conn.to_reset and not conn.closing and not conn.goaway_unsent:
                     for sid in conn.to_reset:
                         _abort(conn.quic.reset_stream, sid)
                     conn.to_reset.clear()
@@ -127,11 +140,14 @@ class H3Origin:
 
     def _may_close(self, conn: _Conn) -> bool:
         """Close once every stream below the GOAWAY id is answered and its answer acked."""
-        if not self.close or conn.closing or conn.goaway_id is None:
+        if not self.close or conn.closing or conn.goaway_id is None or conn.goaway_unsent:
             return False
         if len(set(conn.answered)) < conn.goaway_id // 4:  # some are not even received yet
             return False
         streams = conn.quic._streams
+        control = streams[conn.h3._local_control_stream_id].sender  # type: ignore[index]
+        if control._buffer_start != control._buffer_stop:  # the GOAWAY is not acked yet
+            return False
         return all(sid not in streams or streams[sid].sender.is_finished for sid in conn.answered)
 
     def _reject(self, conn: _Conn, sid: int) -> None:
@@ -146,6 +162,7 @@ class H3Origin:
         while (ev := conn.quic.next_event()) is not None:
             for h in conn.h3.handle_event(ev):
                 if isinstance(h, h3e.HeadersReceived):
+                    self.seen_ids.add(dict(h.headers).get(b"x-request-id", b""))
                     if conn.goaway_id is not None and h.stream_id >= conn.goaway_id:
                         if self.reject:
                             self._reject(conn, h.stream_id)
@@ -181,6 +198,8 @@ class H3Origin:
             status, body = 200, b"hello\n"
         elif route == "/echo":
             status, body = 200, bytes(st.body)
+        elif route == "/sha256":  # the request body's digest: a short answer to a long upload
+            status, body = 200, hashlib.sha256(st.body).hexdigest().encode()
         elif route == "/big":
             status, body = 200, pattern(int(query or "1048576"))
         else:
@@ -191,12 +210,18 @@ class H3Origin:
         if self.goaway_after and conn.processed >= self.goaway_after and conn.goaway_id is None:
             # Above every stream processed so far (bodies complete out of order).
             conn.goaway_id = max(conn.answered) + 4
-            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(conn.goaway_id))
-            conn.quic.send_stream_data(conn.h3._local_control_stream_id, frame)  # type: ignore[arg-type]
+            if self.late_goaway:
+                conn.goaway_unsent = self.late_goaway
+            else:
+                self._send_goaway(conn)
             if self.reject:  # streams already begun at or above the id are never processed
                 for other in [s for s in conn.streams if s >= conn.goaway_id]:
                     self._reject(conn, other)
 
+    def _send_goaway(self, conn: _Conn) -> None:
+        assert conn.goaway_id is not None
+        frame = encode_frame(FrameType.GOAWAY, encode_uint_var(conn.goaway_id))
+        conn.quic.send_stream_data(conn.h3._local_control_stream_id, frame)  # type: ignore[arg-type]
 
     def _websocket(self, conn: _Conn, sid: int, fields: dict[bytes, bytes]) -> None:
         """RFC 9220: an extended CONNECT stream carrying a WebSocket (echoed by wsproto)."""

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import anyio
+import h11
 import pytest
 import trustme
 
@@ -238,6 +239,73 @@ async def test_h3_goaway_reject_and_close_under_load_replays_every_rejected(
                         statuses.append(r.status)
                         if r.status == 200:
                             assert r.body == body
+                finally:
+                    await c.aclose()
+
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as clients:
+                    for n in range(30):
+                        clients.start_soon(client, n)
+            assert origin.rejected > 0  # the scenario happened: streams were rejected
+            assert origin.connections_accepted >= 3
+            assert statuses.count(200) == len(statuses) == 240, sorted(set(statuses))
+            assert len(origin.processed_ids) == len(set(origin.processed_ids)) == 240
+        tg.cancel_scope.cancel()
+
+
+async def test_h3_stop_sending_before_goaway_mid_upload_replays_every_rejected(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    """Issue 16.1, the ordering 7630772 lost.  The backend rejects the streams at or above its
+    GOAWAY id with STOP_SENDING(H3_REQUEST_REJECTED) at once; the GOAWAY and the RESET_STREAMs
+    follow one timer tick later, then the close.  The clients are still uploading when the
+    STOP_SENDING arrives: each sends the rest of its body only once the backend has its request
+    head (the answer is a short digest, so the backend's STOP_SENDING is not queued behind big
+    responses).  7630772 ignored STOP_SENDING and wrote the next body bytes on a stream aioquic
+    had already reset: RuntimeError in the exchange, the client's connection dropped without an
+    answer.  Every rejected stream must be replayed (within the default max_replays), none
+    processed twice."""
+    origin = H3Origin(ca[0], tmp_path, goaway_after=60, reject=True, close=True,
+                      late_goaway=1)
+    size, first = 48_000, 16_000  # within the default 64 KiB replay buffer
+    async with anyio.create_task_group() as tg:
+        port = await start_h3(tg, origin)
+        async with running(Script(), backends=[f"127.0.0.1:{port}"],
+                           cluster=h3_cluster(ca[1], connections=1,
+                                              pending_timeout="30s")) as h:
+            statuses: list[int] = []
+
+            async def post(c: H1Client, rid: str, body: bytes) -> tuple[int, bytes]:
+                """Head and the first part of the body; the rest once the backend has the
+                request head, so the upload is still running when the backend rejects it."""
+                if c.h11.our_state is h11.DONE:
+                    c.h11.start_next_cycle()
+                hdrs = [("host", "localhost"), ("content-length", str(len(body))),
+                        ("x-request-id", rid)]
+                head = c.h11.send(h11.Request(method="POST", target="/sha256", headers=hdrs))
+                await c.stream.send(head + c.h11.send(h11.Data(data=body[:first])))
+                await wait_for(lambda: rid.encode() in origin.seen_ids, 30)
+                await c.stream.send(c.h11.send(h11.Data(data=body[first:]))
+                                    + c.h11.send(h11.EndOfMessage()))
+                r = await c.read_response()
+                return r.status, r.body
+
+            async def client(n: int) -> None:
+                c = await h.client()
+                try:
+                    for i in range(8):
+                        body = f"{n}-{i}.".encode() * (size // 5)
+                        try:
+                            status, got = await post(c, f"{n}-{i}", body)
+                        except (h11.RemoteProtocolError, anyio.EndOfStream,
+                                anyio.BrokenResourceError, OSError):
+                            status, got = 0, b""  # dropped without an answer (7630772)
+                        statuses.append(status)
+                        if status != 200:
+                            await c.aclose()
+                            c = await h.client()
+                        else:
+                            assert got == hashlib.sha256(body).hexdigest().encode()
                 finally:
                     await c.aclose()
 
