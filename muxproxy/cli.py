@@ -8,6 +8,7 @@ missing ``--loop`` extra) ends here as one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -299,6 +300,27 @@ async def _with_signals(
         await on_ready(bound)
 
 
+# The cyclic garbage collector, tuned once the proxy is up.  A proxy's live heap is large and
+# steady (connections, HPACK tables, streams in flight) while its per-request garbage is freed
+# by reference counting; with CPython's default gen-0 threshold of 700 net allocations, the
+# collector rescanned the objects of the requests in flight hundreds of times a second, and
+# under h2load -c512 -m1 took 39 % of the proxy's CPU (gc.callbacks timing, 8 s window).
+# At 20,000 (and after gc.freeze): HTTP/2 clients 120 -> 76 us of proxy CPU per request at
+# -c512 -m1 and 79 -> 47 at -c64 -m10; HTTP/1.1 unchanged at 64 clients, ~4 % less at 512.
+# Cyclic garbage (rare here: none in a DEBUG_SAVEALL run of the HTTP/2 path) waits at most
+# that many net allocations.
+GC_GEN0_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Move what startup built (modules, config, routes, pools) out of the collector's sight
+    and make young collections rarer; see GC_GEN0_THRESHOLD."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def _ready_line(bound: dict[str, Address]) -> str:
     return "ready " + " ".join(f"{name}={addr}" for name, addr in bound.items())
 
@@ -330,6 +352,7 @@ async def _serve(
         # A worker tells its supervisor on a pipe of their own (stdout is the access log's);
         # the line names the worker's private admin port, which the supervisor gathers from,
         # and the supervisor prints the one ready line.
+        settle_heap()
         line = _ready_line(bound)
         ready_fd = os.environ.get(READY_FD_ENV)
         if worker and ready_fd is not None:
