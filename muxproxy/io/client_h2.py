@@ -135,6 +135,7 @@ class H2ClientConnection:
         self._read_scope: anyio.CancelScope | None = None
         self._wake = Signal()
         self._turn_waiters: list[Signal] = []  # sync() callers, woken after each turn
+        self._done: Signal | None = None  # _all_done waiting for the last stream to finish
         self._writing = False
         self.turns = 0
         self.draining = False
@@ -235,7 +236,7 @@ class H2ClientConnection:
                     self.kick()
                     await self._read()
                     # Graceful end: the streams in flight finish, then the last frames go.
-                    while self.streams and not self.server.closed:
+                    if not self.server.closed:
                         await self._all_done()
                     with anyio.move_on_after(1.0):
                         await self.sync()
@@ -244,8 +245,6 @@ class H2ClientConnection:
             with anyio.CancelScope(shield=True):
                 await self._end_streams()
                 await self.stream.aclose()
-
-    _done: Signal | None = None
 
     async def _all_done(self) -> None:
         """Until no stream is left (``finished`` wakes it)."""

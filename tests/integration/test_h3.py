@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -13,7 +14,7 @@ import trustme
 from muxproxy.demo.h1client import H1Client
 
 from .h3origin import H3Origin
-from .harness import running, wait_for
+from .harness import Harness, running, wait_for
 from .origin import Script, pattern
 from .wsclient import WSClient
 
@@ -222,30 +223,42 @@ async def test_h3_goaway_reject_and_close_under_load_replays_every_rejected(
     Whatever the proxy sees first (reset, GOAWAY or close), every rejected stream is replayed
     and nothing is processed twice."""
     origin = H3Origin(ca[0], tmp_path, goaway_after=60, reject=True, close=True)
+
+    async def requests(h: Harness, n: int, statuses: list[int]) -> None:
+        c = await h.client()
+        try:
+            for i in range(8):
+                body = f"{n}-{i}".encode() * 5000
+                r = await c.request("POST", "/echo", body=body,
+                                    headers=[("x-request-id", f"{n}-{i}")])
+                statuses.append(r.status)
+                if r.status == 200:
+                    assert r.body == body
+        finally:
+            await c.aclose()
+
+    await _every_rejected_stream_replayed(ca, origin, requests)
+
+
+ClientLoop = Callable[[Harness, int, list[int]], Awaitable[None]]
+
+
+async def _every_rejected_stream_replayed(
+    ca: tuple[trustme.CA, Path], origin: H3Origin, requests: ClientLoop
+) -> None:
+    """30 clients run ``requests`` (8 POSTs each, statuses appended) through a pool of one
+    connection to ``origin``, which rejects streams: every one gets 200, none is processed
+    twice, and the rejections did happen."""
     async with anyio.create_task_group() as tg:
         port = await start_h3(tg, origin)
         async with running(Script(), backends=[f"127.0.0.1:{port}"],
                            cluster=h3_cluster(ca[1], connections=1,
                                               pending_timeout="30s")) as h:
             statuses: list[int] = []
-
-            async def client(n: int) -> None:
-                c = await h.client()
-                try:
-                    for i in range(8):
-                        body = f"{n}-{i}".encode() * 5000
-                        r = await c.request("POST", "/echo", body=body,
-                                            headers=[("x-request-id", f"{n}-{i}")])
-                        statuses.append(r.status)
-                        if r.status == 200:
-                            assert r.body == body
-                finally:
-                    await c.aclose()
-
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as clients:
                     for n in range(30):
-                        clients.start_soon(client, n)
+                        clients.start_soon(requests, h, n, statuses)
             assert origin.rejected > 0  # the scenario happened: streams were rejected
             assert origin.connections_accepted >= 3
             assert statuses.count(200) == len(statuses) == 240, sorted(set(statuses))
@@ -268,53 +281,39 @@ async def test_h3_stop_sending_before_goaway_mid_upload_replays_every_rejected(
     origin = H3Origin(ca[0], tmp_path, goaway_after=60, reject=True, close=True,
                       late_goaway=1)
     size, first = 48_000, 16_000  # within the default 64 KiB replay buffer
-    async with anyio.create_task_group() as tg:
-        port = await start_h3(tg, origin)
-        async with running(Script(), backends=[f"127.0.0.1:{port}"],
-                           cluster=h3_cluster(ca[1], connections=1,
-                                              pending_timeout="30s")) as h:
-            statuses: list[int] = []
 
-            async def post(c: H1Client, rid: str, body: bytes) -> tuple[int, bytes]:
-                """Head and the first part of the body; the rest once the backend has the
-                request head, so the upload is still running when the backend rejects it."""
-                if c.h11.our_state is h11.DONE:
-                    c.h11.start_next_cycle()
-                hdrs = [("host", "localhost"), ("content-length", str(len(body))),
-                        ("x-request-id", rid)]
-                head = c.h11.send(h11.Request(method="POST", target="/sha256", headers=hdrs))
-                await c.stream.send(head + c.h11.send(h11.Data(data=body[:first])))
-                await wait_for(lambda: rid.encode() in origin.seen_ids, 30)
-                await c.stream.send(c.h11.send(h11.Data(data=body[first:]))
-                                    + c.h11.send(h11.EndOfMessage()))
-                r = await c.read_response()
-                return r.status, r.body
+    async def post(c: H1Client, rid: str, body: bytes) -> tuple[int, bytes]:
+        """Head and the first part of the body; the rest once the backend has the
+        request head, so the upload is still running when the backend rejects it."""
+        if c.h11.our_state is h11.DONE:
+            c.h11.start_next_cycle()
+        hdrs = [("host", "localhost"), ("content-length", str(len(body))),
+                ("x-request-id", rid)]
+        head = c.h11.send(h11.Request(method="POST", target="/sha256", headers=hdrs))
+        await c.stream.send(head + c.h11.send(h11.Data(data=body[:first])))
+        await wait_for(lambda: rid.encode() in origin.seen_ids, 30)
+        await c.stream.send(c.h11.send(h11.Data(data=body[first:]))
+                            + c.h11.send(h11.EndOfMessage()))
+        r = await c.read_response()
+        return r.status, r.body
 
-            async def client(n: int) -> None:
-                c = await h.client()
+    async def requests(h: Harness, n: int, statuses: list[int]) -> None:
+        c = await h.client()
+        try:
+            for i in range(8):
+                body = f"{n}-{i}.".encode() * (size // 5)
                 try:
-                    for i in range(8):
-                        body = f"{n}-{i}.".encode() * (size // 5)
-                        try:
-                            status, got = await post(c, f"{n}-{i}", body)
-                        except (h11.RemoteProtocolError, anyio.EndOfStream,
-                                anyio.BrokenResourceError, OSError):
-                            status, got = 0, b""  # dropped without an answer (7630772)
-                        statuses.append(status)
-                        if status != 200:
-                            await c.aclose()
-                            c = await h.client()
-                        else:
-                            assert got == hashlib.sha256(body).hexdigest().encode()
-                finally:
+                    status, got = await post(c, f"{n}-{i}", body)
+                except (h11.RemoteProtocolError, anyio.EndOfStream,
+                        anyio.BrokenResourceError, OSError):
+                    status, got = 0, b""  # dropped without an answer (7630772)
+                statuses.append(status)
+                if status != 200:
                     await c.aclose()
+                    c = await h.client()
+                else:
+                    assert got == hashlib.sha256(body).hexdigest().encode()
+        finally:
+            await c.aclose()
 
-            with anyio.fail_after(120):
-                async with anyio.create_task_group() as clients:
-                    for n in range(30):
-                        clients.start_soon(client, n)
-            assert origin.rejected > 0  # the scenario happened: streams were rejected
-            assert origin.connections_accepted >= 3
-            assert statuses.count(200) == len(statuses) == 240, sorted(set(statuses))
-            assert len(origin.processed_ids) == len(set(origin.processed_ids)) == 240
-        tg.cancel_scope.cancel()
+    await _every_rejected_stream_replayed(ca, origin, requests)
