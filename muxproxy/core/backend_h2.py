@@ -287,10 +287,12 @@ class H2Backend:
         self._discard(st)
 
     def _discard(self, st: StreamState) -> None:
-        pending = sum(n for _, n in st.chunks)
-        st.chunks.clear()
-        if pending:
-            self._ack_conn(pending)
+        chunks = st.chunks
+        if chunks:
+            pending = sum([n for _, n in chunks])
+            chunks.clear()
+            if pending:
+                self._ack_conn(pending)
 
     def consumed(self, stream_id: int, flow_length: int) -> None:
         """The exchange wrote ``flow_length`` bytes of this stream to its client."""

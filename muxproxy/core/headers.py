@@ -109,7 +109,11 @@ def request_to_h2(
     ``headers`` are h11's (lower-case names, already validated).  Raises ClientError for a
     value that cannot be forwarded.
     """
-    named = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
+    named: set[bytes] | tuple[()] = ()
+    for n, _ in headers:  # (a loop, not any(genexpr): a frame fewer per field, per request)
+        if n == b"connection":
+            named = connection_tokens(headers)
+            break
     out: list[Header] = [
         (b":method", method),
         (b":scheme", fwd.scheme),

@@ -51,10 +51,6 @@ class Histogram:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
-        self.sum += value
-
     def cumulative(self) -> list[int]:
         out, total = [], 0
         for n in self.counts:
@@ -91,12 +87,15 @@ class Metrics:
             c = self.clusters[o.cluster] = _Cluster()
         status = o.status
         c.requests[status // 100 if 100 <= status < 600 else 0] += 1
-        if o.end >= 0:
-            c.duration.observe(o.end - o.start)
-        if o.queue_s >= 0:
-            c.queue.observe(o.queue_s)
-        if o.upstream_s >= 0:
-            c.upstream.observe(o.upstream_s)
+        # (Histogram.observe, inlined: three calls fewer on every request)
+        for h, v in (
+            (c.duration, o.end - o.start if o.end >= 0 else -1.0),
+            (c.queue, o.queue_s),
+            (c.upstream, o.upstream_s),
+        ):
+            if v >= 0:
+                h.counts[bisect_left(DURATION_BUCKETS, v)] += 1
+                h.sum += v
         reason = o.reason
         if reason not in NOT_REFUSED:
             self.refused[reason] = self.refused.get(reason, 0) + 1

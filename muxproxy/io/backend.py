@@ -7,7 +7,7 @@ runs over (a byte stream, or datagrams for QUIC).
 
 The reader never awaits anything but the transport: it feeds input to the core and wakes the
 exchanges whose streams changed (a ``Signal.set()``, which never blocks).  Exchanges queue
-frames on the core and call :meth:`BackendConnection.schedule_flush`; the writer wakes once per
+frames on the core and call :attr:`BackendConnection.schedule_flush`; the writer wakes once per
 loop turn and writes everything queued at once — one syscall for many streams.
 
 Written once here for every protocol: connect errors (one ``BackendUnavailable`` reason),
@@ -139,6 +139,7 @@ class BackendConnection:
     ) -> None:
         self.id = next(_serial)
         self.address = address
+        self.label = str(address)  # as the access log and outcomes name it
         self.cfg = cfg
         self.protocol = protocol
         self.tls = tls
@@ -151,6 +152,9 @@ class BackendConnection:
         self._transport: Transport | None = None
         self.loop = asyncio_loop()  # None under trio; Signals of this connection's exchanges
         self._flush = Signal(self.loop)
+        # Write whatever the core queued, once, at the writer's next turn.  (The Signal's own
+        # set, not a method around it: called several times per request.)
+        self.schedule_flush: Callable[[], None] = self._flush.set
         self._writer_done = anyio.Event()
         self.streams_opened = 0
         # Write progress: streams up to ``handed`` have left the core for the transport;
@@ -395,10 +399,6 @@ class BackendConnection:
             sig.set()
 
     # --- used by exchanges ---------------------------------------------------------------
-
-    def schedule_flush(self) -> None:
-        """Write whatever the core queued, once, at the writer's next turn."""
-        self._flush.set()
 
     def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> StreamState:
         st = self.core.open_stream(headers, end_stream)

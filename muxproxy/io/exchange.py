@@ -16,7 +16,6 @@ while it fits ``replay_buffer``.  Any other failure is a 502/504 and never a sil
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..config import Address
 from ..core.frontend_h11 import Body, RequestHead
 from ..core.headers import Header, request_to_h2, response_from_h2, trailers_from_h2
 from ..core.relay import StreamState
@@ -278,7 +276,7 @@ class Exchange:
                 raise
             opened = time.monotonic()
             outcome.queue_s = opened - queued
-            outcome.backend = _address_label(conn.address)
+            outcome.backend = conn.label
             outcome.backend_conn = conn.id
             outcome.stream_id = st.stream_id
             try:
@@ -464,11 +462,6 @@ class Exchange:
                     return
                 await news.wait()
             wheel.clear(self)
-
-
-@functools.cache
-def _address_label(address: Address) -> str:
-    return str(address)
 
 
 def _unavailable(exc: BackendUnavailable) -> str:

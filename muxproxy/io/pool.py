@@ -417,8 +417,10 @@ class ClusterPool:
                 else ()
                 for b in self.backends
             ]
-        else:
-            views = [b.conns if now >= b.health.open_at else () for b in self.backends]
+        else:  # (a loop, not a comprehension: one frame fewer per request)
+            views = []
+            for b in self.backends:
+                views.append(b.conns if now >= b.health.open_at else ())
         choice = self.scheduler.pick(views)
         if choice is None:
             return None
