@@ -88,9 +88,11 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- configuration
 
 
-def render(template: str, dest: Path, values: Mapping[str, object]) -> Path:
+def render(
+    template: str, dest: Path, values: Mapping[str, object], conf_dir: Path = CONF_DIR
+) -> Path:
     """Fill the `{{name}}` placeholders of bench/conf/<template> and write it to dest."""
-    text = (CONF_DIR / template).read_text()
+    text = (conf_dir / template).read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", str(value))
     leftover = re.search(r"\{\{\w+\}\}", text)
@@ -445,17 +447,13 @@ class ProxySpec:
     ready_prefix: str | None = None  # wait for this log line instead of polling the port
     http1_backend: bool = False  # talks HTTP/1.1 to the backend's second listener
     default: bool = True  # part of a run without --only
+    conf_dir: Path = CONF_DIR  # where its template is (another tree's, for --compare-tree)
 
 
-def muxproxy_version(python: str) -> str:
-    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+def muxproxy_version(python: str, tree: Path = REPO_ROOT) -> str:
+    pyproject = tomllib.loads((tree / "pyproject.toml").read_text())
     version = pyproject.get("project", {}).get("version", "?")
-    rev = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    rev = tree_revision(tree)
     runtime = command_output(
         [
             python,
@@ -465,6 +463,15 @@ def muxproxy_version(python: str) -> str:
         ]
     )
     return f"muxproxy {version} ({rev or 'no commit'}), {runtime}"
+
+
+def tree_revision(tree: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
 
 
 def proxy_specs(python: str, front: str = "http1") -> list[ProxySpec]:
@@ -477,8 +484,35 @@ def proxy_specs(python: str, front: str = "http1") -> list[ProxySpec]:
     return [s for s in own if (CONF_DIR / s.template).exists()]
 
 
+def muxproxy_spec(python: str, tree: Path = REPO_ROOT, name: str = "muxproxy") -> ProxySpec:
+    """muxproxy from ``tree`` (this one, or another checkout for ``--compare-tree``: its own
+    code and its own bench/conf template, so an older tree gets a config it accepts)."""
+    pythonpath = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
+    conf_dir = tree / "bench" / "conf"
+    return ProxySpec(
+        name=name,
+        label="muxproxy" if tree == REPO_ROOT else f"muxproxy @{tree_revision(tree)}",
+        template="muxproxy.toml.tmpl",
+        command=lambda conf, _: [
+            python,
+            "-m",
+            "muxproxy",
+            "run",
+            "-c",
+            str(conf),
+            "--loop",
+            "uvloop",
+        ],
+        version=lambda: muxproxy_version(python, tree),
+        env=lambda _: {"PYTHONPATH": pythonpath},
+        cwd=tree,
+        ready_prefix="ready",
+        default=tree == REPO_ROOT,
+        conf_dir=conf_dir if (conf_dir / "muxproxy.toml.tmpl").exists() else CONF_DIR,
+    )
+
+
 def _proxy_specs(python: str) -> list[ProxySpec]:
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     return [
         ProxySpec(
             name="haproxy",
@@ -487,25 +521,7 @@ def _proxy_specs(python: str) -> list[ProxySpec]:
             command=lambda conf, _: ["haproxy", "-db", "-f", str(conf)],
             version=lambda: command_output(["haproxy", "-v"]),
         ),
-        ProxySpec(
-            name="muxproxy",
-            label="muxproxy",
-            template="muxproxy.toml.tmpl",
-            command=lambda conf, _: [
-                python,
-                "-m",
-                "muxproxy",
-                "run",
-                "-c",
-                str(conf),
-                "--loop",
-                "uvloop",
-            ],
-            version=lambda: muxproxy_version(python),
-            env=lambda _: {"PYTHONPATH": pythonpath},
-            cwd=REPO_ROOT,
-            ready_prefix="ready",
-        ),
+        muxproxy_spec(python),
         ProxySpec(
             name="nginx",
             label="nginx (h1 upstream)",
@@ -730,6 +746,7 @@ def running_proxy(
         spec.template,
         proxy_dir / spec.template.removesuffix(".tmpl"),
         {"dir": proxy_dir, "port": port, "backend_port": backend_port},
+        spec.conf_dir,
     )
     argv = spec.command(conf, proxy_dir)
     if shutil.which(argv[0]) is None:
@@ -912,6 +929,13 @@ def parse_args(argv: Sequence[str] | None, specs: Sequence[ProxySpec]) -> argpar
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for backend and wrk (1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        metavar="PATH",
+        help="also run muxproxy from this checkout (e.g. a git worktree of an older commit), "
+        "right after this tree's, against the same HAProxy row",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
     if unknown:
@@ -994,6 +1018,10 @@ def run(specs: Sequence[ProxySpec], settings: Settings, keep_tmp: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, proxy_specs(sys.executable))
     specs = [spec for spec in proxy_specs(args.python) if spec.name in args.only]
+    if args.compare_tree is not None:
+        other = muxproxy_spec(args.python, args.compare_tree.resolve(), "muxproxy-compare")
+        at = next((i + 1 for i, s in enumerate(specs) if s.name == "muxproxy"), len(specs))
+        specs.insert(at, other)
     settings = Settings(
         duration=args.duration,
         warmup=args.warmup,
