@@ -43,9 +43,6 @@ if TYPE_CHECKING:
     from .fast_stream import FastStream
     from .pool import ClusterPool
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("muxproxy.client")
 
 __all__ = ["H2Stream", "StreamHost"]
@@ -97,17 +94,21 @@ class H2Stream:
         "_wake",
         "_window",
         "conn",
+        "fwd",
         "inbox",
         "outcome",
         "req",
         "sid",
         "stop",
+        "wheel",
     )
 
     def __init__(self, conn: StreamHost, req: Request, start: float) -> None:
         self.conn = conn
         self.req = req
         self.sid = req.stream_id
+        self.fwd: Forwarding = conn.fwd  # (the connection's, as attributes: read per request)
+        self.wheel: TimerWheel = conn.wheel
         peer = conn.peer
         self.outcome = Outcome(
             0.0, start, conn.listener.name, peer[0], peer[1], conn.direct, protocol="HTTP/2"
@@ -149,14 +150,6 @@ class H2Stream:
             self._window.set()
 
     # --- the downstream interface ----------------------------------------------------------
-
-    @property
-    def fwd(self) -> Forwarding:
-        return self.conn.fwd
-
-    @property
-    def wheel(self) -> TimerWheel:
-        return self.conn.wheel
 
     @property
     def body_timeout(self) -> float:
@@ -220,7 +213,8 @@ class H2Stream:
     def _give_back(self) -> None:
         n = self._unacked - self._acked
         # (the bytes still in the inbox are given back only once handed out)
-        held = sum(len(e.data) for e in self.inbox if type(e) is Body)
+        inbox = self.inbox
+        held = sum([len(e.data) for e in inbox if type(e) is Body]) if inbox else 0
         n -= held
         if n > 0:
             self._acked += n
