@@ -484,6 +484,11 @@ def proxy_specs(python: str, front: str = "http1") -> list[ProxySpec]:
     return [s for s in own if (CONF_DIR / s.template).exists()]
 
 
+def muxproxy_argv(python: str, conf: Path) -> list[str]:
+    """How every bench script starts muxproxy: one process, uvloop."""
+    return [python, "-m", "muxproxy", "run", "-c", str(conf), "--loop", "uvloop"]
+
+
 def muxproxy_spec(python: str, tree: Path = REPO_ROOT, name: str = "muxproxy") -> ProxySpec:
     """muxproxy from ``tree`` (this one, or another checkout for ``--compare-tree``: its own
     code and its own bench/conf template, so an older tree gets a config it accepts)."""
@@ -493,16 +498,7 @@ def muxproxy_spec(python: str, tree: Path = REPO_ROOT, name: str = "muxproxy") -
         name=name,
         label="muxproxy" if tree == REPO_ROOT else f"muxproxy @{tree_revision(tree)}",
         template="muxproxy.toml.tmpl",
-        command=lambda conf, _: [
-            python,
-            "-m",
-            "muxproxy",
-            "run",
-            "-c",
-            str(conf),
-            "--loop",
-            "uvloop",
-        ],
+        command=lambda conf, _: muxproxy_argv(python, conf),
         version=lambda: muxproxy_version(python, tree),
         env=lambda _: {"PYTHONPATH": pythonpath},
         cwd=tree,
