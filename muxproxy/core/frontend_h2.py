@@ -253,6 +253,7 @@ class H2Server:
             max_header_list_size=limits.max_header_list_size, memos=CLIENT_MEMOS
         )
         self._out: list[bytes] = []
+        self.queued = 0  # DATA payload bytes in _out (what data_to_send has not taken yet)
 
     @property
     def active(self) -> dict[int, _Stream]:
@@ -697,6 +698,7 @@ class H2Server:
                 out.append(chunk)
         st.send_window -= room
         self.send_window_conn -= room
+        self.queued += room
         if end:
             self._finish(sid)
         return room
@@ -758,4 +760,5 @@ class H2Server:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.queued = 0
         return data

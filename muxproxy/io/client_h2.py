@@ -7,9 +7,11 @@ a writer, and one task per request stream, all owned by the connection's task gr
   client cannot overfill (its stream window is ``initial_window``); a client RST_STREAM cancels
   the stream's task, and with it the backend stream (the exchange releases it as it unwinds).
 * The writer sends ``data_to_send()`` once per loop turn, so the frames queued by every stream
-  during that turn go out in one write.  A stream's :meth:`H2Stream.flush` waits until a turn
-  that started after its frames were queued has ended: backend credit goes back only as the
-  client takes the bytes.
+  during that turn go out in one write.  A stream's :meth:`H2Stream.flush` goes on at once
+  while the writer keeps up (its last write was taken whole and at most ``WRITE_BEHIND`` body
+  bytes wait for the next); otherwise it waits until a turn that started after its frames were
+  queued has ended.  So backend credit runs at most ``WRITE_BEHIND`` ahead of what the client
+  takes, per connection, and a client that stops reading stops every stream at its next flush.
 * Response bodies are sent within the client's windows; a stream waits for its WINDOW_UPDATE
   for at most ``send_timeout`` (then RST_STREAM), stalling neither the other streams nor the
   other clients.  Request-body windows are given back (:meth:`H2Server.acknowledge`) only once
@@ -26,7 +28,6 @@ import functools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -54,13 +55,14 @@ from .downstream import ProxyHost
 from .fast_stream import EventLoop, FastStream, asyncio_loop, start_task
 from .h2stream import H2Stream
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("muxproxy.client")
 
 
 __all__ = ["PREFACE", "H2ClientConnection", "H2Stream", "sniff_preface"]
+
+# Body bytes the streams of one connection may leave queued for the writer's next turn
+# without waiting for it (a wait per response costs ~15 Python calls; measured).
+WRITE_BEHIND = 64 * 1024
 
 
 @functools.cache
@@ -137,6 +139,7 @@ class H2ClientConnection:
         self._turn_waiters: list[Signal] = []  # sync() callers, woken after each turn
         self._done: Signal | None = None  # _all_done waiting for the last stream to finish
         self._writing = False
+        self._stuck = False  # the writer waits for the client to take its last write
         self.turns = 0
         self.draining = False
         self.open_here: set[object] = set()
@@ -151,6 +154,20 @@ class H2ClientConnection:
         """Something may have been queued: if so, the writer's next turn sends it."""
         if self.server.has_output:
             self._wake.set()
+
+    @property
+    def waiting_streams(self) -> int:
+        """Streams waiting for the client to take what is queued (the writer is behind)."""
+        return len(self._turn_waiters)
+
+    async def settle(self) -> None:
+        """A stream queued part of its response: go on while the writer keeps up, else wait
+        like :meth:`sync` (this is the back-pressure from the client to the backend)."""
+        if not self._stuck and self.server.queued <= WRITE_BEHIND:
+            if self.server.has_output:
+                self._wake.set()
+            return
+        await self.sync()
 
     async def sync(self) -> None:
         """Wait until everything queued so far has been written to the client."""
@@ -185,6 +202,7 @@ class H2ClientConnection:
                     pass
                 else:
                     if not ok:
+                        self._stuck = True
                         with anyio.move_on_after(send_timeout):
                             try:
                                 if fast is not None:
@@ -194,6 +212,7 @@ class H2ClientConnection:
                                 ok = True
                             except NETWORK_ERRORS:
                                 pass
+                        self._stuck = False
                 if not ok:  # gone, or not reading: everything on this connection ends
                     for st in self.streams.values():
                         if not st.outcome.reason:

@@ -72,7 +72,7 @@ class StreamHost(Protocol):
     @property
     def dispatcher(self) -> Dispatcher: ...
     def kick(self) -> None: ...
-    async def sync(self) -> None: ...
+    async def settle(self) -> None: ...
     def finished(self, st: H2Stream) -> None: ...
 
 
@@ -283,7 +283,7 @@ class H2Stream:
                     server.send_data(sid, b"", True)
         except StreamGone:
             raise ClientGone from None
-        await self.conn.sync()
+        await self.conn.settle()
 
     async def _await_window(self) -> None:
         """Wait for the client's window to open; nothing within send_timeout: the stream is

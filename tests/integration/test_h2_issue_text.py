@@ -11,6 +11,7 @@ import h2.settings
 import pytest
 
 from muxproxy.demo.h2server import OriginRequest
+from muxproxy.io.client_h2 import WRITE_BEHIND, H2ClientConnection
 
 from .h2client import H2Client
 from .h2harness import curl, running_h2
@@ -175,3 +176,41 @@ async def test_a_response_without_trailers_ends_on_its_last_data() -> None:
     assert "flags=0x01" in data[-1] and "length=0," not in data[-1], data[-1]
     assert all("flags=0x00" in ln for ln in data[:-1])
     assert sum(int(ln.split("length=")[1].split(",")[0]) for ln in data) == 40_000
+
+
+async def test_a_client_with_open_windows_that_never_reads_stops_the_backend() -> None:
+    """Flow control end to end when the client's windows do not: a client that opens its
+    windows to 2 GiB and then never reads its socket.  Streams go on past a write only while
+    the writer keeps up (``WRITE_BEHIND``); once the kernel's buffers are full every stream
+    waits, so what the proxy holds stays bounded and the backend is stopped by its windows,
+    never by 10 x 20 MB sitting in the proxy."""
+    window = 65536
+    streams = 10
+    async with running_h2(
+        Script(),
+        limits={"send_timeout": "60s"},
+        cluster={"stream_window": f"{window}B", "connections": 1},
+    ) as h:
+        c = await H2Client.connect(h.addr.host, h.addr.port, window=2**31 - 1)
+        c.h2.increment_flow_control_window(2**31 - 1 - 65535)  # the connection's window too
+        sids = [c.request("/big?20000000") for _ in range(streams)]
+        await c.flush()  # and never a read: the proxy's writes stall once the kernel is full
+        await wait_for(lambda: len(h.proxy.clients) == 1)
+        (client,) = h.proxy.clients
+        assert isinstance(client, H2ClientConnection)
+        pool = h.proxy.pools["app"]
+
+        def held() -> int:
+            backend = sum(
+                int(conn.core.unacknowledged()) for b in pool.backends for conn in b.conns
+            )
+            pending = sum(len(d) for st in client.streams.values() for d in st._pending)
+            return backend + client.server.queued + pending
+
+        with anyio.fail_after(30):
+            while client.waiting_streams < streams:
+                assert held() <= WRITE_BEHIND + 2 * streams * window
+                await anyio.sleep(0.005)  # polling a condition, bounded by fail_after
+        assert held() <= WRITE_BEHIND + 2 * streams * window
+        assert len(sids) == streams
+        await c.aclose()
