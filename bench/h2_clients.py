@@ -44,6 +44,7 @@ from run import (
     WrkResult,
     _csv,
     _interrupt,
+    add_compare_tree,
     add_ratios,
     bench_proxy,
     command_output,
@@ -55,6 +56,7 @@ from run import (
     proxy_specs,
     run_bounded,
     start_backend,
+    with_compare_tree,
     write_results,
 )
 
@@ -148,6 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for backend and h2load (1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    add_compare_tree(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
     if unknown:
@@ -162,6 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     specs = [s for s in proxy_specs(args.python, FRONT) if s.name in args.only]
+    specs = with_compare_tree(specs, args.python, args.compare_tree, FRONT)
     streams: dict[int, int] = args.streams
     settings = Settings(
         duration=args.duration,

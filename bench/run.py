@@ -267,7 +267,7 @@ class Service:
         argv: Sequence[str],
         log_path: Path,
         *,
-        cpu: int,
+        cpu: int | str,  # a CPU, or a taskset list ("0,1")
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
@@ -354,7 +354,7 @@ def run_bounded(argv: Sequence[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def run_wrk(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
+def run_wrk(url: str, connections: int, seconds: int, cpu: int | str) -> WrkResult:
     """One bounded wrk run (stops by itself after `seconds`; killed if it overruns)."""
     argv = [
         "taskset",
@@ -508,6 +508,33 @@ def muxproxy_spec(python: str, tree: Path = REPO_ROOT, name: str = "muxproxy") -
     )
 
 
+def add_compare_tree(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compare-tree",
+        type=Path,
+        metavar="PATH",
+        help="also run muxproxy from this checkout (e.g. a git worktree of an older commit), "
+        "right after this tree's, against the same HAProxy row",
+    )
+
+
+def with_compare_tree(
+    specs: Sequence[ProxySpec], python: str, tree: Path | None, front: str = "http1"
+) -> list[ProxySpec]:
+    """``specs`` with muxproxy from ``tree`` right after this tree's (``--compare-tree``)."""
+    out = list(specs)
+    if tree is None:
+        return out
+    other = muxproxy_spec(python, tree.resolve(), "muxproxy-compare")
+    if front != "http1":
+        template = f"{front}-{other.template}"
+        conf_dir = other.conf_dir if (other.conf_dir / template).exists() else CONF_DIR
+        other = replace(other, template=template, conf_dir=conf_dir)
+    at = next((i + 1 for i, s in enumerate(out) if s.name == "muxproxy"), len(out))
+    out.insert(at, other)
+    return out
+
+
 def _proxy_specs(python: str) -> list[ProxySpec]:
     return [
         ProxySpec(
@@ -622,7 +649,10 @@ class Backend:
     h1_port: int
 
 
-def start_backend(workdir: Path, settings: Settings, stack: contextlib.ExitStack) -> Backend:
+def start_backend(
+    workdir: Path, settings: Settings, stack: contextlib.ExitStack, cpu: int | str | None = None
+) -> Backend:
+    """The nginx backend, pinned to ``cpu`` (default: the load CPU)."""
     www = workdir / "www"
     www.mkdir()
     for path, size in BODY_SIZES.items():
@@ -634,7 +664,8 @@ def start_backend(workdir: Path, settings: Settings, stack: contextlib.ExitStack
         {"dir": workdir, "h2_port": h2_port, "h1_port": h1_port},
     )
     argv = ["nginx", "-p", f"{workdir}/", "-c", str(conf), "-e", "stderr"]
-    service = Service("backend", argv, workdir / "backend.log", cpu=settings.load_cpu)
+    cpu = settings.load_cpu if cpu is None else cpu
+    service = Service("backend", argv, workdir / "backend.log", cpu=cpu)
     stack.callback(service.stop)
     problem = service.wait_ready(h2_port, None, START_TIMEOUT_S)
     if problem is None and not port_open(h1_port):
@@ -925,13 +956,7 @@ def parse_args(argv: Sequence[str] | None, specs: Sequence[ProxySpec]) -> argpar
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for backend and wrk (1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
-    parser.add_argument(
-        "--compare-tree",
-        type=Path,
-        metavar="PATH",
-        help="also run muxproxy from this checkout (e.g. a git worktree of an older commit), "
-        "right after this tree's, against the same HAProxy row",
-    )
+    add_compare_tree(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
     if unknown:
@@ -1014,10 +1039,7 @@ def run(specs: Sequence[ProxySpec], settings: Settings, keep_tmp: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, proxy_specs(sys.executable))
     specs = [spec for spec in proxy_specs(args.python) if spec.name in args.only]
-    if args.compare_tree is not None:
-        other = muxproxy_spec(args.python, args.compare_tree.resolve(), "muxproxy-compare")
-        at = next((i + 1 for i, s in enumerate(specs) if s.name == "muxproxy"), len(specs))
-        specs.insert(at, other)
+    specs = with_compare_tree(specs, args.python, args.compare_tree)
     settings = Settings(
         duration=args.duration,
         warmup=args.warmup,
