@@ -34,6 +34,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from run import (
@@ -76,41 +77,63 @@ def _count(text: str, pattern: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+@dataclass(frozen=True)
+class H2loadRun:
+    """What one h2load run printed, and its per-request log."""
+
+    seconds: float  # "finished in"
+    total: int
+    done: int
+    succeeded: int
+    failed: int
+    errored: int
+    timeouts: int
+    latencies: list[int]  # µs from each answered request's start to its end, sorted
+
+
+def run_h2load(argv: Sequence[str], timeout: float, log_file: Path) -> H2loadRun:
+    """One bounded h2load run (``argv`` without ``--log-file``)."""
+    status, output = run_bounded([*argv[:-1], "--log-file", str(log_file), argv[-1]], timeout)
+    finished = re.search(r"^finished in ([\d.]+)(m?s)", output, re.MULTILINE)
+    if status != 0 or finished is None:
+        raise RuntimeError(f"h2load failed (status {status}): {output[-300:]}")
+    latencies: list[int] = []
+    with contextlib.suppress(OSError):
+        for line in log_file.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and int(parts[1]) > 0:
+                latencies.append(int(parts[2]))
+        log_file.unlink()
+    latencies.sort()
+    return H2loadRun(
+        seconds=float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1),
+        total=_count(output, r"^requests: (\d+) total"),
+        done=_count(output, r"^requests: \d+ total, \d+ started, (\d+) done"),
+        succeeded=_count(output, r"(\d+) succeeded"),
+        failed=_count(output, r"(\d+) failed"),
+        errored=_count(output, r"(\d+) errored"),
+        timeouts=_count(output, r"(\d+) timeout"),
+        latencies=latencies,
+    )
+
+
 def h2load(streams: Mapping[int, int], workdir: Path) -> Load:
     """A bench/run.py Load: one bounded h2load run, summarised as run.WrkResult."""
 
-    def run_h2load(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
+    def load(url: str, connections: int, seconds: int, cpu: int) -> WrkResult:
         m = streams.get(connections, 1)
-        log_file = workdir / "h2load-requests.tsv"
         argv = ["taskset", "-c", str(cpu), "h2load", "-t1", f"-c{connections}", f"-m{m}"]
-        argv += [f"-D{seconds}", "--log-file", str(log_file), url]
-        status, output = run_bounded(argv, seconds + 60)
-        finished = re.search(r"^finished in ([\d.]+)(m?s)", output, re.MULTILINE)
-        if status != 0 or finished is None:
-            raise RuntimeError(f"h2load failed (status {status}): {output[-300:]}")
-        duration = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
-        done = _count(output, r"^requests: \d+ total, \d+ started, (\d+) done")
-        failed = _count(output, r"(\d+) failed")
-        errored = _count(output, r"(\d+) errored")
-        timeouts = _count(output, r"(\d+) timeout")
-        latencies: list[int] = []
-        with contextlib.suppress(OSError):
-            for line in log_file.read_text().splitlines():
-                parts = line.split("\t")
-                if len(parts) >= 3 and int(parts[1]) > 0:
-                    latencies.append(int(parts[2]))
-            log_file.unlink()
-        latencies.sort()
+        run = run_h2load([*argv, f"-D{seconds}", url], seconds + 60, workdir / "requests.tsv")
         return WrkResult(
-            requests=done,
-            duration_s=duration,
-            socket_errors=errored + timeouts,
-            status_errors=max(0, failed - errored),
-            p50_ms=percentile(latencies, 0.50) / 1000,
-            p99_ms=percentile(latencies, 0.99) / 1000,
+            requests=run.done,
+            duration_s=run.seconds,
+            socket_errors=run.errored + run.timeouts,
+            status_errors=max(0, run.failed - run.errored),
+            p50_ms=percentile(run.latencies, 0.50) / 1000,
+            p99_ms=percentile(run.latencies, 0.99) / 1000,
         )
 
-    return run_h2load
+    return load
 
 
 def facts_markdown(

@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -46,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from h2_clients import percentile
+from h2_clients import H2loadRun, percentile, run_h2load
 from run import (
     BODY_SIZES,
     CONF_DIR,
@@ -64,7 +63,6 @@ from run import (
     log,
     machine_facts,
     proxy_specs,
-    run_bounded,
     running_proxy,
     start_backend,
     tree_cpu_seconds,
@@ -92,36 +90,15 @@ class Point:
     note: str = ""
 
 
-def _count(text: str, pattern: str) -> int:
-    match = re.search(pattern, text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
-
-
 def open_loop(
     url: str, rate: float, seconds: float, per_connection: int, cpu: int, log_file: Path
-) -> tuple[int, int, float, list[int]]:
-    """One h2load run at ``rate`` requests/s: (done, errors, seconds taken, latencies µs)."""
+) -> H2loadRun:
+    """One h2load run offering ``rate`` requests/s for ``seconds``."""
     per_period = max(1, round(rate / per_connection * PERIOD_MS / 1000))
     clients = max(1, round(per_period * seconds * 1000 / PERIOD_MS))
     argv = ["taskset", "-c", str(cpu), "h2load", "--h1", "-t1", f"-r{per_period}"]
     argv += [f"--rate-period={PERIOD_MS}ms", f"-c{clients}", f"-n{clients * per_connection}"]
-    argv += ["-m1", "--log-file", str(log_file), url]
-    status, output = run_bounded(argv, seconds + 120)
-    finished = re.search(r"^finished in ([\d.]+)(m?s)", output, re.MULTILINE)
-    if status != 0 or finished is None:
-        raise RuntimeError(f"h2load failed (status {status}): {output[-300:]}")
-    taken = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
-    done = _count(output, r"^requests: \d+ total, \d+ started, (\d+) done")
-    succeeded = _count(output, r"(\d+) succeeded")
-    latencies: list[int] = []
-    with contextlib.suppress(OSError):
-        for line in log_file.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3 and int(parts[1]) > 0:
-                latencies.append(int(parts[2]))
-        log_file.unlink()
-    latencies.sort()
-    return done, clients * per_connection - succeeded, taken, latencies
+    return run_h2load([*argv, "-m1", url], seconds + 120, log_file)
 
 
 def measure(
@@ -139,17 +116,18 @@ def measure(
     cpu0 = tree_cpu_seconds(proxy.pid)
     core = core_jiffies(args.load_cpu)
     try:
-        done, errors, taken, latencies = open_loop(
+        run = open_loop(
             url, rate, seconds, args.per_connection, args.load_cpu, workdir / "requests.tsv"
         )
     except (RuntimeError, OSError) as exc:
         point.note = str(exc).splitlines()[0][:200]
         return point
+    taken, latencies = run.seconds, run.latencies
     point.proxy_cpu_util = (tree_cpu_seconds(proxy.pid) - cpu0) / taken if taken else 0.0
     point.load_core_busy = busy_fraction(core, core_jiffies(args.load_cpu))
-    point.requests = done
-    point.errors = errors
-    point.achieved_rps = done / taken if taken else 0.0
+    point.requests = run.done
+    point.errors = run.total - run.succeeded  # failed, errored, timed out or never sent
+    point.achieved_rps = run.done / taken if taken else 0.0
     point.p50_ms = percentile(latencies, 0.50) / 1000
     point.p99_ms = percentile(latencies, 0.99) / 1000
     point.p999_ms = percentile(latencies, 0.999) / 1000
