@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .client_h2 import H2ClientConnection, sniff_preface
-from .fast_stream import asyncio_running, serve_fast
+from .fast_stream import accepted_peer, asyncio_running, serve_fast
 from .listen import (
     Listening,
     bind_error,
@@ -321,17 +320,14 @@ class Proxy:
                 await stream.aclose()
                 return
             try:
-                peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
-                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-                if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = accepted_peer(stream)
             except (*NETWORK_ERRORS, anyio.TypedAttributeLookupError):  # gone already (trio)
                 await stream.aclose()
                 return
             early = b""
             direct = ""
             if lc.proxy_protocol:  # in this connection's task, never in the accept loop
-                got = await read_proxy_header(self, lc, stream, peer)  # type: ignore[arg-type]
+                got = await read_proxy_header(self, lc, stream, peer)
                 if got is None:
                     self.proxy_header_errors += 1
                     await anyio.aclose_forcefully(stream)

@@ -15,7 +15,15 @@ import anyio
 import anyio.abc
 import pytest
 
-from muxproxy.io.fast_stream import READ_AHEAD, FastStream, fast_stream
+from muxproxy.io.fast_stream import (
+    READ_AHEAD,
+    FastStream,
+    _sockaddr,
+    accepted_peer,
+    asyncio_running,
+    fast_stream,
+    serve_fast,
+)
 
 from ..conftest import loop_name
 from .harness import wait_for
@@ -167,3 +175,40 @@ async def test_attach_hands_the_events_to_a_sink() -> None:
         await wait_for(lambda: sink.lost and server.lost)
         with pytest.raises(anyio.ClosedResourceError):
             server.write_nowait(b"x")
+
+
+async def test_accepted_peer_is_the_clients_address_with_nodelay_set() -> None:
+    """What the proxy learns of a new connection: serve_fast's FastStream (asyncio) takes the
+    address from accept(), anyio's stream (trio) asks the socket; the same answer either way,
+    and TCP_NODELAY is on."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    seen: list[tuple[Any, int]] = []
+    got = anyio.Event()
+
+    async def handler(stream: anyio.abc.ByteStream) -> None:
+        peer = accepted_peer(stream)
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        seen.append((peer, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+        got.set()
+        await stream.aclose()
+
+    async with anyio.create_task_group() as tg:
+        if asyncio_running():
+            tg.start_soon(serve_fast, raw, handler, tg)
+        else:
+            tg.start_soon(listener.serve, handler)
+        client = await anyio.connect_tcp("127.0.0.1", raw.getsockname()[1])
+        with anyio.fail_after(5):
+            await got.wait()
+        local = client.extra(anyio.abc.SocketAttribute.local_address)
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+    assert seen == [(local, 1)]
+
+
+def test_an_ipv6_accept_address_reads_as_anyio_gives_it() -> None:
+    assert _sockaddr(("::1", 8080, 0, 0)) == ("::1", 8080)
+    assert _sockaddr(("fe80::1", 8080, 0, 3)) == ("fe80::1%3", 8080)
+    assert _sockaddr(("127.0.0.1", 8080)) == ("127.0.0.1", 8080)
