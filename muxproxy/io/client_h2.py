@@ -164,10 +164,9 @@ class H2ClientConnection:
         """A stream queued part of its response: go on while the writer keeps up, else wait
         like :meth:`sync` (this is the back-pressure from the client to the backend)."""
         if not self._stuck and self.server.queued <= WRITE_BEHIND:
-            if self.server.has_output:
-                self._wake.set()
-            return
-        await self.sync()
+            self.kick()
+        else:
+            await self.sync()
 
     async def sync(self) -> None:
         """Wait until everything queued so far has been written to the client."""
