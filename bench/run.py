@@ -484,26 +484,31 @@ def proxy_specs(python: str, front: str = "http1") -> list[ProxySpec]:
     return [s for s in own if (CONF_DIR / s.template).exists()]
 
 
-def muxproxy_argv(python: str, conf: Path) -> list[str]:
-    """How every bench script starts muxproxy: one process, uvloop."""
-    return [python, "-m", "muxproxy", "run", "-c", str(conf), "--loop", "uvloop"]
+def muxproxy_argv(python: str, conf: Path, loop: str = "uvloop") -> list[str]:
+    """How every bench script starts muxproxy: one process, uvloop (the ``muxproxy-trio``
+    rows: trio)."""
+    return [python, "-m", "muxproxy", "run", "-c", str(conf), "--loop", loop]
 
 
-def muxproxy_spec(python: str, tree: Path = REPO_ROOT, name: str = "muxproxy") -> ProxySpec:
+def muxproxy_spec(
+    python: str, tree: Path = REPO_ROOT, name: str = "muxproxy", loop: str = "uvloop"
+) -> ProxySpec:
     """muxproxy from ``tree`` (this one, or another checkout for ``--compare-tree``: its own
-    code and its own bench/conf template, so an older tree gets a config it accepts)."""
+    code and its own bench/conf template, so an older tree gets a config it accepts), on
+    ``loop``."""
     pythonpath = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
     conf_dir = tree / "bench" / "conf"
     return ProxySpec(
         name=name,
-        label="muxproxy" if tree == REPO_ROOT else f"muxproxy @{tree_revision(tree)}",
+        label=("muxproxy" if tree == REPO_ROOT else f"muxproxy @{tree_revision(tree)}")
+        + ("" if loop == "uvloop" else f" ({loop})"),
         template="muxproxy.toml.tmpl",
-        command=lambda conf, _: muxproxy_argv(python, conf),
+        command=lambda conf, _: muxproxy_argv(python, conf, loop),
         version=lambda: muxproxy_version(python, tree),
         env=lambda _: {"PYTHONPATH": pythonpath},
         cwd=tree,
         ready_prefix="ready",
-        default=tree == REPO_ROOT,
+        default=tree == REPO_ROOT and loop == "uvloop",
         conf_dir=conf_dir if (conf_dir / "muxproxy.toml.tmpl").exists() else CONF_DIR,
     )
 
@@ -545,6 +550,7 @@ def _proxy_specs(python: str) -> list[ProxySpec]:
             version=lambda: command_output(["haproxy", "-v"]),
         ),
         muxproxy_spec(python),
+        muxproxy_spec(python, name="muxproxy-trio", loop="trio"),
         ProxySpec(
             name="nginx",
             label="nginx (h1 upstream)",

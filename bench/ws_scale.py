@@ -172,6 +172,17 @@ def proxy_specs(python: str) -> list[WsProxySpec]:
             ready_prefix="ready",
         ),
         WsProxySpec(
+            name="muxproxy-trio",
+            label="muxproxy (trio)",
+            template="ws-muxproxy.toml.tmpl",
+            command=lambda conf, _: muxproxy_argv(python, conf, "trio"),
+            version=lambda: muxproxy_version(python),
+            env={"PYTHONPATH": pythonpath},
+            cwd=REPO_ROOT,
+            ready_prefix="ready",
+            default=False,
+        ),
+        WsProxySpec(
             name="haproxy",
             label="HAProxy (ws h2)",
             template="ws-haproxy.cfg.tmpl",
