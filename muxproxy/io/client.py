@@ -178,7 +178,7 @@ class ClientConnection:
         self.read_timer = _Timer(self)
         self.write_timer = _Timer(self)
         self.write_timer.kind = "send"
-        # Set when a WebSocket tunnel took the connection over (asyncio): this task ends, the
+        # Set when a WebSocket tunnel took the connection over (plain TCP): this task ends, the
         # tunnel closes the socket and calls ``forget`` when it is done.
         self.detached: DetachedTunnel | None = None
         # Its listener's connections, set by server.py (a shared empty set until then: an

@@ -1,10 +1,12 @@
-"""A WebSocket tunnel driven by callbacks, with no task of its own (asyncio's FastStream only).
+"""A WebSocket tunnel driven by callbacks, with no task of its own (a plain-TCP FastStream).
 
-An idle WebSocket is most of what an edge proxy holds, and on asyncio a parked task costs
-several kilobytes (the task, anyio's task handle, cancel scopes, a coroutine frame per level).
+An idle WebSocket is most of what an edge proxy holds, and a parked task costs several
+kilobytes on either loop (the task, anyio's task handle, cancel scopes, a coroutine frame per
+level).
 After the ``101``, :class:`~muxproxy.io.tunnel.Tunnel` hands a FastStream client over to a
 :class:`DetachedTunnel` and its task ends; from then on the client stream's callbacks
-(:class:`~muxproxy.io.fast_stream.StreamSink`), the backend connection's reader (``set``, as
+(:class:`~muxproxy.io.fast_stream.StreamSink`: asyncio's protocol callbacks, or on trio the
+run's epoll reactor in :mod:`muxproxy.io.trio_stream`), the backend connection's reader (``set``, as
 the stream's ``news`` and, while client bytes wait for window, in ``blocked``) and the timer
 wheel (``on_deadline``) feed a :class:`~muxproxy.core.tunnel.TunnelCore`, and this driver
 carries out its actions on the HTTP/2 or HTTP/3 stream and the client stream.  Every rule

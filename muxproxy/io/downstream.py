@@ -120,8 +120,9 @@ class Downstream(Protocol):
 
 
 class TunnelDownstream(Downstream, Protocol):
-    """What a WebSocket tunnel needs beyond a request: the raw bytes both ways, and on asyncio
-    the connection itself (a detached tunnel is driven by socket callbacks, with no task).
+    """What a WebSocket tunnel needs beyond a request: the raw bytes both ways, and for a
+    plain-TCP client the connection itself (a detached tunnel is driven by socket callbacks,
+    with no task).
 
     After the upgrade the connection serves no further request, whatever happens."""
 
@@ -132,7 +133,7 @@ class TunnelDownstream(Downstream, Protocol):
 
     @property
     def fast_stream(self) -> FastStream | None:
-        """The asyncio transport a detached tunnel can take over (None: not on asyncio)."""
+        """The client stream a detached tunnel can take over (None: TLS, or an HTTP/2 stream)."""
         ...
 
     async def receive(self) -> bytes:

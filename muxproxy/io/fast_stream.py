@@ -1,10 +1,11 @@
-"""A leaner byte stream for plain TCP sockets on asyncio (and uvloop).
+"""A leaner byte stream for plain TCP sockets: :class:`FastStream`, and its asyncio (and
+uvloop) implementation :class:`AsyncioStream`; trio's is in :mod:`muxproxy.io.trio_stream`.
 
 anyio's asyncio ``SocketStream`` pauses the transport after every ``receive`` and resumes it
 before the next (two ``epoll_ctl`` calls per read under uvloop), yields to the event loop twice
 on every ``send`` and takes resource guards on both: profiled, that was the largest single cost
-of the I/O layer per proxied request.  :class:`FastStream` takes over the same transport with a
-protocol of its own:
+of the I/O layer per proxied request.  :class:`AsyncioStream` takes over the same transport
+with a protocol of its own:
 
 * Reading stays on; received chunks queue up to ``READ_AHEAD`` bytes, then the transport is
   paused until the consumer catches up, so a client that sends faster than we forward is held
@@ -22,9 +23,9 @@ rest of the proxy cannot tell the two streams apart.
 A FastStream can also be handed to callbacks instead of a task (:meth:`FastStream.attach`): a
 :class:`StreamSink` then gets the transport's events as they happen (bytes, EOF, loss, write
 buffer drained), and drives the stream with the non-blocking methods (``write_nowait``,
-``pause_reading``/``resume_reading``, ``close_nowait``).  That is how a WebSocket tunnel on
-asyncio holds no task at all (``muxproxy.io.detached``).  On trio, and for TLS, anyio's own streams
-are used unchanged.  This is the one module of the I/O layer that touches asyncio directly:
+``pause_reading``/``resume_reading``, ``close_nowait``).  That is how a WebSocket tunnel holds
+no task at all, on asyncio and on trio (``muxproxy.io.detached``).  For TLS, anyio's own streams are
+used unchanged.  This is the one module of the I/O layer that touches asyncio directly:
 everything here is a fast path taken only when asyncio (or uvloop) runs, with anyio behind it.
 """
 
@@ -34,6 +35,7 @@ import asyncio
 import errno
 import logging
 import socket
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -156,15 +158,16 @@ async def serve_fast(
 
     async def serve_one(conn: socket.socket, peer: Any) -> None:
         try:
-            if conn.family in _TCP:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport, proto = await loop.connect_accepted_socket(_Accepted, conn)
         except OSError:
             conn.close()
             return
-        await handler(FastStream(transport, proto, _sockaddr(peer)))
+        await handler(AsyncioStream(transport, proto, peer))
 
     retry: asyncio.TimerHandle | None = None
+
+    def start(conn: socket.socket, peer: Any) -> None:
+        tg.start_soon(serve_one, conn, peer)
 
     def resume() -> None:
         nonlocal retry
@@ -174,19 +177,9 @@ async def serve_fast(
 
     def accept_ready() -> None:
         nonlocal retry
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_LATER:
-                    log.warning("accept: %s; pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY)
-                    loop.remove_reader(fd)
-                    retry = loop.call_later(ACCEPT_RETRY_DELAY, resume)
-                    return
-                continue  # that one connection failed (ECONNABORTED and the like)
-            tg.start_soon(serve_one, conn, peer)
+        if not accept_some(sock, start):
+            loop.remove_reader(fd)
+            retry = loop.call_later(ACCEPT_RETRY_DELAY, resume)
 
     loop.add_reader(fd, accept_ready)
     try:
@@ -197,7 +190,91 @@ async def serve_fast(
             retry.cancel()
 
 
+def accept_some(sock: socket.socket, start: Callable[[socket.socket, Any], object]) -> bool:
+    """Accept up to ``ACCEPT_BATCH`` connections waiting on the listening ``sock`` and hand
+    each to ``start(conn, peer)``, TCP_NODELAY set, ``peer`` as anyio's ``remote_address``
+    gives it.  False when accept(2) said "not now" about the whole process (``_ACCEPT_LATER``):
+    the caller stops accepting for ``ACCEPT_RETRY_DELAY``.  (serve_fast and serve_trio.)"""
+    for _ in range(ACCEPT_BATCH):
+        try:
+            conn, peer = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            if exc.errno in _ACCEPT_LATER:
+                log.warning("accept: %s; pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY)
+                return False
+            continue  # that one connection failed (ECONNABORTED and the like)
+        try:
+            if conn.family in _TCP:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            conn.close()
+            continue
+        start(conn, _sockaddr(peer))
+    return True
+
+
 class FastStream(anyio.abc.SocketStream):
+    """A plain TCP stream the proxy drives itself: what both lean streams offer, on top of
+    anyio's ``SocketStream``.  :class:`AsyncioStream` (here) is one, over an asyncio
+    transport; :class:`~muxproxy.io.trio_stream.TrioStream` is the other, over a non-blocking
+    socket with ``trio.lowlevel``.  The rest of the proxy sees only this interface."""
+
+    peer: Any  # the client's address as accept() gave it (None: not accepted by us)
+
+    async def send(self, item: bytes) -> None:
+        if not self.write_nowait(item):
+            await self.drained()
+
+    async def aclose(self) -> None:
+        self.close_nowait()
+
+    @abstractmethod
+    def write_nowait(self, item: bytes) -> bool:
+        """Write ``item``: True when the kernel took all of it, False when the caller must
+        still ``await drained()`` (the bytes are queued either way).  Raises as send() does."""
+
+    @abstractmethod
+    async def drained(self) -> None:
+        """Wait until everything written was taken by the kernel."""
+
+    @abstractmethod
+    def attach(self, sink: StreamSink | None) -> bytes:
+        """Deliver the stream's events to ``sink`` from now on, with no task (None: back to
+        ``receive``).  Returns the bytes received but not yet read, which the sink takes over;
+        an EOF or loss that already happened is not replayed: see :attr:`at_eof` and
+        :attr:`lost`."""
+
+    @property
+    @abstractmethod
+    def at_eof(self) -> bool:
+        """The peer half-closed (sent FIN)."""
+
+    @property
+    @abstractmethod
+    def lost(self) -> bool:
+        """The connection is gone (reset, closed or aborted)."""
+
+    @abstractmethod
+    def pause_reading(self) -> None:
+        """Stop reading the socket until :meth:`resume_reading` (idempotent)."""
+
+    @abstractmethod
+    def resume_reading(self) -> None:
+        """Read the socket again (idempotent; nothing once the connection is lost)."""
+
+    @abstractmethod
+    def write_buffer_size(self) -> int:
+        """Bytes written and not yet taken by the kernel."""
+
+    @abstractmethod
+    def close_nowait(self) -> None:
+        """Close now: gracefully when everything written went out, else by aborting (a peer
+        that stopped reading must not keep its socket: nothing to wait for).  Idempotent."""
+
+
+class AsyncioStream(FastStream):
     """An anyio socket stream over an asyncio transport, without per-call pause/resume.
 
     anyio's stream and protocol objects are dropped once the transport is taken over (an idle
@@ -260,13 +337,7 @@ class FastStream(anyio.abc.SocketStream):
             self._transport.resume_reading()
         return chunk
 
-    async def send(self, item: bytes) -> None:
-        if not self.write_nowait(item):
-            await self.drained()
-
     def write_nowait(self, item: bytes) -> bool:
-        """Write ``item``: True when the kernel took all of it, False when the caller must
-        still ``await drained()`` (the bytes are queued either way).  Raises as send() does."""
         proto = self._proto
         if self._closed:
             raise anyio.ClosedResourceError
@@ -298,16 +369,9 @@ class FastStream(anyio.abc.SocketStream):
         except OSError:
             pass
 
-    async def aclose(self) -> None:
-        self.close_nowait()
-
     # --- callbacks instead of a task (see StreamSink) ----------------------------------------
 
     def attach(self, sink: StreamSink | None) -> bytes:
-        """Deliver the transport's events to ``sink`` from now on (None: queue them again for
-        ``receive``).  Returns the bytes received but not yet read, which the sink takes over;
-        an EOF or loss that already happened is not replayed: see :attr:`at_eof` and
-        :attr:`lost`."""
         proto = self._proto
         proto.sink = sink
         if sink is None:
@@ -319,12 +383,10 @@ class FastStream(anyio.abc.SocketStream):
 
     @property
     def at_eof(self) -> bool:
-        """The peer half-closed (sent FIN)."""
         return self._proto.eof
 
     @property
     def lost(self) -> bool:
-        """The connection is gone (reset, closed or aborted)."""
         return self._proto.lost
 
     @property
@@ -337,26 +399,21 @@ class FastStream(anyio.abc.SocketStream):
         return self._proto.buffered
 
     def pause_reading(self) -> None:
-        """Stop reading the socket until :meth:`resume_reading` (idempotent)."""
         proto = self._proto
         if not proto.paused:
             proto.paused = True
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read the socket again (idempotent; nothing once the connection is lost)."""
         proto = self._proto
         if proto.paused and not proto.lost:
             proto.paused = False
             self._transport.resume_reading()
 
     def write_buffer_size(self) -> int:
-        """Bytes written and not yet taken by the kernel."""
         return self._transport.get_write_buffer_size()
 
     def close_nowait(self) -> None:
-        """Close now: gracefully when everything written went out, else by aborting (a peer
-        that stopped reading must not keep its socket: nothing to wait for).  Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -433,12 +490,17 @@ def asyncio_running() -> bool:
 
 
 def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
-    """``stream`` as a :class:`FastStream` when it is anyio's plain TCP stream on asyncio."""
+    """``stream`` as a :class:`FastStream` when it is anyio's plain TCP stream (asyncio:
+    an :class:`AsyncioStream`; trio: a :class:`~muxproxy.io.trio_stream.TrioStream`)."""
     transport = getattr(stream, "_transport", None)
+    if type(stream).__module__ == "anyio._backends._trio":
+        from .trio_stream import trio_stream  # (trio is imported only when it runs)
+
+        return trio_stream(stream)
     if (
         type(stream).__module__ == "anyio._backends._asyncio"
         and hasattr(transport, "set_protocol")  # asyncio's or uvloop's (not a subclass)
         and not transport.is_closing()  # type: ignore[union-attr]
     ):
-        return FastStream(transport)  # type: ignore[arg-type]
+        return AsyncioStream(transport)  # type: ignore[arg-type]
     return stream

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -300,6 +301,11 @@ class Proxy:
             if entry.lc.tls is None and asyncio_running():  # (the key keeps TLS or not)
                 sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
                 await serve_fast(sock, handler, self._clients_tg)
+            elif entry.lc.tls is None and hasattr(select, "epoll"):  # trio, on Linux
+                from .trio_stream import serve_trio  # (trio is imported only when it runs)
+
+                sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+                await serve_trio(sock, handler, self._clients_tg)
             else:
                 await listener.serve(handler, task_group=self._clients_tg)
         # Only a reload cancels entry.scope alone (a shutdown cancels the group around it).

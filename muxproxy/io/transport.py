@@ -6,8 +6,8 @@ core, return what changed) and to ``flush`` (write what the core queued).  A tra
 to its core when it is connected, so both calls take no arguments and cost one await each.
 
 * :class:`StreamTransport` carries a core that speaks bytes (:class:`StreamCore`: HTTP/2 and
-  HTTP/1.1).  On asyncio a plain TCP stream is a :class:`~muxproxy.io.fast_stream.FastStream`,
-  as for clients; TLS and trio use anyio's streams.
+  HTTP/1.1).  A plain TCP stream is a :class:`~muxproxy.io.fast_stream.FastStream`, as for
+  clients (asyncio's or trio's); TLS uses anyio's streams.
 * :class:`~muxproxy.io.quic.DatagramTransport` carries a core that speaks datagrams and keeps its
   own timer (HTTP/3 over aioquic).
 

@@ -14,8 +14,9 @@ written to the client.  A tunnel ends when
 
 These rules are :class:`~muxproxy.core.tunnel.TunnelCore`'s; this module makes the tunnel
 (handshake, extended CONNECT or the fallback below) and hands it to a driver that only moves
-bytes: :class:`~muxproxy.io.detached.DetachedTunnel` (callbacks, asyncio with a plain-TCP
-client) or :class:`~muxproxy.io.tunnel_tasks.TaskTunnel` (two tasks: trio, TLS clients).
+bytes: :class:`~muxproxy.io.detached.DetachedTunnel` (callbacks: a plain-TCP client, on
+asyncio or trio) or :class:`~muxproxy.io.tunnel_tasks.TaskTunnel` (two tasks: TLS and HTTP/2
+clients).
 
 When no connected backend supports RFC 8441 and the route allows it, the WebSocket gets a
 dedicated HTTP/1.1 connection instead (counted as ``websocket_fallback_http1``), as it always
@@ -131,7 +132,7 @@ class Tunnel:
         idle, send_timeout = self.cfg.tunnel_idle_timeout, client.send_timeout
         stream = client.fast_stream
         if stream is not None:
-            # asyncio: callbacks drive the tunnel from here, and this task ends.
+            # a plain-TCP client: callbacks drive the tunnel from here, and this task ends.
             tunnel = DetachedTunnel(
                 stream,
                 conn,

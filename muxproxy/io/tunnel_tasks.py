@@ -1,4 +1,4 @@
-"""WebSocket tunnels driven by two tasks: on trio, for TLS clients, and over backend sockets.
+"""WebSocket tunnels driven by two tasks: for TLS and HTTP/2 clients, and over backend sockets.
 
 :class:`TaskTunnel` feeds a :class:`~muxproxy.core.tunnel.TunnelCore` from an upstream task
 (client → backend) and a downstream task (backend → client), and carries out its actions; every
@@ -12,7 +12,7 @@ rule is the core's.  The backend side is a :class:`BackendPort`:
   written to the client, so TCP carries the backpressure.
 
 :func:`relay_socket` is the entry point for the latter, for whoever made the connection.
-On asyncio with a plain-TCP client, pooled streams use the task-free
+With a plain-TCP client (asyncio or trio), pooled streams use the task-free
 :class:`~muxproxy.io.detached.DetachedTunnel` instead (an idle WebSocket costs far less).
 """
 

@@ -1,8 +1,10 @@
-"""FastStream: the asyncio byte stream client and backend sockets are switched to.
+"""FastStream: the lean byte stream plain-TCP client and backend sockets are switched to.
 
-On trio (and for TLS) anyio's own stream is kept; on asyncio the transport is taken over, and
-these tests pin what must not change: order, bounded read-ahead, half-close, closing a socket
-whose peer stopped reading."""
+On asyncio (and uvloop) it is an AsyncioStream that takes the transport over; on trio a
+TrioStream on the non-blocking socket, whose callbacks come from the run's epoll reactor; for
+TLS anyio's own stream is kept.  These tests pin what must not change, on every loop: order,
+bounded read-ahead (asyncio; trio reads nothing ahead), half-close, closing a socket whose
+peer stopped reading, and the callback interface a detached WebSocket tunnel runs on."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 
 from muxproxy.io.fast_stream import (
     READ_AHEAD,
+    AsyncioStream,
     FastStream,
     _sockaddr,
     accepted_peer,
@@ -24,6 +27,7 @@ from muxproxy.io.fast_stream import (
     fast_stream,
     serve_fast,
 )
+from muxproxy.io.trio_stream import TrioStream, serve_trio
 
 from ..conftest import loop_name
 from .harness import wait_for
@@ -46,9 +50,10 @@ async def pair() -> AsyncIterator[tuple[anyio.abc.ByteStream, anyio.abc.SocketSt
         await listener.aclose()
 
 
-async def test_used_on_asyncio_only(anyio_backend: Any) -> None:
+async def test_a_plain_socket_becomes_the_loops_fast_stream(anyio_backend: Any) -> None:
     async with pair() as (server, _):
-        assert isinstance(server, FastStream) == (loop_name(anyio_backend) != "trio")
+        kind = TrioStream if loop_name(anyio_backend) == "trio" else AsyncioStream
+        assert type(server) is kind
         assert server.extra(anyio.abc.SocketAttribute.remote_address)[0] == "127.0.0.1"
 
 
@@ -68,12 +73,12 @@ async def test_bytes_arrive_whole_and_in_order_both_ways() -> None:
         assert back == data
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # FastStream exists on asyncio only
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (TrioStream reads nothing ahead)
 async def test_read_ahead_is_bounded() -> None:
     """A peer that sends far more than we read is held to READ_AHEAD (+ one read) in memory;
     the rest waits in the kernel, and nothing is lost."""
     async with pair() as (server, client):
-        assert isinstance(server, FastStream)
+        assert isinstance(server, AsyncioStream)
         total = 16 * 1024 * 1024
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.send, b"x" * total)
@@ -143,25 +148,25 @@ class _Sink:
         self.drained += 1
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # FastStream exists on asyncio only
 async def test_attach_hands_the_events_to_a_sink() -> None:
-    """The callback interface a detached tunnel uses: queued bytes are handed over, then data,
-    pause/resume, a write that waits for the peer, the drain, EOF, and closing (what pausing
-    holds back is pinned by the WebSocket flood test)."""
+    """The callback interface a detached tunnel uses: bytes not yet read are handed over
+    (asyncio: what was read ahead, returned by attach; trio: still in the kernel, delivered),
+    then data, pause/resume, a write that waits for the peer, the drain, EOF, and closing
+    (what pausing holds back is pinned by the WebSocket flood test)."""
     async with pair() as (server, client):
         assert isinstance(server, FastStream)
         await client.send(b"queued")
-        await wait_for(lambda: server.buffered == 6)
+        if isinstance(server, AsyncioStream):
+            await wait_for(lambda: server.buffered == 6)
         sink = _Sink()
-        assert server.attach(sink) == b"queued" and server.buffered == 0
+        sink.data += server.attach(sink)
+        await wait_for(lambda: sink.data == b"queued")
         await client.send(b"live")
-        await wait_for(lambda: sink.data == b"live")
+        await wait_for(lambda: sink.data == b"queuedlive")
         server.pause_reading()
-        assert server.read_paused
         await client.send(b"held")
         server.resume_reading()
-        assert not server.read_paused
-        await wait_for(lambda: sink.data == b"liveheld")
+        await wait_for(lambda: sink.data == b"queuedliveheld")
         while server.write_nowait(b"x" * 65536):  # until the peer's window is full
             pass
         assert server.write_buffer_size() > 0 and sink.drained == 0
@@ -172,15 +177,55 @@ async def test_attach_hands_the_events_to_a_sink() -> None:
         await client.send_eof()
         await wait_for(lambda: sink.eof and server.at_eof)
         server.close_nowait()
-        await wait_for(lambda: sink.lost and server.lost)
+        if isinstance(server, AsyncioStream):  # (the transport reports its own close)
+            await wait_for(lambda: sink.lost and server.lost)
         with pytest.raises(anyio.ClosedResourceError):
             server.write_nowait(b"x")
 
 
-async def test_accepted_peer_is_the_clients_address_with_nodelay_set() -> None:
-    """What the proxy learns of a new connection: serve_fast's FastStream (asyncio) takes the
-    address from accept(), anyio's stream (trio) asks the socket; the same answer either way,
-    and TCP_NODELAY is on."""
+async def test_an_attached_stream_reports_a_reset_peer_even_while_paused() -> None:
+    """A WebSocket whose tunnel paused reading (no window) still learns that its client reset
+    the connection: reading or not, the sink gets on_lost, once."""
+    async with pair() as (server, client):
+        assert isinstance(server, FastStream)
+        sink = _Sink()
+        server.attach(sink)
+        server.pause_reading()
+        sock = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await client.aclose()  # linger 0: RST
+        if isinstance(server, AsyncioStream):  # (it notices a reset peer only when writing)
+            server.write_nowait(b"x")
+        await wait_for(lambda: sink.lost and server.lost)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_sink_that_raises_costs_its_own_connection_only() -> None:
+    """The reactor runs every attached stream of the trio run: a bug in one sink closes that
+    connection and is logged; the other attached streams are still served."""
+
+    class Broken(_Sink):
+        def on_data(self, data: bytes) -> None:
+            raise RuntimeError("bug")
+
+    async with pair() as (bad, bad_client), pair() as (good, good_client):
+        assert isinstance(bad, FastStream) and isinstance(good, FastStream)
+        bad.attach(Broken())
+        sink = _Sink()
+        good.attach(sink)
+        await bad_client.send(b"boom")
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            with anyio.fail_after(5):
+                await bad_client.receive()
+        await good_client.send(b"still here")
+        await wait_for(lambda: sink.data == b"still here")
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["our-accept-loop", "anyio-listener"])
+async def test_accepted_peer_is_the_clients_address_with_nodelay_set(ours: bool) -> None:
+    """What the proxy learns of a new connection: serve_fast's and serve_trio's streams take
+    the address from accept(), anyio's stream (a TLS listener's) asks the socket; the same
+    answer either way, and TCP_NODELAY is on."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
     seen: list[tuple[Any, int]] = []
@@ -194,10 +239,10 @@ async def test_accepted_peer_is_the_clients_address_with_nodelay_set() -> None:
         await stream.aclose()
 
     async with anyio.create_task_group() as tg:
-        if asyncio_running():
-            tg.start_soon(serve_fast, raw, handler, tg)
-        else:
+        if not ours:
             tg.start_soon(listener.serve, handler)
+        else:
+            tg.start_soon(serve_fast if asyncio_running() else serve_trio, raw, handler, tg)
         client = await anyio.connect_tcp("127.0.0.1", raw.getsockname()[1])
         with anyio.fail_after(5):
             await got.wait()

@@ -202,8 +202,9 @@ async def test_backend_that_takes_no_body_is_504_after_body_timeout() -> None:
 
 
 async def test_an_idle_detached_websocket_keeps_no_request_state(anyio_backend: str) -> None:
-    """On asyncio a tunnel is callbacks on the client connection, which then must not keep the
-    request head, the output list or (with no recorder) an outcome: idle WebSockets stay small."""
+    """A tunnel is callbacks on the client connection (asyncio and trio alike), which then must
+    not keep the request head, the output list or (with no recorder) an outcome: idle
+    WebSockets stay small."""
     from muxproxy.io import client as client_module
 
     routes = '[[routes]]\ncluster = "app"\nwebsocket = true\n'
@@ -213,11 +214,8 @@ async def test_an_idle_detached_websocket_keeps_no_request_state(anyio_backend: 
         await ws.send("hi")
         assert await ws.receive() == "hi"
         (c,) = h.proxy.clients
-        if anyio_backend == "trio":
-            assert c.detached is None  # trio: the tunnel keeps its task
-        else:
-            assert c.detached is not None
-            assert c._head is None
-            assert c.outcome is client_module._NO_OUTCOME
-            assert c._out is client_module._SPENT_OUT and c.session is client_module._SPENT
+        assert c.detached is not None
+        assert c._head is None
+        assert c.outcome is client_module._NO_OUTCOME
+        assert c._out is client_module._SPENT_OUT and c.session is client_module._SPENT
         await ws.close()

@@ -1,0 +1,331 @@
+"""The lean stream on trio: plain TCP sockets driven through ``trio.lowlevel``.
+
+anyio's trio ``SocketStream`` wraps trio's socket, which passes two checkpoints around every
+``recv`` and ``send`` that succeeds at once (a scheduler trip each) and holds resource guards.
+:class:`TrioStream` calls the non-blocking socket itself and waits (``wait_readable``,
+``wait_writable``) only when the kernel says it would block, as
+:class:`~muxproxy.io.fast_stream.AsyncioStream` does on asyncio; the rest of the proxy sees the
+same :class:`~muxproxy.io.fast_stream.FastStream` interface.
+
+**Callbacks without a task.**  trio has no protocol callbacks, and a parked task per idle
+WebSocket costs kilobytes.  An attached TrioStream (:meth:`TrioStream.attach`, a
+:class:`~muxproxy.io.detached.DetachedTunnel` on it) registers its socket with the run's
+:class:`Reactor` instead: one epoll instance of our own, watched by one system task (an epoll
+descriptor is readable while any socket in it is ready, so trio's I/O manager sees one file
+descriptor for all of them).  The reactor reads what arrived and hands it to the sink, writes
+what the kernel could not take at once as the socket drains, and reports EOF and loss.  Interest
+follows the stream's state (reading unless paused or at EOF, writing only while bytes wait), so
+a paused tunnel costs no wake-ups.  Writes are never buffered beyond the one piece the kernel
+did not take, as on asyncio with write limits of 0.
+
+:func:`serve_trio` accepts in batches (``ACCEPT_BATCH`` per readiness, as ``serve_fast`` does
+on asyncio) and gives each connection a task running the handler with a TrioStream.
+
+This is the one module of the I/O layer that touches trio directly; it is imported only while
+trio runs, and only on Linux (``select.epoll``).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import trio
+
+from .fast_stream import ACCEPT_RETRY_DELAY, FastStream, StreamSink, accept_some
+
+log = logging.getLogger("muxproxy.server")
+
+READ_SIZE = 65536
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_BROKEN = select.EPOLLERR | select.EPOLLHUP
+_EVENTS_PER_POLL = 256
+
+
+class TrioStream(FastStream):
+    """A plain TCP socket on trio, with no wrapper between the proxy and ``recv``/``send``."""
+
+    def __init__(self, sock: socket.socket, peer: Any = None) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self.peer = peer
+        self._closed = False
+        self._eof = False
+        self._lost = False
+        self._exc: OSError | None = None
+        self._out: memoryview | None = None  # what the kernel has not taken yet
+        self._sink: StreamSink | None = None
+        self._paused = False
+        self._mask: int | None = None  # the reactor's interest (None: not in its epoll set)
+
+    # --- a task reads and writes -------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = READ_SIZE) -> bytes:
+        sock = self._sock
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    raise anyio.ClosedResourceError from None
+                continue
+            except OSError as exc:
+                self._gone(exc)
+                raise anyio.BrokenResourceError from exc
+            if data:
+                return data
+            self._eof = True
+            raise anyio.EndOfStream
+
+    def write_nowait(self, item: bytes) -> bool:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._lost:
+            raise anyio.BrokenResourceError from self._exc
+        if self._out is not None:  # behind what is still waiting: after it, in order
+            self._out = memoryview(bytes(self._out) + bytes(item))
+            return False
+        try:
+            sent = self._sock.send(item)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._gone(exc)
+            raise anyio.BrokenResourceError from exc
+        if sent == len(item):
+            return True
+        self._out = memoryview(bytes(item[sent:]))  # a copy: the caller may reuse its buffer
+        if self._sink is not None:
+            self._watch()
+        return False
+
+    async def drained(self) -> None:
+        while self._out is not None:
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+            except trio.ClosedResourceError:
+                raise anyio.ClosedResourceError from None
+            if self._closed:  # (closed while this task was being woken)
+                raise anyio.ClosedResourceError
+            try:
+                self._push()
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._lost:
+            raise anyio.BrokenResourceError from self._exc
+
+    async def send_eof(self) -> None:
+        try:
+            await self.drained()
+            self._sock.shutdown(socket.SHUT_WR)
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def _push(self) -> None:
+        """Write what waits, as far as the kernel takes it.  Raises OSError (connection gone)."""
+        out = self._out
+        if out is None:
+            return
+        try:
+            sent = self._sock.send(out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._gone(exc)
+            raise
+        self._out = out[sent:] if sent < len(out) else None
+
+    def _gone(self, exc: OSError | None) -> None:
+        self._lost = True
+        self._exc = exc
+        self._out = None
+
+    # --- callbacks instead of a task (see StreamSink) ----------------------------------------
+
+    def attach(self, sink: StreamSink | None) -> bytes:
+        self._sink = sink
+        self._watch()
+        return b""  # nothing is read ahead: what the client sent is still in the kernel
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    def pause_reading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._watch()
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._watch()
+
+    def write_buffer_size(self) -> int:
+        out = self._out
+        return 0 if out is None else len(out)
+
+    def close_nowait(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sink = None
+        self._watch()  # out of the reactor before the descriptor goes
+        sock = self._sock
+        self._out = None  # (a peer that stopped reading: dropped, as asyncio's abort does)
+        trio.lowlevel.notify_closing(sock)  # a task waiting on it gets ClosedResourceError
+        sock.close()
+
+    def _watch(self) -> None:
+        """Tell the reactor what this stream waits for now.  An attached stream stays in the
+        epoll set even with no interest (paused, at EOF, nothing to write): epoll still reports
+        an error or hang-up then, so a paused tunnel learns that its client is gone."""
+        want: int | None = None
+        if self._sink is not None and not self._lost:
+            want = 0 if self._paused or self._eof else _IN
+            if self._out is not None:
+                want |= _OUT
+        if want != self._mask:
+            reactor().watch(self._sock.fileno(), self, self._mask, want)
+            self._mask = want
+
+    def ready(self, events: int) -> None:
+        """The reactor saw ``events`` on the socket (only while attached)."""
+        sink = self._sink
+        if sink is None:
+            return
+        if self._out is not None and events & (_OUT | _BROKEN):
+            try:
+                self._push()
+            except OSError:
+                self._watch()
+                sink.on_lost()
+                return
+            if self._out is None:
+                self._watch()
+                sink.on_drained()
+                if self._sink is not sink:
+                    return
+        if (self._mask or 0) & _IN and events & (_IN | _BROKEN):
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._gone(exc)
+                self._watch()
+                sink.on_lost()
+                return
+            if data:
+                sink.on_data(data)
+            else:
+                self._eof = True
+                self._watch()
+                sink.on_eof()
+        elif events & _BROKEN and self._out is None and not self._lost:
+            # (Not reading, nothing to write, and the socket died: that is loss, reported
+            # once; epoll would report it on every poll.)
+            self._gone(None)
+            self._watch()
+            sink.on_lost()
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._sock
+
+
+class Reactor:
+    """One epoll instance of attached :class:`TrioStream` sockets, and the task that waits
+    on it (a system task of the trio run: it ends with the run)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._streams: dict[int, TrioStream] = {}
+
+    def watch(self, fd: int, stream: TrioStream, old: int | None, new: int | None) -> None:
+        """``stream``'s interest goes from ``old`` to ``new`` (None: not in the set)."""
+        if old is None:
+            assert new is not None
+            self._epoll.register(fd, new)
+            self._streams[fd] = stream
+        elif new is None:
+            self._epoll.unregister(fd)
+            del self._streams[fd]
+        else:
+            self._epoll.modify(fd, new)
+
+    async def run(self) -> None:
+        epoll, streams = self._epoll, self._streams
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, events in epoll.poll(0, _EVENTS_PER_POLL):
+                    stream = streams.get(fd)
+                    if stream is None:
+                        continue
+                    try:
+                        stream.ready(events)
+                    except Exception as exc:  # a bug costs that connection, never the others
+                        log.error("attached stream: internal error: %r", exc, exc_info=True)
+                        stream.close_nowait()
+        finally:
+            epoll.close()
+
+
+_REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("muxproxy_reactor")
+
+
+def reactor() -> Reactor:
+    """This trio run's reactor, started on first use."""
+    try:
+        return _REACTOR.get()
+    except LookupError:
+        r = Reactor()
+        _REACTOR.set(r)
+        trio.lowlevel.spawn_system_task(r.run, name="muxproxy reactor")
+        return r
+
+
+async def serve_trio(
+    sock: socket.socket,
+    handler: Callable[[FastStream], Awaitable[object]],
+    tg: anyio.abc.TaskGroup,
+) -> None:
+    """Accept on a listening socket until cancelled; each connection gets a task in ``tg``
+    running ``handler`` with a TrioStream (anyio's listener accepts one per scheduler turn)."""
+    sock.setblocking(False)
+
+    async def serve_one(conn: socket.socket, peer: Any) -> None:
+        await handler(TrioStream(conn, peer))
+
+    def start(conn: socket.socket, peer: Any) -> None:
+        tg.start_soon(serve_one, conn, peer)
+
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        if not accept_some(sock, start):
+            await trio.sleep(ACCEPT_RETRY_DELAY)
+
+
+def trio_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+    """``stream`` (anyio's, on trio) as a :class:`TrioStream` when it is a plain socket stream;
+    anyio's stream object is dropped, the socket lives on in ours."""
+    if not isinstance(stream, anyio.abc.SocketStream):
+        return stream
+    return TrioStream(stream.extra(anyio.abc.SocketAttribute.raw_socket))
