@@ -43,6 +43,7 @@ from .transport import NETWORK_ERRORS, Transport, describe
 
 if TYPE_CHECKING:
     from .protocols import BackendProtocol
+    from .trio_stream import Parked
 
 log = logging.getLogger("muxproxy.backend")
 
@@ -80,7 +81,8 @@ class Signal:
 
     Set before the wait, the wait returns at once.  On asyncio the waiter is a bare future of
     ``loop`` (found on the first wait if not given; an anyio Event per wait, with its backend
-    lookup, was measurable per request); on trio it is an anyio Event.
+    lookup, was measurable per request); on trio the task parks itself
+    (:class:`~muxproxy.io.trio_stream.Parked`).
     """
 
     __slots__ = ("_flag", "_loop", "_waiter")
@@ -88,16 +90,14 @@ class Signal:
     def __init__(self, loop: EventLoop | None = None) -> None:
         self._flag = False
         self._loop = loop
-        self._waiter: Future | anyio.Event | None = None
+        self._waiter: Future | Parked | None = None
 
     def set(self) -> None:
         self._flag = True
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            if isinstance(waiter, anyio.Event):
-                waiter.set()
-            elif not waiter.done():
+            if not waiter.done():
                 waiter.set_result(None)
 
     async def wait(self) -> None:
@@ -114,12 +114,14 @@ class Signal:
                     if self._waiter is fut:
                         self._waiter = None
             else:
-                event = anyio.Event()
-                self._waiter = event
+                from .trio_stream import Parked  # (trio is imported only when it runs)
+
+                parked = Parked()
+                self._waiter = parked
                 try:
-                    await event.wait()
+                    await parked.wait()
                 finally:
-                    if self._waiter is event:
+                    if self._waiter is parked:
                         self._waiter = None
         self._flag = False
 

@@ -250,6 +250,33 @@ class TrioStream(FastStream):
         return self._sock
 
 
+class Parked:
+    """One task parked until :meth:`set_result`: on trio, what a bare future is to
+    :class:`~muxproxy.io.backend.Signal` on asyncio (an anyio Event per wait costs a backend
+    lookup, an Event and a parking lot)."""
+
+    __slots__ = ("_done", "_task")
+
+    def __init__(self) -> None:
+        self._task = trio.lowlevel.current_task()
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, _: None) -> None:
+        if not self._done:
+            self._done = True
+            trio.lowlevel.reschedule(self._task)
+
+    async def wait(self) -> None:
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._done = True  # cancelled: a later set_result must not wake the task
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
 class Reactor:
     """One epoll instance of attached :class:`TrioStream` sockets, and the task that waits
     on it (a system task of the trio run: it ends with the run)."""
