@@ -27,6 +27,7 @@ trio runs, and only on Linux (``select.epoll``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -292,8 +293,9 @@ class Reactor:
             self._epoll.register(fd, new)
             self._streams[fd] = stream
         elif new is None:
-            self._epoll.unregister(fd)
             del self._streams[fd]
+            with contextlib.suppress(OSError):  # (gone from the set already if it was closed)
+                self._epoll.unregister(fd)
         else:
             self._epoll.modify(fd, new)
 

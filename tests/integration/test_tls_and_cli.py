@@ -218,11 +218,11 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     anyio.run(scenario)
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "trio"])
 def test_out_of_file_descriptors_pauses_accepting_and_recovers(tmp_path: Path, loop: str) -> None:
     """EMFILE on accept: the proxy stops accepting for a moment instead of spinning or dropping
-    the waiting connections, and serves them once descriptors are free again.  (Trio's accept
-    goes through anyio and is not this code.)"""
+    the waiting connections, and serves them once descriptors are free again (serve_fast on
+    asyncio and uvloop, serve_trio on trio: accept_some decides for both)."""
     limit = 48  # descriptors for the whole proxy process: a few dozen clients at most
     clients_n = 80
 
