@@ -490,13 +490,9 @@ def asyncio_running() -> bool:
 
 
 def fast_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
-    """``stream`` as a :class:`FastStream` when it is anyio's plain TCP stream (asyncio:
-    an :class:`AsyncioStream`; trio: a :class:`~muxproxy.io.trio_stream.TrioStream`)."""
+    """``stream`` as an :class:`AsyncioStream` when it is anyio's plain TCP stream on asyncio
+    (trio's counterpart: :func:`muxproxy.io.trio_stream.trio_stream`)."""
     transport = getattr(stream, "_transport", None)
-    if type(stream).__module__ == "anyio._backends._trio":
-        from .trio_stream import trio_stream  # (trio is imported only when it runs)
-
-        return trio_stream(stream)
     if (
         type(stream).__module__ == "anyio._backends._asyncio"
         and hasattr(transport, "set_protocol")  # asyncio's or uvloop's (not a subclass)

@@ -29,7 +29,7 @@ from anyio.streams.tls import TLSAttribute
 from ..config import Address, ClusterConfig
 from ..core.relay import BackendCore, Update
 from ..errors import BackendUnavailable
-from .fast_stream import fast_stream
+from .fast_stream import asyncio_running, fast_stream
 
 # What a dead socket looks like, whichever loop runs it.
 NETWORK_ERRORS = (
@@ -170,7 +170,7 @@ async def _open_tcp(
 ) -> anyio.abc.ByteStream:
     stream: anyio.abc.ByteStream
     if tls is None:
-        stream = fast_stream(await anyio.connect_tcp(address.host, address.port))
+        stream = lean_stream(await anyio.connect_tcp(address.host, address.port))
     else:
         stream = await anyio.connect_tcp(
             address.host,
@@ -183,6 +183,16 @@ async def _open_tcp(
             await stream.aclose()
             raise BackendUnavailable(f"backend {address} did not negotiate {alpn} (ALPN)")
     return stream
+
+
+def lean_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
+    """anyio's plain TCP ``stream`` as the running loop's lean stream (a
+    :class:`~muxproxy.io.fast_stream.FastStream`): asyncio's or trio's."""
+    if asyncio_running():
+        return fast_stream(stream)
+    from .trio_stream import trio_stream  # (trio is imported only when it runs)
+
+    return trio_stream(stream)
 
 
 def client_tls_context(cfg: ClusterConfig, alpn: str | None) -> ssl.SSLContext:

@@ -24,9 +24,9 @@ from muxproxy.io.fast_stream import (
     _sockaddr,
     accepted_peer,
     asyncio_running,
-    fast_stream,
     serve_fast,
 )
+from muxproxy.io.transport import lean_stream
 from muxproxy.io.trio_stream import TrioStream, serve_trio
 
 from ..conftest import loop_name
@@ -37,11 +37,11 @@ pytestmark = pytest.mark.anyio
 
 @asynccontextmanager
 async def pair() -> AsyncIterator[tuple[anyio.abc.ByteStream, anyio.abc.SocketStream]]:
-    """(server side through fast_stream, plain client side) over loopback."""
+    """(server side through lean_stream, plain client side) over loopback."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.raw_socket).getsockname()[1]
     client = await anyio.connect_tcp("127.0.0.1", port)
-    server = fast_stream(await listener.listeners[0].accept())
+    server = lean_stream(await listener.listeners[0].accept())
     try:
         yield server, client
     finally:
