@@ -38,7 +38,7 @@ import anyio
 import anyio.abc
 import trio
 
-from .fast_stream import ACCEPT_RETRY_DELAY, FastStream, StreamSink, accept_some
+from .fast_stream import ACCEPT_RETRY_DELAY, READ_AHEAD, FastStream, StreamSink, accept_some
 
 log = logging.getLogger("muxproxy.server")
 
@@ -50,7 +50,7 @@ _EVENTS_PER_POLL = 256
 
 
 class TrioStream(FastStream):
-    """A plain TCP socket on trio, with no wrapper between the proxy and ``recv``/``send``."""
+    """A plain TCP socket on trio, read by the run's :class:`Reactor`, written directly."""
 
     def __init__(self, sock: socket.socket, peer: Any = None) -> None:
         sock.setblocking(False)
@@ -60,33 +60,49 @@ class TrioStream(FastStream):
         self._eof = False
         self._lost = False
         self._exc: OSError | None = None
+        self._chunks: list[bytes] = []  # read, waiting for ``receive`` (a task reads)
+        self._buffered = 0
+        self._reader: Parked | None = None  # the task waiting in ``receive``
         self._out: memoryview | None = None  # what the kernel has not taken yet
         self._sink: StreamSink | None = None
+        self._reading = False  # in the reactor since the first receive or attach
         self._paused = False
         self._mask: int | None = None  # the reactor's interest (None: not in its epoll set)
 
     # --- a task reads and writes -------------------------------------------------------------
 
     async def receive(self, max_bytes: int = READ_SIZE) -> bytes:
-        sock = self._sock
-        while True:
+        chunks = self._chunks
+        while not chunks:
             if self._closed:
                 raise anyio.ClosedResourceError
+            if self._eof:
+                raise anyio.EndOfStream
+            if self._lost:
+                if self._exc is not None:
+                    raise anyio.BrokenResourceError from self._exc
+                raise anyio.EndOfStream
+            if self._reader is not None:
+                raise anyio.BusyResourceError("reading from")
+            if not self._reading:
+                self._reading = True
+                self._watch()
+            parked = self._reader = Parked()
             try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except trio.ClosedResourceError:
-                    raise anyio.ClosedResourceError from None
-                continue
-            except OSError as exc:
-                self._gone(exc)
-                raise anyio.BrokenResourceError from exc
-            if data:
-                return data
-            self._eof = True
-            raise anyio.EndOfStream
+                await parked.wait()
+            finally:
+                if self._reader is parked:
+                    self._reader = None
+        chunk = chunks[0]
+        if len(chunk) > max_bytes:
+            chunk, chunks[0] = chunk[:max_bytes], chunk[max_bytes:]
+        else:
+            del chunks[0]
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= READ_AHEAD // 2:
+            self._paused = False
+            self._watch()
+        return chunk
 
     def write_nowait(self, item: bytes) -> bool:
         if self._closed:
@@ -153,12 +169,22 @@ class TrioStream(FastStream):
         self._exc = exc
         self._out = None
 
+    def _wake_reader(self) -> None:
+        parked = self._reader
+        if parked is not None:
+            self._reader = None
+            parked.set_result(None)
+
     # --- callbacks instead of a task (see StreamSink) ----------------------------------------
 
     def attach(self, sink: StreamSink | None) -> bytes:
         self._sink = sink
+        self._reading = True
+        queued = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
         self._watch()
-        return b""  # nothing is read ahead: what the client sent is still in the kernel
+        return queued
 
     @property
     def at_eof(self) -> bool:
@@ -167,6 +193,15 @@ class TrioStream(FastStream):
     @property
     def lost(self) -> bool:
         return self._lost
+
+    @property
+    def read_paused(self) -> bool:
+        return self._paused
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read and queued for ``receive``."""
+        return self._buffered
 
     def pause_reading(self) -> None:
         if not self._paused:
@@ -188,30 +223,29 @@ class TrioStream(FastStream):
         self._closed = True
         self._sink = None
         self._watch()  # out of the reactor before the descriptor goes
-        sock = self._sock
         self._out = None  # (a peer that stopped reading: dropped, as asyncio's abort does)
-        trio.lowlevel.notify_closing(sock)  # a task waiting on it gets ClosedResourceError
+        sock = self._sock
+        trio.lowlevel.notify_closing(sock)  # a task waiting to write gets ClosedResourceError
         sock.close()
+        self._wake_reader()
 
     def _watch(self) -> None:
-        """Tell the reactor what this stream waits for now.  An attached stream stays in the
-        epoll set even with no interest (paused, at EOF, nothing to write): epoll still reports
-        an error or hang-up then, so a paused tunnel learns that its client is gone."""
+        """Tell the reactor what this stream waits for now.  A stream stays in the epoll set
+        even with no interest (paused, at EOF, nothing to write): epoll still reports an error
+        or hang-up then, so a paused tunnel learns that its client is gone."""
         want: int | None = None
-        if self._sink is not None and not self._lost:
+        if self._reading and not (self._lost or self._closed):
             want = 0 if self._paused or self._eof else _IN
-            if self._out is not None:
+            if self._out is not None and self._sink is not None:
                 want |= _OUT
         if want != self._mask:
             reactor().watch(self._sock.fileno(), self, self._mask, want)
             self._mask = want
 
     def ready(self, events: int) -> None:
-        """The reactor saw ``events`` on the socket (only while attached)."""
+        """The reactor saw ``events`` on the socket."""
         sink = self._sink
-        if sink is None:
-            return
-        if self._out is not None and events & (_OUT | _BROKEN):
+        if sink is not None and self._out is not None and events & (_OUT | _BROKEN):
             try:
                 self._push()
             except OSError:
@@ -231,20 +265,36 @@ class TrioStream(FastStream):
             except OSError as exc:
                 self._gone(exc)
                 self._watch()
-                sink.on_lost()
+                self._lost_or_eof(sink)
                 return
-            if data:
-                sink.on_data(data)
-            else:
+            if not data:
                 self._eof = True
                 self._watch()
-                sink.on_eof()
+                self._lost_or_eof(sink)
+            elif sink is not None:
+                sink.on_data(data)
+            else:
+                self._chunks.append(data)
+                self._buffered += len(data)
+                if self._buffered > READ_AHEAD:  # the task is behind: leave it in the kernel
+                    self._paused = True
+                    self._watch()
+                self._wake_reader()
         elif events & _BROKEN and self._out is None and not self._lost:
             # (Not reading, nothing to write, and the socket died: that is loss, reported
             # once; epoll would report it on every poll.)
             self._gone(None)
             self._watch()
+            self._lost_or_eof(sink)
+
+    def _lost_or_eof(self, sink: StreamSink | None) -> None:
+        """Report what ``_lost``/``_eof`` now say: to the sink, or to a task in ``receive``."""
+        if sink is None:
+            self._wake_reader()
+        elif self._lost:
             sink.on_lost()
+        else:
+            sink.on_eof()
 
     @property
     def _raw_socket(self) -> socket.socket:
