@@ -69,7 +69,7 @@ def h3_core(address: Address, cfg: ClusterConfig) -> H3Backend:
 
 # At most this many datagrams are taken from the socket per receive: the writer's ACKs and
 # the exchanges' wake-ups wait for the batch, so it is kept to a few responses' worth.
-RECEIVE_BATCH = 64
+RECEIVE_BATCH = 128
 # The kernel's receive buffer: a pool connection carries hundreds of streams, whose responses
 # arrive in bursts while the loop is busy elsewhere (the default 208 KiB dropped datagrams).
 RECEIVE_BUFFER = 4 * 1024 * 1024
