@@ -237,6 +237,19 @@ class H3Backend:
         self.quic.receive_datagram(data, addr, now)
         return self._process(now)
 
+    def receive_datagrams(
+        self, datagrams: list[bytes], addr: tuple[str, int], now: float
+    ) -> Update:
+        """Several datagrams at once: their events are processed in one pass, in order (a
+        GOAWAY read before a close in the same batch is applied first, as one at a time)."""
+        quic = self.quic
+        for data in datagrams:
+            quic.receive_datagram(data, addr, now)
+        timer = quic.get_timer()  # one that fell due while datagrams kept arriving
+        if timer is not None and timer <= now:
+            quic.handle_timer(now)
+        return self._process(now)
+
     def datagrams_to_send(self, now: float) -> list[bytes]:
         return [data for data, _ in self.quic.datagrams_to_send(now)]
 

@@ -130,6 +130,32 @@ def test_request_and_response(pair: Pair) -> None:
     assert st.ended and st.stream_id not in pair.core.streams  # finished both ways: forgotten
 
 
+def test_a_batch_of_datagrams_is_one_update_in_order(pair: Pair) -> None:
+    """Many responses' datagrams fed at once give one update naming every stream they
+    touched, with the bytes as one at a time would (what ``DatagramTransport.receive``
+    relies on)."""
+    streams = [pair.request() for _ in range(8)]
+    pair.pump()
+    for i, st in enumerate(streams):
+        pair.answer(st.stream_id, bytes([65 + i]) * 5000)
+    largest = 0
+    for _ in range(50):
+        batch = pair.server_datagrams()
+        if not batch:
+            break
+        largest = max(largest, len(batch))
+        before = {st.stream_id: len(st.chunks) for st in streams}
+        up = pair.core.receive_datagrams(batch, SERVER, pair.now)
+        grew = {st.stream_id for st in streams if len(st.chunks) > before[st.stream_id]}
+        assert grew <= {st.stream_id for st in up.streams}
+        pair.now += 0.002  # past the ACK delay: the client's ACKs open the server's window
+        pair.to_server()
+    assert largest > 1
+    for i, st in enumerate(streams):
+        assert st.ended and b"".join(d for d, _ in st.chunks) == bytes([65 + i]) * 5000
+    assert not pair.core.streams  # finished both ways: forgotten
+
+
 def test_free_streams_counts_our_cap(tmp_path: Path) -> None:
     p = Pair(tmp_path, max_streams=2)
     assert p.core.free_streams() == 2
@@ -180,16 +206,21 @@ def test_goaway_below_a_stream_already_answered_lets_it_finish(pair: Pair) -> No
     assert b.ended and b"".join(d for d, _ in b.chunks) == b"rest"
 
 
-def test_close_after_goaway_still_refuses_the_rejected(pair: Pair) -> None:
-    """The GOAWAY and the close arrive together: streams above the id are still refused,
-    the one below (not answered) is a plain failure."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_close_after_goaway_still_refuses_the_rejected(pair: Pair, batched: bool) -> None:
+    """The GOAWAY and the close arrive together (one at a time, or in one batch as the
+    transport reads them): streams above the id are still refused, the one below (not
+    answered) is a plain failure."""
     a, b = pair.request(), pair.request()
     pair.pump()
     pair.goaway(b.stream_id)
     first = pair.server_datagrams()
     pair.close()
     second = pair.server_datagrams()
-    pair.to_client(first + second)
+    if batched:
+        pair.updates.append(pair.core.receive_datagrams(first + second, SERVER, pair.now))
+    else:
+        pair.to_client(first + second)
     pair.now += 10  # aioquic reports the close when its draining period ends
     pair.core.handle_timer(pair.now)
     assert pair.core.closed
