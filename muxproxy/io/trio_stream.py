@@ -1,22 +1,25 @@
 """The lean stream on trio: plain TCP sockets driven through ``trio.lowlevel``.
 
 anyio's trio ``SocketStream`` wraps trio's socket, which passes two checkpoints around every
-``recv`` and ``send`` that succeeds at once (a scheduler trip each) and holds resource guards.
-:class:`TrioStream` calls the non-blocking socket itself and waits (``wait_readable``,
-``wait_writable``) only when the kernel says it would block, as
-:class:`~muxproxy.io.fast_stream.AsyncioStream` does on asyncio; the rest of the proxy sees the
-same :class:`~muxproxy.io.fast_stream.FastStream` interface.
+``recv`` and ``send`` that succeeds at once (a scheduler trip each) and holds resource guards;
+and a read that finds nothing costs a failed ``recv`` (an exception), an ``epoll_ctl`` (trio
+arms the descriptor one-shot per wait) and a second ``recv``.  :class:`TrioStream` reads the
+way an asyncio transport does for its protocol, through the run's :class:`Reactor`: one epoll
+instance of our own, watched by one system task (an epoll descriptor is readable while any
+socket in it is ready, so trio's I/O manager sees one file descriptor for all of them).  A
+socket stays in that set from its first ``receive`` to its close, its interest following its
+state (reading unless paused or at EOF); when it is readable the reactor calls ``recv()`` once
+and queues the bytes, up to ``READ_AHEAD`` before it stops reading, and wakes the task parked
+in ``receive`` (:class:`Parked`).  Writes go straight to the kernel; only what it did not take
+waits (``wait_writable``), never more than that one piece, as on asyncio with write limits
+of 0.  The rest of the proxy sees the same :class:`~muxproxy.io.fast_stream.FastStream`
+interface as :class:`~muxproxy.io.fast_stream.AsyncioStream`.
 
-**Callbacks without a task.**  trio has no protocol callbacks, and a parked task per idle
-WebSocket costs kilobytes.  An attached TrioStream (:meth:`TrioStream.attach`, a
-:class:`~muxproxy.io.detached.DetachedTunnel` on it) registers its socket with the run's
-:class:`Reactor` instead: one epoll instance of our own, watched by one system task (an epoll
-descriptor is readable while any socket in it is ready, so trio's I/O manager sees one file
-descriptor for all of them).  The reactor reads what arrived and hands it to the sink, writes
-what the kernel could not take at once as the socket drains, and reports EOF and loss.  Interest
-follows the stream's state (reading unless paused or at EOF, writing only while bytes wait), so
-a paused tunnel costs no wake-ups.  Writes are never buffered beyond the one piece the kernel
-did not take, as on asyncio with write limits of 0.
+**Callbacks without a task.**  A parked task per idle WebSocket costs kilobytes.  An attached
+TrioStream (:meth:`TrioStream.attach`, a :class:`~muxproxy.io.detached.DetachedTunnel` on it)
+hands what the reactor reads to its sink instead of the queue, has the reactor write what the
+kernel could not take at once as the socket drains, and reports EOF and loss; a paused tunnel
+costs no wake-ups, and stays registered with no interest so that a hang-up is still reported.
 
 :func:`serve_trio` accepts in batches (``ACCEPT_BATCH`` per readiness, as ``serve_fast`` does
 on asyncio) and gives each connection a task running the handler with a TrioStream.
