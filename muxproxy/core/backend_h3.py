@@ -6,8 +6,8 @@ Theory of operation
 :class:`~muxproxy.core.backend_h2.H2Backend` — ``open_stream``, ``send_window``, ``send_data``,
 ``end_stream``, ``reset_stream``, ``consumed``, ``free_streams``, ``streams`` of
 :class:`StreamState` — so the pool and the exchanges do not know which protocol carries them.
-Datagrams and time replace bytes: ``receive_datagram(data, now)``, ``datagrams_to_send(now)``,
-``get_timer()``, ``handle_timer(now)``.
+Datagrams and time replace bytes: ``receive_datagrams(batch, addr, now)``,
+``datagrams_to_send(now)``, ``get_timer()``, ``handle_timer(now)``.
 
 Two aioquic facts shape it (DESIGN.md §3):
 
@@ -234,8 +234,8 @@ class H3Backend:
         return self._process(now)
 
     def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> Update:
-        self.quic.receive_datagram(data, addr, now)
-        return self._process(now)
+        """One datagram: a batch of one."""
+        return self.receive_datagrams([data], addr, now)
 
     def receive_datagrams(
         self, datagrams: list[bytes], addr: tuple[str, int], now: float
