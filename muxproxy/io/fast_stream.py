@@ -215,6 +215,22 @@ def accept_some(sock: socket.socket, start: Callable[[socket.socket, Any], objec
     return True
 
 
+def nothing_to_read(
+    closed: bool, eof: bool, lost: bool, exc: BaseException | None, busy: bool
+) -> None:
+    """What ``receive`` raises when nothing is queued, if it must not wait (both streams)."""
+    if closed:
+        raise anyio.ClosedResourceError
+    if eof:
+        raise anyio.EndOfStream
+    if lost:
+        if exc is not None:
+            raise anyio.BrokenResourceError from exc
+        raise anyio.EndOfStream
+    if busy:
+        raise anyio.BusyResourceError("reading from")
+
+
 class FastStream(anyio.abc.SocketStream):
     """A plain TCP stream the proxy drives itself: what both lean streams offer, on top of
     anyio's ``SocketStream``.  :class:`AsyncioStream` (here) is one, over an asyncio
@@ -310,16 +326,9 @@ class AsyncioStream(FastStream):
     async def receive(self, max_bytes: int = 65536) -> bytes:
         proto = self._proto
         while not proto.chunks:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            if proto.eof:
-                raise anyio.EndOfStream
-            if proto.lost:
-                if proto.exception is not None:
-                    raise anyio.BrokenResourceError from proto.exception
-                raise anyio.EndOfStream
-            if proto.reader is not None:
-                raise anyio.BusyResourceError("reading from")
+            nothing_to_read(
+                self._closed, proto.eof, proto.lost, proto.exception, proto.reader is not None
+            )
             fut = proto.reader = self._loop.create_future()
             try:
                 await fut

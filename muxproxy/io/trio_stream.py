@@ -41,7 +41,14 @@ import anyio
 import anyio.abc
 import trio
 
-from .fast_stream import ACCEPT_RETRY_DELAY, READ_AHEAD, FastStream, StreamSink, accept_some
+from .fast_stream import (
+    ACCEPT_RETRY_DELAY,
+    READ_AHEAD,
+    FastStream,
+    StreamSink,
+    accept_some,
+    nothing_to_read,
+)
 
 log = logging.getLogger("muxproxy.server")
 
@@ -77,16 +84,9 @@ class TrioStream(FastStream):
     async def receive(self, max_bytes: int = READ_SIZE) -> bytes:
         chunks = self._chunks
         while not chunks:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            if self._eof:
-                raise anyio.EndOfStream
-            if self._lost:
-                if self._exc is not None:
-                    raise anyio.BrokenResourceError from self._exc
-                raise anyio.EndOfStream
-            if self._reader is not None:
-                raise anyio.BusyResourceError("reading from")
+            nothing_to_read(
+                self._closed, self._eof, self._lost, self._exc, self._reader is not None
+            )
             if not self._reading:
                 self._reading = True
                 self._watch()
