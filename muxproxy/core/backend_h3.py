@@ -233,10 +233,6 @@ class H3Backend:
         self.quic.handle_timer(now)
         return self._process(now)
 
-    def receive_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> Update:
-        """One datagram: a batch of one."""
-        return self.receive_datagrams([data], addr, now)
-
     def receive_datagrams(
         self, datagrams: list[bytes], addr: tuple[str, int], now: float
     ) -> Update:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import select
 import socket
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
@@ -45,6 +46,9 @@ import anyio.abc
 log = logging.getLogger("muxproxy.server")
 
 READ_AHEAD = 256 * 1024
+# Whether trio's lean stream (io/trio_stream.py, an epoll reactor) can run here: Linux.
+# Elsewhere trio keeps anyio's streams.
+TRIO_STREAMS = hasattr(select, "epoll")
 
 
 class StreamSink(Protocol):
@@ -272,6 +276,16 @@ class FastStream(anyio.abc.SocketStream):
     def lost(self) -> bool:
         """The connection is gone (reset, closed or aborted)."""
 
+    @property
+    @abstractmethod
+    def read_paused(self) -> bool:
+        """Reading is paused (by the sink, or because ``READ_AHEAD`` bytes wait)."""
+
+    @property
+    @abstractmethod
+    def buffered(self) -> int:
+        """Bytes read and queued for ``receive``."""
+
     @abstractmethod
     def pause_reading(self) -> None:
         """Stop reading the socket until :meth:`resume_reading` (idempotent)."""
@@ -404,7 +418,6 @@ class AsyncioStream(FastStream):
 
     @property
     def buffered(self) -> int:
-        """Bytes received and queued for ``receive``."""
         return self._proto.buffered
 
     def pause_reading(self) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import select
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ from .admin import ProxyStatistics, serve_admin
 from .backend import NETWORK_ERRORS
 from .client import ClientConnection
 from .client_h2 import H2ClientConnection, sniff_preface
-from .fast_stream import accepted_peer, asyncio_running, serve_fast
+from .fast_stream import TRIO_STREAMS, accepted_peer, asyncio_running, serve_fast
 from .listen import (
     Listening,
     bind_error,
@@ -301,7 +300,7 @@ class Proxy:
             if entry.lc.tls is None and asyncio_running():  # (the key keeps TLS or not)
                 sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
                 await serve_fast(sock, handler, self._clients_tg)
-            elif entry.lc.tls is None and hasattr(select, "epoll"):  # trio, on Linux
+            elif entry.lc.tls is None and TRIO_STREAMS:  # trio, on Linux
                 from .trio_stream import serve_trio  # (trio is imported only when it runs)
 
                 sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)

@@ -29,7 +29,7 @@ from anyio.streams.tls import TLSAttribute
 from ..config import Address, ClusterConfig
 from ..core.relay import BackendCore, Update
 from ..errors import BackendUnavailable
-from .fast_stream import asyncio_running, fast_stream
+from .fast_stream import TRIO_STREAMS, asyncio_running, fast_stream
 
 # What a dead socket looks like, whichever loop runs it.
 NETWORK_ERRORS = (
@@ -190,6 +190,8 @@ def lean_stream(stream: anyio.abc.ByteStream) -> anyio.abc.ByteStream:
     :class:`~muxproxy.io.fast_stream.FastStream`): asyncio's or trio's."""
     if asyncio_running():
         return fast_stream(stream)
+    if not TRIO_STREAMS:
+        return stream
     from .trio_stream import trio_stream  # (trio is imported only when it runs)
 
     return trio_stream(stream)

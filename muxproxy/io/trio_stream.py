@@ -203,7 +203,6 @@ class TrioStream(FastStream):
 
     @property
     def buffered(self) -> int:
-        """Bytes read and queued for ``receive``."""
         return self._buffered
 
     def pause_reading(self) -> None:
@@ -253,7 +252,7 @@ class TrioStream(FastStream):
                 self._push()
             except OSError:
                 self._watch()
-                sink.on_lost()
+                self._lost_or_eof(sink)
                 return
             if self._out is None:
                 self._watch()

@@ -74,7 +74,7 @@ class Pair:
 
     def to_client(self, datagrams: list[bytes] | None = None) -> None:
         for data in self.server_datagrams() if datagrams is None else datagrams:
-            self.updates.append(self.core.receive_datagram(data, SERVER, self.now))
+            self.updates.append(self.core.receive_datagrams([data], SERVER, self.now))
 
     def pump(self) -> None:
         for _ in range(10):
