@@ -32,6 +32,7 @@ class ProxyStatistics:
     refused_connections: int
     pools: dict[str, PoolStatistics]
     proxy_header_errors: int = 0
+    internal_errors: int = 0  # connections and streams a bug of ours ended
     metrics: Metrics | None = None  # request counters and histograms (rendered as they are)
     # Reload and access-log figures (Proxy.reload_statistics): generation, reloads, ...
     reload: dict[str, int] = field(default_factory=dict)
@@ -71,6 +72,14 @@ def metrics_text(snapshot: ProxyStatistics) -> str:
         "counter",
         "Connections closed for want of a valid PROXY header from a trusted peer.",
         iter([("", snapshot.proxy_header_errors)]),
+    )
+
+    family(
+        "muxproxy_internal_errors_total",
+        "counter",
+        "Client connections or HTTP/2 streams ended by an internal error (a bug: logged "
+        "with its traceback at debug level); each cost only itself.",
+        iter([("", snapshot.internal_errors)]),
     )
 
     def raw_family(name: str, kind: str, help_: str, samples: list[str]) -> None:

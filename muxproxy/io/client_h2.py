@@ -285,7 +285,10 @@ class H2ClientConnection:
     async def _run_scoped(st: H2Stream) -> None:
         with anyio.CancelScope() as scope:
             st.stop = scope.cancel
-            await st.run()
+            try:
+                await st.run()
+            except* Exception as bugs:  # as a bare task's: the stream's, not the group's
+                st.ended_task(bugs)
 
     async def _end_streams(self) -> None:
         """The connection is over: bare stream tasks (asyncio) still running are cancelled,

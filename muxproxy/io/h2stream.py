@@ -55,6 +55,7 @@ class Dispatcher(Protocol):
     def router(self) -> Router: ...
     @property
     def pools(self) -> dict[str, ClusterPool]: ...
+    def internal_error(self, what: str, exc: BaseException) -> None: ...
 
 
 class StreamHost(Protocol):
@@ -397,10 +398,11 @@ class H2Stream:
         conn.finished(self)
 
     def ended_task(self, failure: BaseException | None) -> None:
-        """A bare task (asyncio) that ran ``run`` is done.  One cancelled before it ever
-        ran skipped run's ``finally``; one that failed unexpectedly has nobody to raise to."""
+        """The task that ran ``run`` is done.  One cancelled before it ever ran skipped
+        run's ``finally``; one that failed (a bug) costs this stream alone, on every loop:
+        it is reset, counted and logged, and the connection's other streams go on."""
         if failure is not None:
-            log.error("HTTP/2 stream %d failed", self.sid, exc_info=failure)
+            self.conn.dispatcher.internal_error(f"HTTP/2 stream {self.sid}", failure)
         self._close()
 
     def cancel(self, reason: str = "") -> None:

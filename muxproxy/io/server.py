@@ -165,6 +165,12 @@ class Proxy:
             return False
         return any(addr in n for n in nets)
 
+    def internal_error(self, what: str, exc: BaseException) -> None:
+        """A bug of ours ended ``what`` (a connection, a stream): logged and counted
+        (``muxproxy_internal_errors_total``); the caller has contained it."""
+        log.error("%s: internal error: %r", what, exc, exc_info=log.isEnabledFor(10))
+        self.internal_errors += 1
+
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(
             draining=self.draining,
@@ -172,6 +178,7 @@ class Proxy:
             refused_connections=self.refused_connections,
             pools={name: pool.statistics() for name, pool in self.pools.items()},
             proxy_header_errors=self.proxy_header_errors,
+            internal_errors=self.internal_errors,
             metrics=self.metrics,
             reload=self.reload_statistics(),
         )
@@ -364,9 +371,10 @@ class Proxy:
             client.open_here = open_here
             try:
                 await client.run()
-            except Exception as exc:  # a bug must cost one connection, never the proxy
-                log.error("client %s: internal error: %r", peer, exc, exc_info=log.isEnabledFor(10))
-                self.internal_errors += 1
+            except* Exception as bugs:  # a bug must cost one connection, never the proxy
+                # (except*: on trio a bug met while the connection is being cancelled comes
+                # as a group with trio's Cancelled, which must go on up; the bug stops here.)
+                self.internal_error(f"client {peer}", bugs)
                 if client.detached is not None:
                     client.detached.finish()
             finally:
