@@ -349,7 +349,8 @@ class ClusterPool:
     async def _run_conn(self, b: _Backend, conn: BackendConnection) -> None:
         try:
             await conn.serve()
-        except Exception as exc:  # a bug must cost one connection, never the proxy
+        except* Exception as exc:  # a bug must cost one connection, never the proxy
+            # (except*: a bug met while cancelled comes grouped with trio's Cancelled)
             log.error("%r: internal error: %r", conn, exc, exc_info=log.isEnabledFor(10))
             self.counters["internal_errors"] += 1
         finally:

@@ -63,6 +63,7 @@ async def test_h2_bug_costs_its_stream_only(monkeypatch: pytest.MonkeyPatch) -> 
             assert c.responses[bad].reset is not None  # RST_STREAM, that stream alone
             assert c.responses[good].status == 200 and bytes(c.responses[good].body) == b"hello\n"
             again = c.request("/hello")  # the same connection takes new streams
+            await c.upload()
             with anyio.fail_after(10):
                 await c.responses[again].done.wait()
             assert c.responses[again].status == 200
@@ -97,3 +98,26 @@ async def test_bug_while_cancelled_stays_in_its_connection(monkeypatch: pytest.M
         # leaving running_h2 cancels the proxy with the connection still open
     assert proxy.internal_errors == 1
     await c.aclose()
+
+
+async def test_backend_connection_bug_while_cancelled_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for a backend connection: its writer's bug during the proxy's shutdown is
+    the pool's ``internal_errors``, not an exception out of the proxy."""
+    from muxproxy.io.backend import BackendConnection
+
+    real = BackendConnection._writer
+
+    async def writer(self: BackendConnection) -> None:
+        try:
+            await real(self)
+        except anyio.get_cancelled_exc_class():
+            raise RuntimeError("a bug in the writer's cleanup") from None
+
+    monkeypatch.setattr(BackendConnection, "_writer", writer)
+    async with running(Script()) as h:
+        r = await h.get("/hello")
+        assert r.status == 200
+        pool = h.pool()
+    assert pool.counters["internal_errors"] >= 1
