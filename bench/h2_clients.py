@@ -46,6 +46,7 @@ from run import (
     _csv,
     _interrupt,
     add_compare_tree,
+    add_quota_arg,
     add_ratios,
     bench_proxy,
     command_output,
@@ -55,6 +56,8 @@ from run import (
     machine_facts,
     markdown_table,
     proxy_specs,
+    quota_line,
+    quota_problem,
     run_bounded,
     start_backend,
     with_compare_tree,
@@ -149,8 +152,8 @@ def facts_markdown(
         "",
         f"- machine: nproc={facts['nproc']}, {facts['cpu_model']}, {facts['kernel']}, "
         f"load average at start {' '.join(avg)}",
-        f"- pinning: proxy on CPU {settings.proxy_cpu}; backend nginx, h2load and this harness "
-        f"on CPU {settings.load_cpu}",
+        f"- pinning: proxy on CPU {settings.proxy_cpu}{quota_line(settings.proxy_quota)}; "
+        f"backend nginx, h2load and this harness on CPU {settings.load_cpu}",
         f"- load: `h2load -t1 -D{settings.duration}` over h2c with {load} on "
         f"{', '.join(settings.paths)}, after a {settings.warmup} s warm-up per cell",
     ]
@@ -174,10 +177,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     add_compare_tree(parser)
+    add_quota_arg(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
     if unknown:
         parser.error(f"unknown proxy or path: {', '.join(unknown)}")
+    if problem := quota_problem(args.proxy_quota):
+        parser.error(f"--proxy-quota: {problem}")
     try:
         args.streams = {int(c): int(m) for c, m in (cell.split(":") for cell in args.streams)}
     except ValueError:
@@ -198,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_cpu=args.proxy_cpu,
         load_cpu=args.load_cpu,
         front=FRONT,
+        proxy_quota=args.proxy_quota,
     )
     missing = [t for t in ("nginx", "h2load", "curl", "taskset") if shutil.which(t) is None]
     if missing:

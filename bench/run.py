@@ -7,6 +7,7 @@ Usage (Linux, from the repository root; runs as root, like `user root;` in the n
     python3 bench/run.py --duration 3               # quick end-to-end check (~2 minutes)
     python3 bench/run.py --only muxproxy,haproxy    # a subset (HAProxy is the ratio baseline)
     python3 bench/run.py --connections 64,256,512 --paths /small --warmup 2 --keep-tmp
+    python3 bench/run.py --only muxproxy,haproxy --proxy-quota 40   # every proxy saturated
 
 All proxies of one run send their traffic to the SAME nginx backend (one worker, h2c with
 prior knowledge, `/small` = 100 B and `/16k` = 16 KiB bodies, pinned to `--load-cpu`). Each
@@ -24,6 +25,10 @@ and its ratio to HAProxy's in the same cell, the peak number of ESTABLISHED TCP 
 to the backend port and the peak RSS of the proxy's tree (both sampled every 200 ms), and how
 busy the load CPU was (near 100% means the result is bounded by backend + wrk, not the proxy).
 Cells where other processes took a noticeable share of the proxy's CPU are flagged in Note.
+With `--proxy-quota PCT` the proxy runs in a cgroup v1 CPU group capped at PCT % of its core
+(CpuQuota), so that a fast proxy is measured saturated too rather than bounded by the load
+CPU; two more columns say how much of its quota it used and in how many CFS periods it was
+throttled. Latency under a quota includes the throttling (up to 100 - PCT ms per period).
 
 Machine facts and a Markdown table go to stdout (progress to stderr); the same Markdown and a
 JSON file are written to bench/results/ (gitignored). Every started process runs in its own
@@ -79,6 +84,9 @@ STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "2s"  # per-request timeout; slower responses count as socket errors
 PORT_RANGE = (20000, 32000)  # below the default ephemeral range (32768-60999) used by clients
 NOISE_THRESHOLD = 0.05  # flag cells where other processes used this much of the proxy CPU
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1, cpu controller (--proxy-quota)
+CGROUP_PREFIX = "muxproxy-bench-"  # + harness pid + tag; a dead harness's groups are swept
+CFS_PERIOD_US = 100_000
 
 
 def log(message: str) -> None:
@@ -245,6 +253,124 @@ def sampling(root: int, backend_port: int) -> Iterator[Sampler]:
         sampler.stop()
 
 
+# --------------------------------------------------------------------------- CPU quota
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """A quota group's cumulative cpu.stat counters."""
+
+    periods: int  # CFS periods in which the group ran
+    throttled: int  # periods at whose end it had used up its quota and was held back
+
+
+class CpuQuota:
+    """A cgroup v1 CPU group capped at ``pct`` % of one core (CFS quota ``pct`` ms per 100 ms
+    period), for ``--proxy-quota`` and ``bench/workers.py --worker-quota``.
+
+    Why: on a 2-core box the load side (wrk or h2load + backend nginx on one core) saturates
+    before a fast proxy does, so that proxy's requests per CPU-second would be measured
+    unsaturated while a slow one is saturated. Under a quota every proxy is held at the same
+    CPU budget, below what the load side can feed. A ``Service`` started with ``quota=`` is
+    in the group from its first instruction (its shell writes itself into ``cgroup.procs``
+    before exec'ing the proxy); its children and threads inherit the group. ``add`` moves a
+    running process (with all its threads). ``remove`` (also via ``cpu_quota``'s exit)
+    moves whatever is still inside to the root group and deletes the group.
+    """
+
+    def __init__(self, pct: int, tag: str) -> None:
+        sweep_stale_quota_groups()
+        self.pct = pct
+        self.path = CGROUP_CPU / f"{CGROUP_PREFIX}{os.getpid()}-{tag}"
+        self.path.mkdir()
+        try:
+            (self.path / "cpu.cfs_period_us").write_text(f"{CFS_PERIOD_US}\n")
+            (self.path / "cpu.cfs_quota_us").write_text(f"{CFS_PERIOD_US * pct // 100}\n")
+        except OSError:
+            self.remove()
+            raise
+
+    @property
+    def procs(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def add(self, pid: int) -> None:
+        self.procs.write_text(f"{pid}\n")
+
+    def throttle(self) -> Throttle:
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        return Throttle(periods=int(stat["nr_periods"]), throttled=int(stat["nr_throttled"]))
+
+    def remove(self) -> None:
+        _remove_quota_group(self.path)
+
+
+def _remove_quota_group(path: Path) -> None:
+    with signals_deferred():
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                for pid in (path / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):  # it may exit meanwhile
+                        (CGROUP_CPU / "cgroup.procs").write_text(f"{pid}\n")
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # EBUSY: a process still on its way out
+                time.sleep(0.1)
+        log(f"could not remove cgroup {path}")
+
+
+def sweep_stale_quota_groups() -> None:
+    """Remove quota groups left by a harness that was killed (its pid no longer runs)."""
+    with contextlib.suppress(OSError):
+        for entry in CGROUP_CPU.iterdir():
+            owner = entry.name.removeprefix(CGROUP_PREFIX).split("-", 1)[0]
+            ours = entry.name.startswith(CGROUP_PREFIX) and owner.isdigit()
+            if ours and not Path(f"/proc/{owner}").exists():
+                _remove_quota_group(entry)
+
+
+@contextlib.contextmanager
+def cpu_quota(pct: int | None, tag: str) -> Iterator[CpuQuota | None]:
+    """A CpuQuota for the block (None if ``pct`` is None), removed on every way out."""
+    if pct is None:
+        yield None
+        return
+    quota = CpuQuota(pct, tag)
+    try:
+        yield quota
+    finally:
+        quota.remove()
+
+
+def quota_problem(pct: int | None) -> str | None:
+    """Why ``--proxy-quota pct`` cannot work here, or None."""
+    if pct is None:
+        return None
+    if not 1 <= pct <= 100:
+        return "the quota is a percentage of one core, 1-100"
+    if not os.access(CGROUP_CPU / "cpu.cfs_quota_us", os.W_OK):
+        return f"needs cgroup v1's cpu controller at {CGROUP_CPU}, writable (root)"
+    return None
+
+
+def add_quota_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--proxy-quota",
+        type=int,
+        metavar="PCT",
+        help="run the proxy (all its processes and threads) in a cgroup v1 CPU group capped "
+        "at PCT %% of one core, so every proxy is measured saturated (default: no cap)",
+    )
+
+
+def quota_share(cpu_util: float | None, pct: int | None) -> float | None:
+    """CPU used as a fraction of the quota (about 1.0: the proxy was saturated)."""
+    return None if cpu_util is None or not pct else cpu_util / (pct / 100)
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -270,12 +396,17 @@ class Service:
         cpu: int | str,  # a CPU, or a taskset list ("0,1")
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        quota: CpuQuota | None = None,  # start it inside this CPU group
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.quota = quota
+        argv = ["taskset", "-c", str(cpu), *argv]  # taskset execs: proc.pid is the service
+        if quota is not None:  # the shell joins the group, then execs: still the same pid
+            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(quota.procs), *argv]
         with log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                ["taskset", "-c", str(cpu), *argv],  # taskset execs: proc.pid is the service
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -624,6 +755,10 @@ class Row:
     status_errors: int | None = None
     proxy_cpu_s: float | None = None
     proxy_cpu_util: float | None = None  # proxy CPU seconds per wall-clock second
+    quota_pct: int | None = None  # --proxy-quota
+    quota_share: float | None = None  # proxy_cpu_util / quota: ~1.0 means saturated
+    throttled_periods: int | None = None  # CFS periods (100 ms) that hit the quota ...
+    quota_periods: int | None = None  # ... out of those in which the proxy ran
     req_per_cpu_s: float | None = None
     ratio_vs_baseline: float | None = None
     peak_backend_conns: int | None = None
@@ -642,6 +777,7 @@ class Settings:
     proxy_cpu: int
     load_cpu: int
     front: str = "http1"  # what clients speak to the proxy: "http1" (wrk) or "h2c" (h2load)
+    proxy_quota: int | None = None  # % of one core for the proxy's cgroup (None: no cap)
 
 
 # A load generator: (url, connections, seconds, cpu) -> its summary.  run_wrk by default.
@@ -701,15 +837,19 @@ class Snapshot:
     backend_cpu: float
     proxy_core: tuple[int, int]
     load_core: tuple[int, int]
+    throttle: Throttle | None = None  # the proxy's quota group, if any
 
     @classmethod
-    def take(cls, proxy_pid: int, backend_pid: int, settings: Settings) -> Snapshot:
+    def take(
+        cls, proxy_pid: int, backend_pid: int, settings: Settings, quota: CpuQuota | None = None
+    ) -> Snapshot:
         return cls(
             wall=time.monotonic(),
             proxy_cpu=tree_cpu_seconds(proxy_pid),
             backend_cpu=tree_cpu_seconds(backend_pid),
             proxy_core=core_jiffies(settings.proxy_cpu),
             load_core=core_jiffies(settings.load_cpu),
+            throttle=None if quota is None else quota.throttle(),
         )
 
 
@@ -729,10 +869,10 @@ def measure_cell(
     try:
         if settings.warmup > 0:
             load(url, connections, settings.warmup, settings.load_cpu)
-        before = Snapshot.take(proxy.pid, backend.service.pid, settings)
+        before = Snapshot.take(proxy.pid, backend.service.pid, settings, proxy.quota)
         with sampling(proxy.pid, backend_port) as sampler:
             result = load(url, connections, settings.duration, settings.load_cpu)
-        after = Snapshot.take(proxy.pid, backend.service.pid, settings)
+        after = Snapshot.take(proxy.pid, backend.service.pid, settings, proxy.quota)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         row.note = str(exc).splitlines()[0][:200]
         return row
@@ -749,6 +889,11 @@ def measure_cell(
     row.proxy_cpu_s = cpu
     row.proxy_cpu_util = cpu / wall
     row.req_per_cpu_s = result.requests / cpu if cpu > 0 else None
+    if proxy.quota is not None and before.throttle and after.throttle:
+        row.quota_pct = proxy.quota.pct
+        row.quota_share = quota_share(row.proxy_cpu_util, row.quota_pct)
+        row.throttled_periods = after.throttle.throttled - before.throttle.throttled
+        row.quota_periods = after.throttle.periods - before.throttle.periods
     row.peak_backend_conns = sampler.peak_backend_conns
     row.peak_rss_mib = sampler.peak_rss_bytes / 2**20
     row.backend_cpu_util = (after.backend_cpu - before.backend_cpu) / wall
@@ -785,28 +930,30 @@ def running_proxy(
     if shutil.which(argv[0]) is None:
         raise StartError(f"{argv[0]} not installed")
     log(f"[{spec.name}] {tag}: starting on 127.0.0.1:{port} -> backend port {backend_port}")
-    proxy = Service(
-        spec.name,
-        argv,
-        proxy_dir / f"{tag}.log",
-        cpu=settings.proxy_cpu,
-        env=spec.env(proxy_dir),
-        cwd=spec.cwd,
-    )
-    try:
-        problem = proxy.wait_ready(port, spec.ready_prefix, START_TIMEOUT_S)
-        if problem is None:
-            smoke = smoke_test(port, settings.paths, settings.front)
-            problem = None if smoke is None else f"smoke test: {smoke}"
-        if problem is not None:
-            log(f"[{spec.name}] failed to start: {problem}; last log lines:")
-            for line in proxy.log_lines()[-8:]:
-                log(f"    {line}")
-            raise StartError(problem)
-        yield proxy, port
-    finally:
-        proxy.stop()
-        wait_backend_idle(backend)
+    with cpu_quota(settings.proxy_quota, f"{spec.name}-{tag}") as quota:
+        proxy = Service(
+            spec.name,
+            argv,
+            proxy_dir / f"{tag}.log",
+            cpu=settings.proxy_cpu,
+            env=spec.env(proxy_dir),
+            cwd=spec.cwd,
+            quota=quota,
+        )
+        try:
+            problem = proxy.wait_ready(port, spec.ready_prefix, START_TIMEOUT_S)
+            if problem is None:
+                smoke = smoke_test(port, settings.paths, settings.front)
+                problem = None if smoke is None else f"smoke test: {smoke}"
+            if problem is not None:
+                log(f"[{spec.name}] failed to start: {problem}; last log lines:")
+                for line in proxy.log_lines()[-8:]:
+                    log(f"    {line}")
+                raise StartError(problem)
+            yield proxy, port
+        finally:
+            proxy.stop()  # before the quota group goes
+            wait_backend_idle(backend)
 
 
 def bench_proxy(
@@ -856,6 +1003,22 @@ def _pct(value: float | None) -> str:
     return _num(None if value is None else value * 100, ".0f", "%")
 
 
+def _throttled(row: Row) -> str:
+    if row.throttled_periods is None or row.quota_periods is None:
+        return "-"
+    return f"{row.throttled_periods}/{row.quota_periods}"
+
+
+def quota_line(pct: int | None) -> str:
+    """What --proxy-quota did, for a run's header; empty without it."""
+    if pct is None:
+        return ""
+    return (
+        f", capped at {pct} % of it (cgroup v1 CPU quota {CFS_PERIOD_US * pct // 100 // 1000} ms"
+        f" per {CFS_PERIOD_US // 1000} ms period; latency percentiles include throttling)"
+    )
+
+
 def markdown_table(rows: Sequence[Row], labels: Mapping[str, str]) -> str:
     columns: list[tuple[str, Callable[[Row], str]]] = [
         ("Proxy", lambda row: labels.get(row.proxy, row.proxy)),
@@ -866,6 +1029,13 @@ def markdown_table(rows: Sequence[Row], labels: Mapping[str, str]) -> str:
         ("p99 ms", lambda row: _num(row.p99_ms, ".2f")),
         ("Errors", lambda row: _num(row.errors, ",d")),
         ("Proxy CPU", lambda row: _pct(row.proxy_cpu_util)),
+    ]
+    if any(row.quota_pct for row in rows):  # --proxy-quota: was each proxy saturated?
+        columns += [
+            ("CPU / quota", lambda row: _pct(row.quota_share)),
+            ("Throttled periods", _throttled),
+        ]
+    columns += [
         ("Req/CPU-s", lambda row: _num(row.req_per_cpu_s, ",.0f")),
         ("vs HAProxy", lambda row: _num(row.ratio_vs_baseline, ".2f", "x")),
         ("Peak backend conns", lambda row: _num(row.peak_backend_conns, "d")),
@@ -914,7 +1084,8 @@ def facts_markdown(facts: Mapping[str, object], settings: Settings) -> str:
         "",
         f"- machine: nproc={facts['nproc']}, {facts['cpu_model']}, {facts['kernel']}, "
         f"load average at start {' '.join(loadavg)}",
-        f"- pinning: proxy on CPU {settings.proxy_cpu}; backend nginx, wrk and this harness "
+        f"- pinning: proxy on CPU {settings.proxy_cpu}{quota_line(settings.proxy_quota)}; "
+        f"backend nginx, wrk and this harness "
         f"on CPU {settings.load_cpu}",
         f"- load: `wrk -t1 -c{{{','.join(map(str, settings.connections))}}} "
         f"-d{settings.duration}s --latency` on {', '.join(settings.paths)}, "
@@ -963,10 +1134,13 @@ def parse_args(argv: Sequence[str] | None, specs: Sequence[ProxySpec]) -> argpar
     parser.add_argument("--python", default=sys.executable, help="interpreter for muxproxy")
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     add_compare_tree(parser)
+    add_quota_arg(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(names)) + sorted(set(args.paths) - set(BODY_SIZES))
     if unknown:
         parser.error(f"unknown proxy or path: {', '.join(unknown)}")
+    if problem := quota_problem(args.proxy_quota):
+        parser.error(f"--proxy-quota: {problem}")
     if not all(c.isdigit() and int(c) > 0 for c in args.connections):
         parser.error("--connections takes positive integers, e.g. 64,512")
     if args.duration < 1 or args.warmup < 0:
@@ -1053,6 +1227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths=args.paths,
         proxy_cpu=args.proxy_cpu,
         load_cpu=args.load_cpu,
+        proxy_quota=args.proxy_quota,
     )
     missing = [tool for tool in ("nginx", "wrk", "taskset") if shutil.which(tool) is None]
     if missing:
