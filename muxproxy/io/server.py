@@ -441,26 +441,23 @@ class Proxy:
                 cfg = adjust(cfg)
         except ConfigError as exc:
             self.reloads_failed += 1
-            log.error(
-                "reload failed, keeping generation %d: %s: %s",
-                self.generation,
-                path,
-                exc,
-                extra=UNLIMITED,
-            )
-            return False
+            return self._reload_failed(path, exc)
         try:
-            await self.reload(cfg)
+            await self.reload(cfg)  # (counts its own failures)
         except ReloadError as exc:
-            log.error(
-                "reload failed, keeping generation %d: %s: %s",
-                self.generation,
-                path,
-                exc,
-                extra=UNLIMITED,
-            )
-            return False
+            return self._reload_failed(path, exc)
         return True
+
+    def _reload_failed(self, path: str | Path, exc: Exception) -> bool:
+        """The one line a failed reload logs (never rate-limited)."""
+        log.error(
+            "reload failed, keeping generation %d: %s: %s",
+            self.generation,
+            path,
+            exc,
+            extra=UNLIMITED,
+        )
+        return False
 
     async def _reload(self, cfg: Config) -> None:
         if self._pools_tg is None or self._accept_tg is None or self.draining:
