@@ -77,6 +77,7 @@ LOCK_PATH = Path(tempfile.gettempdir()) / "muxproxy-bench.lock"
 
 BODY_SIZES = {"/small": 100, "/16k": 16 * 1024}
 BASELINE = "haproxy"
+REUSE_BASELINE = "haproxy-reuse"  # the baseline when the default-mode row is not run
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_INTERVAL_S = 0.2
 START_TIMEOUT_S = 15.0
@@ -983,8 +984,12 @@ def bench_proxy(
 
 
 def add_ratios(rows: Sequence[Row]) -> None:
+    """Each row's req/CPU-s as a ratio to HAProxy's in the same cell: the default-mode
+    ``haproxy`` row, or ``haproxy-reuse`` (``http-reuse always``) when only that one ran."""
+    names = {row.proxy for row in rows}
+    name = BASELINE if BASELINE in names or REUSE_BASELINE not in names else REUSE_BASELINE
     baseline = {
-        (row.path, row.connections): row.req_per_cpu_s for row in rows if row.proxy == BASELINE
+        (row.path, row.connections): row.req_per_cpu_s for row in rows if row.proxy == name
     }
     for row in rows:
         base = baseline.get((row.path, row.connections))
