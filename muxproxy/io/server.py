@@ -168,6 +168,8 @@ class Proxy:
     def internal_error(self, what: str, exc: BaseException) -> None:
         """A bug of ours ended ``what`` (a connection, a stream): logged and counted
         (``muxproxy_internal_errors_total``); the caller has contained it."""
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # (except* wraps even a lone error: name the error)
         log.error("%s: internal error: %r", what, exc, exc_info=log.isEnabledFor(10))
         self.internal_errors += 1
 

@@ -37,12 +37,16 @@ def _buggy_dispatch(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
     monkeypatch.setattr(module, "dispatch", dispatch)
 
 
-async def test_http1_bug_costs_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_http1_bug_costs_its_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     _buggy_dispatch(monkeypatch, muxproxy.io.client)
     async with running(Script()) as h:
         got = await h.raw(b"GET /boom HTTP/1.1\r\nhost: localhost\r\n\r\n")
         assert got == b""  # closed, nothing half-said
         assert h.proxy.internal_errors == 1
+        # one line naming the error itself, not the group except* wrapped it in
+        assert "internal error: RuntimeError('a bug in dispatch')" in caplog.text
         r = await h.get("/hello")  # the proxy goes on
         assert r.status == 200
         assert "muxproxy_internal_errors_total 1\n" in metrics_text(h.proxy.statistics())
